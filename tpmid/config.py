@@ -1,0 +1,545 @@
+"""Configuration model: frozen dataclasses parsed from a YAML mapping.
+
+Parsing is pure (``parse_config(data, source)``); ``load_config(path)`` is the
+one place that reads the file. Unknown keys and wrong types are rejected with a
+message that names the key and the file. Secrets are never accepted as plain
+strings: they are references (``{env: NAME}``, ``{file: PATH}``, ``{stdin: true}``)
+resolved later by :mod:`tpmid.secrets` with an environment the CLI injects.
+
+The schema is documented in ``docs/config.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tpmid.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/tpmid/config.yaml")
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+DEFAULT_STORE_DIR = Path("/var/lib/tpmid")
+DEFAULT_IDEVID_HANDLE = 0x81020000
+
+KeyKind = Literal["persistent", "ek-derived", "file"]
+Template = Literal["H-1", "H-2", "H-3"]
+FileAlg = Literal["ecc-p256", "ecc-p384", "rsa-2048"]
+TEMPLATES: tuple[str, ...] = ("H-1", "H-2", "H-3")
+FILE_ALGS: tuple[str, ...] = ("ecc-p256", "ecc-p384", "rsa-2048")
+
+
+# --------------------------------------------------------------------------- amounts
+
+
+@dataclass(frozen=True)
+class Amount:
+    """A share of a certificate's lifetime (``80%``) or an absolute duration (``10min``).
+
+    Exactly one of ``fraction`` and ``seconds`` is set. Same meaning as Azure IoT
+    Edge's ``auto_renew.threshold`` / ``retry``.
+    """
+
+    fraction: float | None = None
+    seconds: float | None = None
+
+    def of(self, lifetime_s: float) -> float:
+        """Return the amount in seconds for a certificate with ``lifetime_s``."""
+        if self.fraction is not None:
+            return self.fraction * lifetime_s
+        assert self.seconds is not None
+        return self.seconds
+
+    def __str__(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction * 100:g}%"
+        return f"{self.seconds:g}s"
+
+
+_UNITS = {
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+    "w": 604800, "week": 604800, "weeks": 604800,
+}
+_AMOUNT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z%]*)\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: object, where: str = "duration") -> float:
+    """Parse ``90s``, ``10min``, ``12h``, ``4day``, ``30d`` (or a bare number of seconds)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a duration such as '10min', got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"{where}: duration must not be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a duration such as '10min', got {value!r}")
+    m = _AMOUNT_RE.match(value)
+    if not m or m.group(2) == "%" or (m.group(2) and m.group(2).lower() not in _UNITS):
+        raise ConfigError(
+            f"{where}: {value!r} is not a duration; use a number with s, min, h, day or w "
+            "(for example '90s', '10min', '12h', '4day')"
+        )
+    return float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
+
+
+def parse_amount(value: object, where: str) -> Amount:
+    """Parse a lifetime share (``'80%'``) or a duration (``'10min'``)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        m = _AMOUNT_RE.match(value)
+        if not m:
+            raise ConfigError(f"{where}: {value!r} is not a percentage such as '80%'")
+        pct = float(m.group(1))
+        if not 0 <= pct <= 100:
+            raise ConfigError(f"{where}: {value!r} must be between 0% and 100%")
+        return Amount(fraction=pct / 100)
+    return Amount(seconds=parse_duration(value, where))
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where a secret comes from. Never the secret itself.
+
+    Exactly one of ``env`` (variable name), ``file`` (0600 file) or ``stdin``.
+    """
+
+    env: str | None = None
+    file: Path | None = None
+    stdin: bool = False
+
+    def describe(self) -> str:
+        """A human description that never includes the value."""
+        if self.env:
+            return f"environment variable {self.env}"
+        if self.file:
+            return f"file {self.file}"
+        return "standard input"
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class HierarchyAuth:
+    """Authorization values of the TPM hierarchies; empty by default."""
+
+    owner: SecretRef | None = None
+    endorsement: SecretRef | None = None
+    lockout: SecretRef | None = None
+
+
+@dataclass(frozen=True)
+class TpmConfig:
+    tcti: str = DEFAULT_TCTI
+    auth: HierarchyAuth = field(default_factory=HierarchyAuth)
+    # Host-wide lock serialising TPM use between tpmid processes (no resource manager).
+    lock_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    dir: Path = DEFAULT_STORE_DIR
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    est_anchors: tuple[Path, ...] = ()
+    use_system_store: bool = False
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    kind: KeyKind
+    template: Template = "H-2"  # persistent and ek-derived
+    handle: int = DEFAULT_IDEVID_HANDLE  # persistent
+    alg: FileAlg = "ecc-p256"  # file
+
+    def describe(self) -> str:
+        if self.kind == "persistent":
+            return f"persistent {self.template} at {self.handle:#010x}"
+        if self.kind == "ek-derived":
+            return f"ek-derived {self.template}"
+        return f"file {self.alg}"
+
+
+@dataclass(frozen=True)
+class SubjectConfig:
+    cn: str
+    o: str | None = None
+    ou: str | None = None
+    serial_number: str | None = None
+
+
+@dataclass(frozen=True)
+class SanConfig:
+    dns: tuple[str, ...] = ()
+    ip: tuple[str, ...] = ()
+    uri: tuple[str, ...] = ()
+    hardware_module_name: bool = False
+
+
+@dataclass(frozen=True)
+class ClientCertAuth:
+    """mTLS with a software key pair from files (bootstrap, comparison)."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    username: str
+    password: SecretRef
+
+
+@dataclass(frozen=True)
+class EstAuth:
+    client: str | None = None  # name of another identity whose key+cert do mTLS
+    client_files: ClientCertAuth | None = None
+    basic: BasicAuth | None = None
+    headers: tuple[tuple[str, SecretRef], ...] = ()
+
+
+@dataclass(frozen=True)
+class EstConfig:
+    url: str
+    auth: EstAuth = field(default_factory=EstAuth)
+    trust_anchors: tuple[Path, ...] = ()  # overrides trust.est_anchors for this identity
+    issuer_anchors: tuple[Path, ...] = ()  # CA certs the issued cert must chain to
+    pin: str | None = None  # SHA-256 of the root, for /cacerts bootstrap without anchors
+    allow_http: bool = False
+    pop: bool = False  # RFC 7030 §3.5 tls-unique linking
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_wait: float = 300.0  # total time to keep resending after 202 Accepted
+    accept_rewritten_subject: bool = False
+
+
+@dataclass(frozen=True)
+class RenewConfig:
+    threshold: Amount = field(default_factory=lambda: Amount(fraction=0.8))
+    retry: Amount = field(default_factory=lambda: Amount(fraction=0.04))
+    jitter: Amount = field(default_factory=lambda: Amount(fraction=0.02))
+    rotate_key: bool = True
+    method: Literal["simplereenroll", "simpleenroll"] = "simplereenroll"
+    grace: float = 0.0  # seconds the old key survives after a rotation
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    after_renew: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    name: str
+    key: KeyConfig
+    subject: SubjectConfig
+    san: SanConfig = field(default_factory=SanConfig)
+    profile: Literal["device", "ca"] = "device"
+    est: EstConfig | None = None
+    renew: RenewConfig = field(default_factory=RenewConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    tpm: TpmConfig = field(default_factory=TpmConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    identities: Mapping[str, IdentityConfig] = field(default_factory=dict)
+    source: str = "<defaults>"
+
+    def identity(self, name: str) -> IdentityConfig:
+        """Return the identity called ``name`` or raise a ConfigError listing the known ones."""
+        try:
+            return self.identities[name]
+        except KeyError:
+            known = ", ".join(sorted(self.identities)) or "none"
+            raise ConfigError(
+                f"{self.source}: no identity named {name!r} (configured: {known})"
+            ) from None
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Walks one mapping, remembering where it is, and rejects leftovers."""
+
+    def __init__(self, data: object, where: str, source: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
+        self.data = dict(data)
+        self.where = where
+        self.source = source
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.path(key)}: {msg}")
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        return self.data.pop(key, default)
+
+    def str(self, key: str, default: str | None = None, *, required: bool = False) -> Any:
+        if key not in self.data:
+            if required:
+                raise self.err(key, "is required")
+            return default
+        v = self.data.pop(key)
+        if not isinstance(v, str) or not v:
+            raise self.err(key, f"expected a non-empty string, got {v!r}")
+        return v
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.data.pop(key, default)
+        if not isinstance(v, bool):
+            raise self.err(key, f"expected true or false, got {v!r}")
+        return v
+
+    def number(self, key: str, default: float) -> float:
+        v = self.data.pop(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise self.err(key, f"expected a non-negative number, got {v!r}")
+        return float(v)
+
+    def paths(self, key: str) -> tuple[Path, ...]:
+        v = self.data.pop(key, [])
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+            raise self.err(key, "expected a list of file paths")
+        return tuple(Path(p.removeprefix("file://")) for p in v)
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        v = self.data.pop(key, [])
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
+            raise self.err(key, "expected a list of strings")
+        return tuple(v)
+
+    def sub(self, key: str) -> _Reader:
+        return _Reader(self.data.pop(key, None), self.path(key), self.source)
+
+    def done(self) -> None:
+        if self.data:
+            names = ", ".join(sorted(str(k) for k in self.data))
+            where = f" in {self.where}" if self.where else ""
+            raise ConfigError(f"{self.source}: unknown key(s){where}: {names}")
+
+
+def _secret(value: object, where: str, source: str) -> SecretRef:
+    if isinstance(value, str):
+        raise ConfigError(
+            f"{source}: {where}: secrets are never written in the config file; "
+            "use {env: VARIABLE}, {file: /path/to/0600-file} or {stdin: true}"
+        )
+    r = _Reader(value, where, source)
+    env = r.str("env")
+    file = r.str("file")
+    stdin = r.bool("stdin", False)
+    r.done()
+    if sum(x is not None and x is not False for x in (env, file, stdin)) != 1:
+        raise ConfigError(f"{source}: {where}: give exactly one of env, file or stdin")
+    return SecretRef(env=env, file=Path(file) if file else None, stdin=stdin)
+
+
+def _handle(value: object, where: str, source: str) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value, 0)
+        except ValueError:
+            raise ConfigError(f"{source}: {where}: {value!r} is not a handle such as 0x81020000") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{source}: {where}: expected a handle such as 0x81020000, got {value!r}")
+    # TPM 2.0 Part 2 §7.5: owner-hierarchy persistent range 0x81000000-0x817FFFFF.
+    if not 0x81000000 <= value <= 0x81FFFFFF:
+        raise ConfigError(
+            f"{source}: {where}: {value:#x} is not a persistent handle (0x81000000-0x81FFFFFF)"
+        )
+    return value
+
+
+def _choice(r: _Reader, key: str, choices: tuple[str, ...], default: str) -> Any:
+    v = r.str(key, default)
+    if v not in choices:
+        raise r.err(key, f"{v!r} is not one of {', '.join(choices)}")
+    return v
+
+
+def _key(r: _Reader) -> KeyConfig:
+    if "kind" not in r.data:
+        raise r.err("kind", "is required (persistent, ek-derived or file)")
+    kind = _choice(r, "kind", ("persistent", "ek-derived", "file"), "file")
+    template = _choice(r, "template", TEMPLATES, "H-2")
+    handle = _handle(r.pop("handle", DEFAULT_IDEVID_HANDLE), r.path("handle"), r.source)
+    alg = _choice(r, "alg", FILE_ALGS, "ecc-p256")
+    r.done()
+    return KeyConfig(kind=kind, template=template, handle=handle, alg=alg)
+
+
+def _est(r: _Reader) -> EstConfig:
+    url = r.str("url", required=True)
+    if not re.match(r"^https?://", url):
+        raise r.err("url", f"{url!r} must start with https://")
+    a = r.sub("auth")
+    client = a.pop("client")
+    client_name: str | None = None
+    client_files: ClientCertAuth | None = None
+    if isinstance(client, str):
+        client_name = client
+    elif isinstance(client, Mapping):
+        cr = _Reader(client, a.path("client"), r.source)
+        client_files = ClientCertAuth(cert=Path(cr.str("cert", required=True)),
+                                      key=Path(cr.str("key", required=True)))
+        cr.done()
+    elif client is not None:
+        raise a.err("client", "expected an identity name or {cert: PATH, key: PATH}")
+    basic = None
+    if "basic" in a.data:
+        b = a.sub("basic")
+        basic = BasicAuth(username=b.str("username", required=True),
+                          password=_secret(b.pop("password"), b.path("password"), r.source))
+        b.done()
+    h = a.sub("headers")
+    headers = tuple((k, _secret(v, h.path(str(k)), r.source)) for k, v in sorted(h.data.items()))
+    h.data.clear()
+    a.done()
+    timeout = r.sub("timeout")
+    connect = timeout.number("connect", 10.0)
+    read = timeout.number("read", 60.0)
+    timeout.done()
+    est = EstConfig(
+        url=url,
+        auth=EstAuth(client=client_name, client_files=client_files, basic=basic, headers=headers),
+        trust_anchors=r.paths("trust_anchors"),
+        issuer_anchors=r.paths("issuer_anchors"),
+        pin=r.str("pin"),
+        allow_http=r.bool("allow_http", False),
+        pop=r.bool("pop", False),
+        connect_timeout=connect,
+        read_timeout=read,
+        max_wait=parse_duration(r.pop("max_wait", 300), r.path("max_wait")),
+        accept_rewritten_subject=r.bool("accept_rewritten_subject", False),
+    )
+    if url.startswith("http://") and not est.allow_http:
+        raise r.err("url", f"{url!r} is plain HTTP; set allow_http: true if you really mean it")
+    if est.pin is not None and not re.fullmatch(r"[0-9a-fA-F:]{64,95}", est.pin):
+        raise r.err("pin", "expected a SHA-256 fingerprint (64 hex digits, colons allowed)")
+    r.done()
+    return est
+
+
+def _renew(r: _Reader) -> RenewConfig:
+    d = RenewConfig()
+    method = _choice(r, "method", ("simplereenroll", "simpleenroll"), d.method)
+    rc = RenewConfig(
+        threshold=parse_amount(r.pop("threshold", "80%"), r.path("threshold")),
+        retry=parse_amount(r.pop("retry", "4%"), r.path("retry")),
+        jitter=parse_amount(r.pop("jitter", "2%"), r.path("jitter")),
+        rotate_key=r.bool("rotate_key", True),
+        method=method,
+        grace=parse_duration(r.pop("grace", 0), r.path("grace")),
+    )
+    r.done()
+    return rc
+
+
+def _identity(name: str, r: _Reader) -> IdentityConfig:
+    key = _key(r.sub("key")) if "key" in r.data else None
+    if key is None:
+        raise r.err("key", "is required")
+    s = r.sub("subject")
+    subject = SubjectConfig(cn=s.str("cn", required=True), o=s.str("o"), ou=s.str("ou"),
+                            serial_number=s.str("serial_number"))
+    s.done()
+    sr = r.sub("san")
+    san = SanConfig(dns=sr.strings("dns"), ip=sr.strings("ip"), uri=sr.strings("uri"),
+                    hardware_module_name=sr.bool("hardware_module_name", False))
+    sr.done()
+    profile = _choice(r, "profile", ("device", "ca"), "device")
+    est = _est(r.sub("est")) if "est" in r.data else None
+    renew = _renew(r.sub("renew"))
+    hr = r.sub("hooks")
+    hooks = HooksConfig(after_renew=hr.strings("after_renew"))
+    hr.done()
+    r.done()
+    return IdentityConfig(name=name, key=key, subject=subject, san=san, profile=profile,
+                          est=est, renew=renew, hooks=hooks)
+
+
+def parse_config(data: object, source: str = "<config>") -> Config:
+    """Build a :class:`Config` from a parsed YAML document; raise ConfigError on any mistake."""
+    top = _Reader(data, "", source)
+    t = top.sub("tpm")
+    ta = t.sub("auth")
+    auth = HierarchyAuth(**{
+        k: _secret(ta.pop(k), ta.path(k), source) if k in ta.data else None
+        for k in ("owner", "endorsement", "lockout")
+    })
+    ta.done()
+    lock = t.str("lock_file")
+    tpm = TpmConfig(tcti=t.str("tcti", DEFAULT_TCTI), auth=auth,
+                    lock_file=Path(lock) if lock else None)
+    t.done()
+    s = top.sub("store")
+    store = StoreConfig(dir=Path(s.str("dir", str(DEFAULT_STORE_DIR))))
+    s.done()
+    tr = top.sub("trust")
+    trust = TrustConfig(est_anchors=tr.paths("est_anchors"),
+                        use_system_store=tr.bool("use_system_store", False))
+    tr.done()
+    ids = top.sub("identities")
+    identities: dict[str, IdentityConfig] = {}
+    for name in list(ids.data):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ConfigError(f"{source}: identities: {name!r} is not a valid identity name")
+        identities[name] = _identity(name, ids.sub(name))
+    ids.done()
+    top.done()
+    for ident in identities.values():
+        if ident.est and ident.est.auth.client:
+            other = ident.est.auth.client
+            if other not in identities:
+                raise ConfigError(
+                    f"{source}: identities.{ident.name}.est.auth.client: "
+                    f"no identity named {other!r}"
+                )
+            if other == ident.name:
+                raise ConfigError(
+                    f"{source}: identities.{ident.name}.est.auth.client: an identity cannot "
+                    "bootstrap from itself"
+                )
+    return Config(tpm=tpm, store=store, trust=trust, identities=identities, source=source)
+
+
+def load_config(path: Path) -> Config:
+    """Read and parse the YAML config file at ``path``."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist",
+            hint="pass --config PATH or create it (see docs/config.md)",
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return parse_config(data, str(path))
