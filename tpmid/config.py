@@ -292,7 +292,7 @@ class _Reader:
     def pop(self, key: str, default: Any = None) -> Any:
         return self.data.pop(key, default)
 
-    def str(self, key: str, default: str | None = None, *, required: bool = False) -> Any:
+    def string(self, key: str, default: str | None = None, *, required: bool = False) -> Any:
         if key not in self.data:
             if required:
                 raise self.err(key, "is required")
@@ -302,7 +302,7 @@ class _Reader:
             raise self.err(key, f"expected a non-empty string, got {v!r}")
         return v
 
-    def bool(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> bool:
         v = self.data.pop(key, default)
         if not isinstance(v, bool):
             raise self.err(key, f"expected true or false, got {v!r}")
@@ -347,9 +347,9 @@ def _secret(value: object, where: str, source: str) -> SecretRef:
             "use {env: VARIABLE}, {file: /path/to/0600-file} or {stdin: true}"
         )
     r = _Reader(value, where, source)
-    env = r.str("env")
-    file = r.str("file")
-    stdin = r.bool("stdin", False)
+    env = r.string("env")
+    file = r.string("file")
+    stdin = r.flag("stdin", False)
     r.done()
     if sum(x is not None and x is not False for x in (env, file, stdin)) != 1:
         raise ConfigError(f"{source}: {where}: give exactly one of env, file or stdin")
@@ -373,7 +373,7 @@ def _handle(value: object, where: str, source: str) -> int:
 
 
 def _choice(r: _Reader, key: str, choices: tuple[str, ...], default: str) -> Any:
-    v = r.str(key, default)
+    v = r.string(key, default)
     if v not in choices:
         raise r.err(key, f"{v!r} is not one of {', '.join(choices)}")
     return v
@@ -391,7 +391,7 @@ def _key(r: _Reader) -> KeyConfig:
 
 
 def _est(r: _Reader) -> EstConfig:
-    url = r.str("url", required=True)
+    url = r.string("url", required=True)
     if not re.match(r"^https?://", url):
         raise r.err("url", f"{url!r} must start with https://")
     a = r.sub("auth")
@@ -402,15 +402,15 @@ def _est(r: _Reader) -> EstConfig:
         client_name = client
     elif isinstance(client, Mapping):
         cr = _Reader(client, a.path("client"), r.source)
-        client_files = ClientCertAuth(cert=Path(cr.str("cert", required=True)),
-                                      key=Path(cr.str("key", required=True)))
+        client_files = ClientCertAuth(cert=Path(cr.string("cert", required=True)),
+                                      key=Path(cr.string("key", required=True)))
         cr.done()
     elif client is not None:
         raise a.err("client", "expected an identity name or {cert: PATH, key: PATH}")
     basic = None
     if "basic" in a.data:
         b = a.sub("basic")
-        basic = BasicAuth(username=b.str("username", required=True),
+        basic = BasicAuth(username=b.string("username", required=True),
                           password=_secret(b.pop("password"), b.path("password"), r.source))
         b.done()
     h = a.sub("headers")
@@ -426,13 +426,13 @@ def _est(r: _Reader) -> EstConfig:
         auth=EstAuth(client=client_name, client_files=client_files, basic=basic, headers=headers),
         trust_anchors=r.paths("trust_anchors"),
         issuer_anchors=r.paths("issuer_anchors"),
-        pin=r.str("pin"),
-        allow_http=r.bool("allow_http", False),
-        pop=r.bool("pop", False),
+        pin=r.string("pin"),
+        allow_http=r.flag("allow_http", False),
+        pop=r.flag("pop", False),
         connect_timeout=connect,
         read_timeout=read,
         max_wait=parse_duration(r.pop("max_wait", 300), r.path("max_wait")),
-        accept_rewritten_subject=r.bool("accept_rewritten_subject", False),
+        accept_rewritten_subject=r.flag("accept_rewritten_subject", False),
     )
     if url.startswith("http://") and not est.allow_http:
         raise r.err("url", f"{url!r} is plain HTTP; set allow_http: true if you really mean it")
@@ -449,7 +449,7 @@ def _renew(r: _Reader) -> RenewConfig:
         threshold=parse_amount(r.pop("threshold", "80%"), r.path("threshold")),
         retry=parse_amount(r.pop("retry", "4%"), r.path("retry")),
         jitter=parse_amount(r.pop("jitter", "2%"), r.path("jitter")),
-        rotate_key=r.bool("rotate_key", True),
+        rotate_key=r.flag("rotate_key", True),
         method=method,
         grace=parse_duration(r.pop("grace", 0), r.path("grace")),
     )
@@ -462,12 +462,12 @@ def _identity(name: str, r: _Reader) -> IdentityConfig:
     if key is None:
         raise r.err("key", "is required")
     s = r.sub("subject")
-    subject = SubjectConfig(cn=s.str("cn", required=True), o=s.str("o"), ou=s.str("ou"),
-                            serial_number=s.str("serial_number"))
+    subject = SubjectConfig(cn=s.string("cn", required=True), o=s.string("o"), ou=s.string("ou"),
+                            serial_number=s.string("serial_number"))
     s.done()
     sr = r.sub("san")
     san = SanConfig(dns=sr.strings("dns"), ip=sr.strings("ip"), uri=sr.strings("uri"),
-                    hardware_module_name=sr.bool("hardware_module_name", False))
+                    hardware_module_name=sr.flag("hardware_module_name", False))
     sr.done()
     profile = _choice(r, "profile", ("device", "ca"), "device")
     est = _est(r.sub("est")) if "est" in r.data else None
@@ -490,16 +490,16 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         for k in ("owner", "endorsement", "lockout")
     })
     ta.done()
-    lock = t.str("lock_file")
-    tpm = TpmConfig(tcti=t.str("tcti", DEFAULT_TCTI), auth=auth,
+    lock = t.string("lock_file")
+    tpm = TpmConfig(tcti=t.string("tcti", DEFAULT_TCTI), auth=auth,
                     lock_file=Path(lock) if lock else None)
     t.done()
     s = top.sub("store")
-    store = StoreConfig(dir=Path(s.str("dir", str(DEFAULT_STORE_DIR))))
+    store = StoreConfig(dir=Path(s.string("dir", str(DEFAULT_STORE_DIR))))
     s.done()
     tr = top.sub("trust")
     trust = TrustConfig(est_anchors=tr.paths("est_anchors"),
-                        use_system_store=tr.bool("use_system_store", False))
+                        use_system_store=tr.flag("use_system_store", False))
     tr.done()
     ids = top.sub("identities")
     identities: dict[str, IdentityConfig] = {}
