@@ -20,6 +20,9 @@ import pytest
 
 from tpmid.testing.swtpm import Swtpm, copy_state, manufacture
 
+# The reference EST server fixtures (est_server, est_server_factory, fresh_est_server).
+pytest_plugins = ["tests.server_fixtures"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     missing = [t for t in ("swtpm", "swtpm_setup", "tpm2_readpublic", "openssl") if not shutil.which(t)]

@@ -1,0 +1,170 @@
+"""``tpmid est-server``: the reference CA and EST server (init, run, hash-secret).
+
+A lab server for tests and demos; it listens on loopback unless told otherwise.
+See ``docs/est-server.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tpmid.cli import Ctx
+
+_AUTH_NOTES = {
+    "idevid": "Secret-Value header",
+    "ldevid": "client certificate: IDevID or LDevID",
+    "edgeca": "client certificate: LDevID",
+}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``est-server init|run|hash-secret``."""
+    p = sub.add_parser("est-server", help="reference CA and EST server for tests and demos",
+                       description="A small, strict RFC 7030 EST server with its own CAs "
+                       "(manufacturer, operator, TLS). See docs/est-server.md.")
+    s = p.add_subparsers(dest="est_server_command", metavar="SUBCOMMAND", required=True)
+
+    i = s.add_parser("init", help="create the CAs, TLS certificate, config and IDevID secret")
+    i.add_argument("--dir", required=True, type=Path, help="server directory to create")
+    i.add_argument("--alg", default="ecc-p256", choices=("ecc-p256", "ecc-p384", "rsa-2048"),
+                   help="key algorithm of the CAs and the TLS certificate (default ecc-p256)")
+    i.add_argument("--secret-out", type=Path, metavar="FILE",
+                   help="also write the IDevID Secret-Value to FILE (mode 0600)")
+    i.set_defaults(func=cmd_init)
+
+    r = s.add_parser("run", help="serve EST over HTTPS until SIGTERM (SIGHUP re-reads config)")
+    r.add_argument("--dir", required=True, type=Path, help="server directory (from init)")
+    r.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; loopback only unless "
+                   "--allow-remote)")
+    r.add_argument("--port", default=8443, type=int,
+                   help="TCP port (default 8443; 0 picks a free port and prints it)")
+    r.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --host (this is a lab server)")
+    r.set_defaults(func=cmd_run)
+
+    h = s.add_parser("hash-secret",
+                     help="read a secret from stdin, print its salted hash for config.yaml")
+    h.set_defaults(func=cmd_hash_secret)
+
+
+def cmd_init(ctx: Ctx) -> int | None:
+    """Create a server directory and show its trust anchors and the secret (once)."""
+    from tpmid.server.state import init_server_dir, write_file
+
+    args = ctx.args
+    res = init_server_dir(args.dir, alg=args.alg)
+    if args.secret_out:
+        write_file(args.secret_out.resolve(), (res.secret + "\n").encode(), 0o600)
+    data: dict[str, Any] = {
+        "dir": str(res.dir),
+        "alg": res.alg,
+        "tls_ca": str(res.tls_ca_path),
+        "manufacturer_ca": str(res.manufacturer_ca_path),
+        "operator_ca": str(res.operator_ca_path),
+        "config": str(res.config_path),
+        "fingerprints": res.fingerprints,
+        "urls": res.urls(),
+        "idevid_secret": res.secret,
+        "secret_file": str(args.secret_out) if args.secret_out else None,
+    }
+
+    def human(d: dict[str, Any]) -> str:
+        lines = [
+            f"EST server initialised in {d['dir']} ({d['alg']})",
+            f"TLS CA (clients trust it for the server's TLS, e.g. curl --cacert): {d['tls_ca']}",
+            "CA fingerprints (SHA-256):",
+            *(f"  {name:<13} {fp}" for name, fp in d["fingerprints"].items()),
+            f"Config: {d['config']}",
+            f"URLs (after: tpmid est-server run --dir {d['dir']}):",
+            *(f"  {label:<7} {url}   ({_AUTH_NOTES.get(label, '')})"
+              for label, url in d["urls"].items()),
+            f"IDevID Secret-Value (shown once; the server keeps only a salted hash): "
+            f"{d['idevid_secret']}",
+        ]
+        if d["secret_file"]:
+            lines.append(f"The secret was also written to {d['secret_file']} (mode 0600).")
+        return "\n".join(lines)
+
+    ctx.emit(data, human)
+    return None
+
+
+def cmd_run(ctx: Ctx) -> int | None:
+    """Serve until SIGTERM/SIGINT; SIGHUP re-reads the config file."""
+    from tpmid.errors import ConfigError
+    from tpmid.server.server import EstServer
+
+    args = ctx.args
+    logging.getLogger("tpmid.server").setLevel(logging.DEBUG if args.verbose >= 2
+                                               else logging.INFO)
+    server = EstServer(args.dir, host=args.host, port=args.port,
+                       allow_remote=args.allow_remote)
+    stop = threading.Event()
+    reload = threading.Event()
+    handlers = {
+        signal.SIGTERM: lambda *_: stop.set(),
+        signal.SIGINT: lambda *_: stop.set(),
+        signal.SIGHUP: lambda *_: reload.set(),
+    }
+    previous = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
+    try:
+        server.start()
+        labels = sorted(server.app.config.labels)
+        data = {
+            "dir": str(server.state.paths.dir),
+            "listening": server.base_url,
+            "port": server.port,
+            "tls_ca": str(server.state.paths.ca_cert("tls")),
+            "fingerprints": server.state.fingerprints(),
+            "urls": {label: server.url(label) for label in labels},
+            "default_label": server.app.config.default_label,
+        }
+
+        def human(d: dict[str, Any]) -> str:
+            return "\n".join([
+                f"EST server for {d['dir']}",
+                f"TLS CA: {d['tls_ca']}",
+                "CA fingerprints (SHA-256):",
+                *(f"  {name:<13} {fp}" for name, fp in d["fingerprints"].items()),
+                "Labels:",
+                *(f"  {label:<7} {url}" for label, url in d["urls"].items()),
+                f"  (label-less {server.url()} -> {d['default_label'] or 'none'})",
+                # The fixture and scripts parse this line; keep its shape.
+                f"listening on {d['listening']}",
+            ])
+
+        ctx.emit(data, human)
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            if reload.is_set():
+                reload.clear()
+                try:
+                    server.reload()
+                except ConfigError as e:
+                    logging.getLogger("tpmid.server").error(
+                        "config not reloaded, keeping the previous one: %s", e.message)
+    finally:
+        server.stop()
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    return None
+
+
+def cmd_hash_secret(ctx: Ctx) -> int | None:
+    """Print the salted hash of the secret read from stdin (for secret_value/basic ``hash``)."""
+    from tpmid.errors import ConfigError
+    from tpmid.server.auth import hash_secret
+
+    secret = ctx.read_stdin().strip()
+    if not secret:
+        raise ConfigError("expected the secret on standard input, got an empty line")
+    ctx.emit({"hash": hash_secret(secret)}, lambda d: d["hash"])
+    return None

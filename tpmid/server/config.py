@@ -1,0 +1,399 @@
+"""The reference server's config file (``DIR/config.yaml``): labels, profiles, auth, behaviours.
+
+Parsing is pure (``parse_server_config(data, source)``); ``load_server_config``
+reads the file. Unknown keys and wrong types are rejected with a message that
+names the key. The schema is documented in ``docs/est-server.md``.
+
+No secret is ever in this file: the Secret-Value and Basic passwords are stored
+as salted scrypt hashes (:func:`tpmid.server.auth.hash_secret`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+
+from tpmid.config import parse_duration
+from tpmid.errors import ConfigError
+from tpmid.est.messages import CsrAttr, der_oid
+
+CaName = Literal["manufacturer", "operator"]
+Profile = Literal["idevid", "ldevid", "edgeca"]
+ServerAlg = Literal["ecc-p256", "ecc-p384", "rsa-2048"]
+
+CA_NAMES: tuple[str, ...] = ("manufacturer", "operator")
+PROFILES: tuple[str, ...] = ("idevid", "ldevid", "edgeca")
+ALGS: tuple[str, ...] = ("ecc-p256", "ecc-p384", "rsa-2048")
+# RFC 7030 §3.2.2: the operation path segments.
+OPERATIONS: tuple[str, ...] = ("cacerts", "simpleenroll", "simplereenroll", "csrattrs",
+                               "serverkeygen")
+ENROLL_OPERATIONS: tuple[str, ...] = ("simpleenroll", "simplereenroll", "serverkeygen")
+TLS_VERSIONS: tuple[str, ...] = ("1.2", "1.3")
+
+YEAR = 365 * 86400
+_YEARS_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(y|yr|yrs|year|years)\s*$", re.IGNORECASE)
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def parse_lifetime(value: object, where: str) -> float:
+    """A duration as in :func:`tpmid.config.parse_duration`, plus years (``20y``)."""
+    if isinstance(value, str):
+        m = _YEARS_RE.match(value)
+        if m:
+            return float(m.group(1)) * YEAR
+    seconds = parse_duration(value, where)
+    if seconds < 1:
+        raise ConfigError(f"{where}: a certificate lifetime must be at least 1 second")
+    return seconds
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class SecretValueAuth:
+    """A static secret in a request header, like GlobalSign's IDevID endpoint."""
+
+    hash: str
+    header: str = "Secret-Value"
+    kind: Literal["secret_value"] = "secret_value"
+
+
+@dataclass(frozen=True)
+class BasicAuthPolicy:
+    """HTTP Basic (RFC 7617) with one user whose password is stored hashed."""
+
+    username: str
+    hash: str
+    realm: str = "tpmid-est"
+    kind: Literal["basic"] = "basic"
+
+
+@dataclass(frozen=True)
+class ClientCertAuth:
+    """A TLS client certificate issued directly by one of ``issuers`` (CA names)."""
+
+    issuers: tuple[str, ...]
+    kind: Literal["client_cert"] = "client_cert"
+
+
+@dataclass(frozen=True)
+class AnonymousAuth:
+    """No authentication (a lab switch; never the default)."""
+
+    kind: Literal["anonymous"] = "anonymous"
+
+
+AuthPolicy = SecretValueAuth | BasicAuthPolicy | ClientCertAuth | AnonymousAuth
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Misbehaviours injected for client tests; all off by default."""
+
+    status: int | None = None  # answer with this HTTP status instead
+    retry_after: float | None = None  # Retry-After sent with ``status``
+    malformed_body: bool = False  # a 200 whose body is not the promised structure
+    wrong_content_type: bool = False  # a 200 with Content-Type text/plain
+    delay: float = 0.0  # seconds to wait before answering
+    wrong_key: bool = False  # issue the certificate for a fresh key, not the CSR's
+    operations: tuple[str, ...] = OPERATIONS  # which operations misbehave
+    times: int = 0  # only the first N matching requests (0: all of them)
+
+    @property
+    def active(self) -> bool:
+        """True if any fault is switched on."""
+        return (self.status is not None or self.malformed_body or self.wrong_content_type
+                or self.delay > 0 or self.wrong_key)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """One EST label (RFC 7030 §3.2.2): a CA, a certificate profile, an auth policy, behaviours."""
+
+    name: str
+    ca: str
+    profile: str
+    lifetime: float
+    auth: AuthPolicy
+    pending: int = 0  # first N requests per CSR key get 202 + Retry-After
+    retry_after: float = 5.0
+    reenroll_forcing: bool = False
+    libest_quirks: bool = False
+    pop: bool = False  # require tls-unique in challengePassword (RFC 7030 §3.5)
+    allow_sha1_csr: bool = False
+    serverkeygen: bool = True
+    serverkeygen_alg: str | None = None  # None: the CA's algorithm
+    csrattrs: tuple[CsrAttr, ...] | None = None  # None: derived from profile and CA key
+    faults: Faults = field(default_factory=Faults)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The whole server config file."""
+
+    labels: Mapping[str, LabelConfig]
+    default_label: str | None = None
+    tls_min: str = "1.2"
+    tls_max: str = "1.3"
+    max_body: int = 65536
+    source: str = "<config>"
+
+    def label(self, name: str | None) -> LabelConfig | None:
+        """The label called ``name`` (None: the default label), or None."""
+        if name is None:
+            name = self.default_label
+        return self.labels.get(name) if name is not None else None
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _R:
+    """Walks one mapping of the YAML document and rejects leftovers."""
+
+    def __init__(self, data: object, where: str, source: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, "
+                              f"got {type(data).__name__}")
+        self.data: dict[Any, Any] = dict(data)
+        self.where = where
+        self.source = source
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.path(key)}: {msg}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        return self.data.pop(key, default)
+
+    def text(self, key: str, default: str | None = None, *, required: bool = False,
+            choices: tuple[str, ...] | None = None) -> Any:
+        if key not in self.data:
+            if required:
+                raise self.err(key, "is required")
+            return default
+        v = self.data.pop(key)
+        if not isinstance(v, str) or not v:
+            raise self.err(key, f"expected a non-empty string, got {v!r}")
+        if choices is not None and v not in choices:
+            raise self.err(key, f"{v!r} is not one of {', '.join(choices)}")
+        return v
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self.data.pop(key, default)
+        if not isinstance(v, bool):
+            raise self.err(key, f"expected true or false, got {v!r}")
+        return v
+
+    def whole(self, key: str, default: int, *, minimum: int = 0) -> int:
+        v = self.data.pop(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self.err(key, f"expected a whole number >= {minimum}, got {v!r}")
+        return v
+
+    def duration(self, key: str, default: float) -> float:
+        return parse_duration(self.data.pop(key, default), self.path(key))
+
+    def sub(self, key: str) -> _R:
+        return _R(self.data.pop(key, None), self.path(key), self.source)
+
+    def done(self) -> None:
+        if self.data:
+            names = ", ".join(sorted(str(k) for k in self.data))
+            where = f" in {self.where}" if self.where else ""
+            raise ConfigError(f"{self.source}: unknown key(s){where}: {names}",
+                              hint="see docs/est-server.md for the config file reference")
+
+
+def _auth(r: _R) -> AuthPolicy:
+    kinds = [k for k in ("secret_value", "basic", "client_cert", "anonymous") if r.has(k)]
+    if len(kinds) != 1:
+        raise ConfigError(
+            f"{r.source}: {r.where}: give exactly one of secret_value, basic, client_cert "
+            f"or anonymous (found: {', '.join(kinds) or 'none'})"
+        )
+    kind = kinds[0]
+    policy: AuthPolicy
+    if kind == "secret_value":
+        s = r.sub("secret_value")
+        policy = SecretValueAuth(hash=s.text("hash", required=True),
+                                 header=s.text("header", "Secret-Value"))
+        s.done()
+    elif kind == "basic":
+        b = r.sub("basic")
+        policy = BasicAuthPolicy(username=b.text("username", required=True),
+                                 hash=b.text("hash", required=True),
+                                 realm=b.text("realm", "tpmid-est"))
+        b.done()
+        if ":" in policy.username:
+            raise r.err("basic.username", "must not contain ':' (RFC 7617 §2)")
+    elif kind == "client_cert":
+        c = r.sub("client_cert")
+        issuers = c.pop("issuers", None)
+        if isinstance(issuers, str):
+            issuers = [issuers]
+        if (not isinstance(issuers, list) or not issuers
+                or not all(isinstance(i, str) and i in CA_NAMES for i in issuers)):
+            raise c.err("issuers", f"expected a list of CA names from {', '.join(CA_NAMES)}")
+        c.done()
+        policy = ClientCertAuth(issuers=tuple(issuers))
+    else:
+        if r.pop("anonymous") is not True:
+            raise r.err("anonymous", "expected true")
+        policy = AnonymousAuth()
+    r.done()
+    return policy
+
+
+def parse_csrattrs(value: object, where: str, source: str) -> tuple[CsrAttr, ...]:
+    """CSR attribute items from YAML: OID strings, or ``{type: OID, values: [OID, ...]}``."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: {where}: expected a list of OIDs or "
+                          "{type: OID, values: [OID, ...]} items")
+    out: list[CsrAttr] = []
+    for i, item in enumerate(value):
+        here = f"{where}[{i}]"
+        try:
+            if isinstance(item, str):
+                der_oid(item)
+                out.append(CsrAttr.of(item))
+                continue
+            r = _R(item, here, source)
+            oid = r.text("type", required=True)
+            values = r.pop("values", [])
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise r.err("values", "expected a list of OIDs")
+            hex_values = r.pop("der_values", [])
+            if not isinstance(hex_values, list) or not all(isinstance(v, str) for v in hex_values):
+                raise r.err("der_values", "expected a list of hex strings")
+            r.done()
+            der_oid(oid)
+            items = [der_oid(v) for v in values] + [bytes.fromhex(h) for h in hex_values]
+            out.append(CsrAttr(x509.ObjectIdentifier(oid), tuple(items)))
+        except ValueError as e:
+            raise ConfigError(f"{source}: {here}: {e}") from e
+    return tuple(out)
+
+
+def _faults(r: _R) -> Faults:
+    status = r.pop("status")
+    if status is not None and (isinstance(status, bool) or not isinstance(status, int)
+                               or not 100 <= status <= 599):
+        raise r.err("status", f"expected an HTTP status code, got {status!r}")
+    retry_after = r.pop("retry_after")
+    ops = r.pop("operations", list(OPERATIONS))
+    if isinstance(ops, str):
+        ops = [ops]
+    if not isinstance(ops, list) or not all(o in OPERATIONS for o in ops):
+        raise r.err("operations", f"expected a list from {', '.join(OPERATIONS)}")
+    f = Faults(
+        status=status,
+        retry_after=(parse_duration(retry_after, r.path("retry_after"))
+                     if retry_after is not None else None),
+        malformed_body=r.flag("malformed_body", False),
+        wrong_content_type=r.flag("wrong_content_type", False),
+        delay=r.duration("delay", 0),
+        wrong_key=r.flag("wrong_key", False),
+        operations=tuple(ops),
+        times=r.whole("times", 0),
+    )
+    r.done()
+    return f
+
+
+def _label(name: str, r: _R) -> LabelConfig:
+    ca = r.text("ca", required=True, choices=CA_NAMES)
+    profile = r.text("profile", required=True, choices=PROFILES)
+    if "lifetime" not in r.data:
+        raise r.err("lifetime", "is required (for example 30s, 7day or 20y)")
+    lifetime = parse_lifetime(r.pop("lifetime"), r.path("lifetime"))
+    if "auth" not in r.data:
+        raise r.err("auth", "is required (secret_value, basic, client_cert or anonymous)")
+    auth = _auth(r.sub("auth"))
+    csrattrs = (parse_csrattrs(r.pop("csrattrs"), r.path("csrattrs"), r.source)
+                if r.has("csrattrs") else None)
+    label = LabelConfig(
+        name=name,
+        ca=ca,
+        profile=profile,
+        lifetime=lifetime,
+        auth=auth,
+        pending=r.whole("pending", 0),
+        retry_after=r.duration("retry_after", 5),
+        reenroll_forcing=r.flag("reenroll_forcing", False),
+        libest_quirks=r.flag("libest_quirks", False),
+        pop=r.flag("pop", False),
+        allow_sha1_csr=r.flag("allow_sha1_csr", False),
+        serverkeygen=r.flag("serverkeygen", True),
+        serverkeygen_alg=r.text("serverkeygen_alg", None, choices=ALGS),
+        csrattrs=csrattrs,
+        faults=_faults(r.sub("faults")),
+    )
+    r.done()
+    return label
+
+
+def parse_server_config(data: object, source: str = "<config>") -> ServerConfig:
+    """Build a :class:`ServerConfig` from a parsed YAML document; ConfigError on any mistake."""
+    top = _R(data, "", source)
+    lr = top.sub("labels")
+    labels: dict[str, LabelConfig] = {}
+    for name in list(lr.data):
+        if not isinstance(name, str) or not _LABEL_RE.match(name) or name in OPERATIONS:
+            raise ConfigError(
+                f"{source}: labels: {name!r} is not a usable label (letters, digits, '.', '_', "
+                "'-'; not an operation name such as cacerts)"
+            )
+        labels[name] = _label(name, lr.sub(name))
+    lr.done()
+    if not labels:
+        raise ConfigError(f"{source}: labels: at least one label is required")
+    default = top.text("default_label")
+    if default is not None and default not in labels:
+        raise top.err("default_label", f"{default!r} is not one of the labels "
+                      f"({', '.join(sorted(labels))})")
+    t = top.sub("tls")
+    tls_min = str(t.pop("min_version", "1.2"))
+    tls_max = str(t.pop("max_version", "1.3"))
+    for key, v in (("min_version", tls_min), ("max_version", tls_max)):
+        if v not in TLS_VERSIONS:
+            raise t.err(key, f"{v!r} is not one of {', '.join(TLS_VERSIONS)}")
+    if tls_min > tls_max:
+        raise t.err("min_version", "is above max_version")
+    t.done()
+    max_body = top.whole("max_body", 65536, minimum=1024)
+    top.done()
+    return ServerConfig(labels=labels, default_label=default, tls_min=tls_min, tls_max=tls_max,
+                        max_body=max_body, source=source)
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    """Read and parse the server config file at ``path``."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"server config {path} does not exist",
+                          hint="create the server directory with: tpmid est-server init --dir DIR"
+                          ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read server config {path}: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return parse_server_config(data, str(path))

@@ -1,0 +1,306 @@
+"""The server directory: layout, ``init_server_dir`` and loading it back.
+
+Layout (``DIR``)::
+
+    config.yaml            0600  labels, lifetimes, auth (hashes only), behaviours
+    tls-ca.pem             0644  trust this for the server's TLS (curl --cacert)
+    manufacturer-ca.pem    0644  issues IDevIDs     (served by /idevid/cacerts)
+    operator-ca.pem        0644  issues LDevIDs and Edge CAs (/ldevid, /edgeca)
+    tls/server.pem         0644  the server's TLS certificate (127.0.0.1, ::1, localhost)
+    private/               0700  manufacturer-ca.key, operator-ca.key, tls-ca.key, server.key (0600)
+    issued.jsonl           0644  one JSON line per issued certificate
+
+Writes are durable (STYLE.md §10): temp file in the same directory, fsync,
+rename, fsync the directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from tpmid.errors import ConfigError
+from tpmid.server.auth import generate_secret, hash_secret
+from tpmid.server.ca import (
+    CertificateAuthority,
+    cert_pem,
+    create_root_ca,
+    fingerprint,
+    generate_key,
+    key_pem,
+    load_ca,
+    loopback_san,
+)
+from tpmid.server.config import ALGS, YEAR, ServerConfig, load_server_config
+
+DEFAULT_PORT = 8443
+CA_LIFETIME = 25 * YEAR
+TLS_CERT_LIFETIME = 10 * YEAR
+CA_TITLES = {
+    "manufacturer": "tpmid Manufacturer CA (IDevID)",
+    "operator": "tpmid Operator CA (LDevID, Edge CA)",
+    "tls": "tpmid TLS CA",
+}
+
+
+@dataclass(frozen=True)
+class ServerPaths:
+    """Where everything lives under a server directory."""
+
+    dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.yaml"
+
+    @property
+    def private(self) -> Path:
+        return self.dir / "private"
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.dir / "tls" / "server.pem"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.private / "server.key"
+
+    @property
+    def issued_log(self) -> Path:
+        return self.dir / "issued.jsonl"
+
+    def ca_cert(self, name: str) -> Path:
+        """``DIR/<name>-ca.pem``."""
+        return self.dir / f"{name}-ca.pem"
+
+    def ca_key(self, name: str) -> Path:
+        """``DIR/private/<name>-ca.key``."""
+        return self.private / f"{name}-ca.key"
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """What ``init_server_dir`` created. ``secret`` is shown once and stored nowhere."""
+
+    dir: Path
+    secret: str = field(repr=False)
+    tls_ca_path: Path
+    manufacturer_ca_path: Path
+    operator_ca_path: Path
+    config_path: Path
+    alg: str
+    fingerprints: dict[str, str]
+    labels: tuple[str, ...] = ("idevid", "ldevid", "edgeca")
+
+    def urls(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> dict[str, str]:
+        """The label base URLs the server will serve on ``host:port``."""
+        return {label: est_url(host, port, label) for label in self.labels}
+
+
+def est_url(host: str, port: int, label: str | None = None, operation: str | None = None) -> str:
+    """``https://host:port/.well-known/est[/label][/operation]`` (IPv6 hosts bracketed)."""
+    h = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    url = f"https://{h}:{port}/.well-known/est"
+    if label:
+        url += f"/{label}"
+    if operation:
+        url += f"/{operation}"
+    return url
+
+
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Durably replace ``path`` with ``data`` and ``mode`` (temp, fsync, rename, fsync dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _config_text(alg: str, secret_hash: str) -> str:
+    return f"""\
+# tpmid reference EST server configuration (see docs/est-server.md).
+# Re-read on SIGHUP (tpmid est-server run) or EstServer.reload().
+# Label-less requests (/.well-known/est/<operation>) go to the default label.
+default_label: ldevid
+
+tls:
+  min_version: "1.2"
+  max_version: "1.3"
+
+labels:
+  # IDevID (birth certificate): manufacturer CA, static Secret-Value header
+  # as on GlobalSign's IDevID endpoint. Only the salted hash is stored here.
+  idevid:
+    ca: manufacturer
+    profile: idevid
+    lifetime: 20y            # capped by the CA's own notAfter
+    auth:
+      secret_value:
+        header: Secret-Value
+        hash: "{secret_hash}"
+    csrattrs: {_default_csrattrs_yaml(alg)}
+
+  # LDevID (device identity): operator CA; the client certificate is the
+  # IDevID (manufacturer CA) at first enrollment, the LDevID when renewing.
+  ldevid:
+    ca: operator
+    profile: ldevid
+    lifetime: 7day
+    auth:
+      client_cert:
+        issuers: [manufacturer, operator]
+    csrattrs: {_default_csrattrs_yaml(alg)}
+
+  # Edge CA: operator CA, CA:TRUE pathlen 0; authenticated by the LDevID
+  # (an Edge CA certificate cannot be a TLS client certificate itself).
+  edgeca:
+    ca: operator
+    profile: edgeca
+    lifetime: 30day
+    auth:
+      client_cert:
+        issuers: [operator]
+    csrattrs: {_default_csrattrs_yaml(alg)}
+
+# Behaviours and fault knobs, per label (all off by default):
+#   pending: 2               first N requests per CSR key get 202 + Retry-After
+#   retry_after: 5s
+#   reenroll_forcing: true   GlobalSign default: subject copied from a presented
+#                            certificate of this label's CA
+#   libest_quirks: true      reject a one-line base64 body without newline
+#   pop: true                require tls-unique in challengePassword (TLS 1.2)
+#   faults: {{status: 503, retry_after: 3s, malformed_body: true,
+#            wrong_content_type: true, delay: 2s, wrong_key: true,
+#            operations: [simpleenroll], times: 1}}
+"""
+
+
+def default_csrattrs(alg: str) -> list[object]:
+    """The CSR attributes a label asks for by default (RFC 7030 §4.5.2).
+
+    The key type and curve of the CA, and the matching signature algorithm.
+    """
+    if alg == "rsa-2048":
+        return ["1.2.840.113549.1.1.11"]  # sha256WithRSAEncryption
+    curve, sig = (("1.3.132.0.34", "1.2.840.10045.4.3.3") if alg == "ecc-p384"
+                  else ("1.2.840.10045.3.1.7", "1.2.840.10045.4.3.2"))
+    # id-ecPublicKey with the curve as value, then ecdsa-with-SHA256/384.
+    return [{"type": "1.2.840.10045.2.1", "values": [curve]}, sig]
+
+
+def _default_csrattrs_yaml(alg: str) -> str:
+    items = []
+    for item in default_csrattrs(alg):
+        if isinstance(item, str):
+            items.append(f'"{item}"')
+        else:
+            assert isinstance(item, dict)
+            vals = ", ".join(f'"{v}"' for v in item["values"])
+            items.append(f'{{type: "{item["type"]}", values: [{vals}]}}')
+    return "[" + ", ".join(items) + "]"
+
+
+def init_server_dir(dir: Path, alg: str = "ecc-p256") -> InitResult:
+    """Create a server directory: three CAs, the TLS certificate, config and IDevID secret.
+
+    Refuses a directory that already holds a server config. The returned
+    ``secret`` is the only copy of the IDevID Secret-Value; the directory keeps
+    its salted hash.
+    """
+    if alg not in ALGS:
+        raise ConfigError(f"unknown algorithm {alg!r}; use one of {', '.join(ALGS)}")
+    paths = ServerPaths(dir.resolve())
+    if paths.config.exists():
+        raise ConfigError(f"{paths.dir} already holds an EST server (config.yaml exists)",
+                          hint="choose an empty directory, or remove the old one first")
+    if not paths.dir.exists():
+        paths.dir.mkdir(mode=0o755, parents=True)
+    paths.private.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(paths.private, 0o700)
+
+    cas = {
+        "manufacturer": create_root_ca("manufacturer", CA_TITLES["manufacturer"], alg,
+                                       CA_LIFETIME, path_length=0),
+        # pathlen unset: the operator CA issues Edge CAs, which issue in turn.
+        "operator": create_root_ca("operator", CA_TITLES["operator"], alg, CA_LIFETIME,
+                                   path_length=None),
+        "tls": create_root_ca("tls", CA_TITLES["tls"], alg, CA_LIFETIME, path_length=0),
+    }
+    for name, ca in cas.items():
+        write_file(paths.ca_key(name), key_pem(ca.key), 0o600)
+        write_file(paths.ca_cert(name), cert_pem(ca.cert), 0o644)
+
+    server_key = generate_key(alg)
+    server_cert = cas["tls"].issue(
+        public_key=server_key.public_key(),
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]),
+        profile="tls-server",
+        lifetime=TLS_CERT_LIFETIME,
+        san=loopback_san(),
+    )
+    write_file(paths.tls_key, key_pem(server_key), 0o600)
+    write_file(paths.tls_cert, cert_pem(server_cert), 0o644)
+
+    secret = generate_secret()
+    write_file(paths.config, _config_text(alg, hash_secret(secret)).encode(), 0o600)
+    paths.issued_log.touch(mode=0o644)
+    return InitResult(
+        dir=paths.dir,
+        secret=secret,
+        tls_ca_path=paths.ca_cert("tls"),
+        manufacturer_ca_path=paths.ca_cert("manufacturer"),
+        operator_ca_path=paths.ca_cert("operator"),
+        config_path=paths.config,
+        alg=alg,
+        fingerprints={name: fingerprint(ca.cert) for name, ca in cas.items()},
+    )
+
+
+@dataclass
+class ServerState:
+    """A loaded server directory: config, the issuing CAs and the TLS files."""
+
+    paths: ServerPaths
+    config: ServerConfig
+    cas: dict[str, CertificateAuthority]  # manufacturer and operator
+    tls_ca: x509.Certificate
+
+    @classmethod
+    def load(cls, dir: Path) -> ServerState:
+        """Read a directory made by :func:`init_server_dir`."""
+        paths = ServerPaths(dir.resolve())
+        if not paths.dir.is_dir():
+            raise ConfigError(f"EST server directory {paths.dir} does not exist",
+                              hint="create it with: tpmid est-server init --dir DIR")
+        config = load_server_config(paths.config)
+        cas = {name: load_ca(name, paths.ca_cert(name), paths.ca_key(name))
+               for name in ("manufacturer", "operator")}
+        try:
+            tls_ca = x509.load_pem_x509_certificate(paths.ca_cert("tls").read_bytes())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read the TLS CA {paths.ca_cert('tls')}: {e}") from e
+        for p in (paths.tls_cert, paths.tls_key):
+            if not p.is_file():
+                raise ConfigError(f"missing TLS file {p}")
+        return cls(paths=paths, config=config, cas=cas, tls_ca=tls_ca)
+
+    def fingerprints(self) -> dict[str, str]:
+        """SHA-256 fingerprints of the manufacturer, operator and TLS CAs."""
+        out = {name: fingerprint(ca.cert) for name, ca in self.cas.items()}
+        out["tls"] = fingerprint(self.tls_ca)
+        return out
