@@ -1,0 +1,216 @@
+"""Verification of enrollment results (``tpmid.est.verify``): pure functions, real certificates.
+
+Certificates come from throwaway software CAs (:class:`TestCa`); the TPM-backed
+end-to-end checks live in ``tests/lifecycle/test_enroll.py``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from tests.est.test_client_support import TestCa, name, server_identity, spki
+from tpmid.errors import VerificationError
+from tpmid.est.verify import (
+    check_pinned_root,
+    fingerprint_sha256,
+    verify_enrollment,
+    verify_server_certificate,
+)
+
+NOW = datetime.datetime.now(datetime.UTC)
+CLIENT = [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+@dataclass
+class World:
+    root: TestCa
+    inter: TestCa
+    other_root: TestCa
+    key: ec.EllipticCurvePrivateKey
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    root = TestCa.root("issuing root")
+    return World(root, root.sub_ca("issuing intermediate"), TestCa.root("someone else"),
+                 ec.generate_private_key(ec.SECP256R1()))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One issued certificate and how verification must judge it."""
+
+    make: Callable[[World], x509.Certificate]
+    error: str | None  # substring of the VerificationError, None: accepted
+    profile: str = "device"
+    requested: x509.Name = name("dev")
+    anchors: str = "inter"  # which CA certificates count as the label's issuers
+    extra: bool = False  # pass the intermediate as an extra certificate
+
+
+def _leaf(**kw: object) -> Callable[[World], x509.Certificate]:
+    def make(w: World) -> x509.Certificate:
+        args: dict[str, object] = {"eku": CLIENT}
+        args.update(kw)
+        return w.inter.issue(w.key.public_key(), name("dev"), **args)  # type: ignore[arg-type]
+    return make
+
+
+CASES = {
+    "device cert from the label CA": Case(_leaf(), None),
+    "device cert without EKU (RFC 5280: no restriction)": Case(_leaf(eku=None), None),
+    "device cert with SAN": Case(_leaf(san=[x509.DNSName("dev.example")]), None),
+    "chain through an intermediate sent as extra cert": Case(_leaf(), None, anchors="root",
+                                                             extra=True),
+    "intermediate missing from the answer": Case(_leaf(), "does not validate", anchors="root"),
+    "certificate for another key": Case(
+        lambda w: w.inter.issue(ec.generate_private_key(ec.SECP256R1()).public_key(),
+                                name("dev"), eku=CLIENT),
+        "issued a certificate for another key"),
+    "issued by another CA": Case(
+        lambda w: w.other_root.issue(w.key.public_key(), name("dev"), eku=CLIENT),
+        "does not validate"),
+    "expired": Case(_leaf(not_before=NOW - datetime.timedelta(days=10),
+                          not_after=NOW - datetime.timedelta(days=1)), "already expired"),
+    "not yet valid": Case(_leaf(not_before=NOW + datetime.timedelta(days=1)), "not valid yet"),
+    "serverAuth-only EKU for a device": Case(_leaf(eku=[ExtendedKeyUsageOID.SERVER_AUTH]),
+                                             "does not include id-kp-clientAuth"),
+    "CA certificate where a device cert was asked": Case(_leaf(ca=True, eku=None),
+                                                         "does not validate"),
+    "rewritten subject (re-enrollment forcing)": Case(
+        lambda w: w.inter.issue(w.key.public_key(), name("old-device-name"), eku=CLIENT),
+        "rewrote the subject: requested 'CN=dev', issued 'CN=old-device-name'"),
+    "Edge CA: CA:TRUE with keyCertSign": Case(_leaf(ca=True, eku=None), None, profile="ca"),
+    "Edge CA profile refuses a device cert": Case(_leaf(), "basicConstraints cA=TRUE",
+                                                  profile="ca"),
+    "Edge CA profile refuses a CA without keyCertSign": Case(
+        _leaf(ca=True, eku=None, cert_sign=False), "needs keyUsage keyCertSign", profile="ca"),
+    "Edge CA profile refuses a CA without keyUsage": Case(
+        _leaf(ca=True, eku=None, key_usage=False),
+        "extension keyUsage (2.5.29.15): Certificate is missing required extension",
+        profile="ca"),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_enrollment_result_is_judged(case: Case, world: World) -> None:
+    cert = case.make(world)
+    issuers = [world.inter.cert] if case.anchors == "inter" else [world.root.cert]
+    kwargs = {
+        "key_spki_der": spki(world.key), "requested_subject": case.requested,
+        "issuers": issuers, "extra_certs": [world.inter.cert] if case.extra else [],
+        "profile": case.profile, "now": NOW,
+    }
+    if case.error is None:
+        result = verify_enrollment(cert, **kwargs)  # type: ignore[arg-type]
+        assert result.certificate == cert
+        assert result.chain[-1] in issuers
+        assert not result.subject_rewritten
+    else:
+        with pytest.raises(VerificationError) as info:
+            verify_enrollment(cert, **kwargs)  # type: ignore[arg-type]
+        assert case.error in info.value.message
+
+
+def test_rewritten_subject_is_accepted_only_when_configured_and_then_reported(
+    world: World,
+) -> None:
+    cert = world.inter.issue(world.key.public_key(), name("old-device-name"), eku=CLIENT)
+    result = verify_enrollment(cert, key_spki_der=spki(world.key), requested_subject=name("dev"),
+                               issuers=[world.inter.cert], now=NOW,
+                               accept_rewritten_subject=True)
+    assert result.subject_rewritten
+    assert result.requested_subject == name("dev")
+
+
+def test_key_mismatch_is_reported_before_anything_else(world: World) -> None:
+    # A foreign key *and* a foreign CA: the key is the more dangerous fault to name.
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    cert = world.other_root.issue(stranger.public_key(), name("x"), eku=CLIENT)
+    with pytest.raises(VerificationError, match="another key"):
+        verify_enrollment(cert, key_spki_der=spki(world.key), requested_subject=name("dev"),
+                          issuers=[world.inter.cert], now=NOW)
+
+
+def test_no_issuers_is_an_error_not_a_pass(world: World) -> None:
+    cert = world.inter.issue(world.key.public_key(), name("dev"), eku=CLIENT)
+    with pytest.raises(VerificationError, match="no issuing CA certificates"):
+        verify_enrollment(cert, key_spki_der=spki(world.key), requested_subject=name("dev"),
+                          issuers=[], now=NOW)
+
+
+# --------------------------------------------------------------------------- pins
+
+
+def _fp(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+PIN_FORMATS = {
+    "lower-case hex": lambda c: _fp(c),
+    "upper-case with colons (openssl -fingerprint)": lambda c: fingerprint_sha256(c),
+    "upper-case hex": lambda c: _fp(c).upper(),
+}
+
+
+@pytest.mark.parametrize("fmt", PIN_FORMATS.values(), ids=PIN_FORMATS.keys())
+def test_pinned_root_is_found_in_any_usual_fingerprint_format(
+    fmt: Callable[[x509.Certificate], str], world: World,
+) -> None:
+    got = check_pinned_root([world.inter.cert, world.root.cert], fmt(world.root.cert))
+    assert got == world.root.cert
+
+
+def test_pin_mismatch_is_refused_naming_what_the_server_offered(world: World) -> None:
+    with pytest.raises(VerificationError) as info:
+        check_pinned_root([world.root.cert], _fp(world.other_root.cert))
+    assert _fp(world.root.cert) in info.value.message
+    assert "CN=issuing root" in info.value.message
+
+
+def test_pinning_an_intermediate_is_refused(world: World) -> None:
+    with pytest.raises(VerificationError, match="not a root"):
+        check_pinned_root([world.inter.cert, world.root.cert], _fp(world.inter.cert))
+
+
+def test_a_pin_that_is_not_a_sha256_fingerprint_is_refused(world: World) -> None:
+    with pytest.raises(VerificationError, match="not a SHA-256 fingerprint"):
+        check_pinned_root([world.root.cert], "abcd")
+
+
+SERVER_CASES = {
+    "IP in SAN": ("127.0.0.1", None),
+    "IP not in SAN": ("127.0.0.2", "does not validate for '127.0.0.2'"),
+    "DNS name in SAN": ("est.example", None),
+    "other DNS name": ("evil.example", "does not validate for 'evil.example'"),
+}
+
+
+@pytest.mark.parametrize(("host", "error"), SERVER_CASES.values(), ids=SERVER_CASES.keys())
+def test_server_certificate_must_chain_to_the_pinned_root_and_name_the_host(
+    host: str, error: str | None, world: World,
+) -> None:
+    chain, _ = server_identity(world.inter, dns=("est.example",), ips=("127.0.0.1",))
+    if error is None:
+        verify_server_certificate(chain[0], root=world.root.cert, intermediates=[world.inter.cert],
+                                  host=host, now=NOW)
+    else:
+        with pytest.raises(VerificationError, match=error):
+            verify_server_certificate(chain[0], root=world.root.cert,
+                                      intermediates=[world.inter.cert], host=host, now=NOW)
+
+
+def test_server_certificate_from_another_ca_fails_the_pinned_bootstrap(world: World) -> None:
+    chain, _ = server_identity(world.other_root)
+    with pytest.raises(VerificationError, match="against the pinned root"):
+        verify_server_certificate(chain[0], root=world.root.cert, intermediates=[],
+                                  host=str(ipaddress.ip_address("127.0.0.1")), now=NOW)

@@ -1,0 +1,208 @@
+"""``tpmid est cacerts|csrattrs URL`` and ``tpmid enroll NAME``.
+
+Each command is one library call (:mod:`tpmid.lifecycle.enroll`); this module
+only parses arguments, resolves secrets with the injected environment and
+renders the result. See ``docs/cli.md`` (sections ``est`` and ``enroll``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from tpmid.cli import Ctx
+
+# Short names for the OIDs a CSR-attributes answer usually holds (RFC 7030 §4.5.2).
+_OID_NAMES = {
+    "1.2.840.113549.1.9.7": "challengePassword",
+    "1.2.840.10045.2.1": "id-ecPublicKey",
+    "1.2.840.10045.3.1.7": "secp256r1",
+    "1.3.132.0.34": "secp384r1",
+    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256",
+    "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
+    "1.2.840.113549.1.1.1": "rsaEncryption",
+    "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
+    "1.2.840.113549.1.9.14": "extensionRequest",
+    "1.3.6.1.1.1.1.22": "macAddress",
+}
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="machine-readable output on stdout")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``est`` (cacerts, csrattrs) and ``enroll``."""
+    est = sub.add_parser("est", help="query an EST server (RFC 7030) directly",
+                         description="Query an EST server directly. The server is authenticated "
+                         "with --trusted-certs (explicit trust anchors, RFC 7030 §3.6.1), "
+                         "trust.est_anchors from the config, or --pin (pinned /cacerts "
+                         "bootstrap, RFC 7030 §4.1.1).")
+    esub = est.add_subparsers(dest="est_command", metavar="COMMAND", required=True)
+    for op, helptext in (("cacerts", "fetch the CA certificates of an EST label"),
+                         ("csrattrs", "fetch the CSR attributes an EST label asks for")):
+        p = esub.add_parser(op, help=helptext, description=helptext)
+        p.add_argument("url", metavar="URL",
+                       help="label URL, e.g. https://127.0.0.1:8443/.well-known/est/idevid")
+        p.add_argument("--trusted-certs", metavar="FILE", type=Path, action="append", default=[],
+                       help="PEM file with the CA of the server's TLS certificate (repeatable)")
+        p.add_argument("--pin", metavar="SHA256",
+                       help="SHA-256 fingerprint of the EST root: bootstrap without a trust "
+                       "anchor (the server's TLS certificate must chain to that root)")
+        p.add_argument("--system-store", action="store_true",
+                       help="also trust the system's CA store (implicit trust anchors)")
+        p.add_argument("--allow-http", action="store_true",
+                       help="allow a plain http:// URL (lab servers only)")
+        if op == "cacerts":
+            p.add_argument("--out", metavar="FILE", type=Path,
+                           help="write the certificates as PEM to FILE (0644)")
+        _add_json(p)
+        p.set_defaults(func=cmd_cacerts if op == "cacerts" else cmd_csrattrs)
+
+    p = sub.add_parser("enroll", help="enroll one identity from the config over EST",
+                       description="Enroll identity NAME: create or open its TPM key, send a "
+                       "TPM-signed CSR to its EST label, verify the issued certificate and "
+                       "store it with its chain.")
+    p.add_argument("name", metavar="NAME", help="identity name in the config")
+    p.add_argument("--reenroll", action="store_true",
+                   help="simplereenroll, authenticated with the identity's current certificate")
+    _add_json(p)
+    p.set_defaults(func=cmd_enroll)
+
+
+# --------------------------------------------------------------------------- est
+
+
+def _trust_args(ctx: Ctx) -> dict[str, Any]:
+    args = ctx.args
+    trusted = list(args.trusted_certs)
+    system = bool(args.system_store)
+    if not trusted and not args.pin and not system:
+        # No flag: fall back to the config's trust section, if there is a config.
+        cfg = ctx.config(required=False)
+        trusted = list(cfg.trust.est_anchors)
+        system = cfg.trust.use_system_store
+    return {"trusted_certs": trusted, "pin": args.pin, "use_system_store": system,
+            "allow_http": bool(args.allow_http)}
+
+
+def _cert_info(c: x509.Certificate) -> dict[str, Any]:
+    from cryptography.hazmat.primitives import serialization
+
+    from tpmid.est.verify import fingerprint_sha256
+
+    return {
+        "subject": c.subject.rfc4514_string(),
+        "issuer": c.issuer.rfc4514_string(),
+        "serial": f"{c.serial_number:x}",
+        "not_before": c.not_valid_before_utc.isoformat(),
+        "not_after": c.not_valid_after_utc.isoformat(),
+        "sha256_fingerprint": fingerprint_sha256(c),
+        "pem": c.public_bytes(serialization.Encoding.PEM).decode(),
+    }
+
+
+def cmd_cacerts(ctx: Ctx) -> int:
+    """``tpmid est cacerts URL``."""
+    from tpmid.lifecycle.enroll import fetch_cacerts
+
+    result = fetch_cacerts(ctx.args.url, **_trust_args(ctx))
+    infos = [_cert_info(c) for c in result.certificates]
+    if ctx.args.out is not None:
+        from tpmid.store import atomic_write
+
+        atomic_write(ctx.args.out, "".join(i["pem"] for i in infos).encode(), 0o644)
+        ctx.progress(f"wrote {len(infos)} certificate(s) to {ctx.args.out}")
+
+    def human(data: dict[str, Any]) -> str:
+        lines = [f"# {data['url']} (server authenticated by {data['server_auth']})"]
+        for i in data["certificates"]:
+            lines += [f"# subject:  {i['subject']}", f"# issuer:   {i['issuer']}",
+                      f"# validity: {i['not_before']} .. {i['not_after']}",
+                      f"# sha256:   {i['sha256_fingerprint']}"]
+            if ctx.args.out is None:
+                lines.append(i["pem"].rstrip())
+        return "\n".join(lines)
+
+    ctx.emit({"url": result.url, "server_auth": result.server_auth, "certificates": infos},
+             human)
+    return 0
+
+
+def cmd_csrattrs(ctx: Ctx) -> int:
+    """``tpmid est csrattrs URL``."""
+    from tpmid.lifecycle.enroll import fetch_csrattrs
+
+    result = fetch_csrattrs(ctx.args.url, **_trust_args(ctx))
+    attrs = []
+    for a in result.attributes:
+        oid = a.oid.dotted_string
+        entry: dict[str, Any] = {"oid": oid, "name": _OID_NAMES.get(oid)}
+        if a.is_attribute:
+            entry["values"] = [{"oid": v, "name": _OID_NAMES.get(v)} for v in a.value_oids]
+            entry["other_values"] = len(a.values or ()) - len(a.value_oids)
+        attrs.append(entry)
+
+    def human(data: dict[str, Any]) -> str:
+        if not data["attributes"]:
+            return f"{data['url']}: no CSR attributes requested"
+        lines = []
+        for e in data["attributes"]:
+            text = f"{e['oid']} ({e['name'] or '?'})"
+            if "values" in e:
+                vals = ", ".join(f"{v['oid']} ({v['name'] or '?'})" for v in e["values"])
+                text += f": {vals}" if vals else ""
+                if e["other_values"]:
+                    text += f" [+{e['other_values']} non-OID value(s)]"
+            lines.append(text)
+        return "\n".join(lines)
+
+    ctx.emit({"url": result.url, "server_auth": result.server_auth, "attributes": attrs}, human)
+    return 0
+
+
+# --------------------------------------------------------------------------- enroll
+
+
+def cmd_enroll(ctx: Ctx) -> int:
+    """``tpmid enroll NAME``."""
+    from tpmid._cli.tpm import open_tpm
+    from tpmid.lifecycle.enroll import enroll_identity
+    from tpmid.secrets import resolve_secret
+
+    cfg = ctx.config()
+    name = ctx.args.name
+    ident = cfg.identity(name)
+    ctx.progress(f"enrolling {name} ({ident.key.describe()}) at "
+                 f"{ident.est.url if ident.est else '(no est.url)'}")
+    with open_tpm(ctx, config_required=True) as tpm:
+        result = enroll_identity(cfg, name, tpm=tpm,
+                                 secrets=lambda ref: resolve_secret(ref, ctx.environ,
+                                                                    ctx.read_stdin),
+                                 reenroll=bool(ctx.args.reenroll))
+
+    def human(d: dict[str, Any]) -> str:
+        lines = [
+            f"enrolled {d['identity']} ({d['operation']}, version {d['version']})",
+            f"  subject:     {d['subject']}",
+            f"  issuer:      {d['issuer']}",
+            f"  serial:      {d['serial']}",
+            f"  not after:   {d['not_after']}",
+            f"  sha256:      {d['sha256_fingerprint']}",
+            f"  certificate: {d['cert_path']}",
+            f"  chain:       {d['chain_path']}",
+        ]
+        if d["key_path"]:
+            lines.append(f"  key file:    {d['key_path']}")
+        if d["subject_rewritten"]:
+            lines.append(f"  NOTE: the server rewrote the subject (requested "
+                         f"{d['requested_subject']}); accepted by est.accept_rewritten_subject")
+        return "\n".join(lines)
+
+    ctx.emit(result.summary(), human)
+    return 0
