@@ -103,6 +103,14 @@ class VerificationError(TpmidError):
     exit_code = 6
 
 
+class IdentityMismatchError(VerificationError):
+    """The TPM's key and the certificate recorded for it do not belong together.
+
+    Reported, never repaired silently: replacing either side destroys evidence
+    and may orphan certificates issued for the other.
+    """
+
+
 class StoreError(TpmidError):
     """The on-disk store is unusable (permissions, corruption, lock held)."""
 

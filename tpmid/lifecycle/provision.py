@@ -1,0 +1,806 @@
+"""Manufacturing-line provisioning of a device's IDevID: ``tpmid provision``.
+
+:func:`provision` runs on the device under test against its own TPM and does,
+for the identity ``idevid`` of the config (``--identity`` picks another):
+
+1. **reading EK** — the endorsement keys, the device fingerprint (SHA-256 of
+   the primary EK's public key, :func:`tpmid.tpm.ek.device_fingerprint`) and the
+   fingerprints of the EK certificates in NV.
+2. **IDevID key** — create the key per ``identities.NAME.key`` (TCG DevID
+   template made persistent at ``key.handle``, or ek-derived), or keep the one
+   that is already there. A different key at the handle is never replaced.
+3. **certificate** — one of three ways:
+
+   * *enroll*: a CSR (subject from the config, the device serial in
+     serialNumber and in ``{serial}`` of the CN, optional hardwareModuleName),
+     ``simpleenroll`` with the bootstrap credentials, verification and the
+     store commit — all of it :func:`tpmid.lifecycle.enroll.enroll_identity`;
+   * *already provisioned*: the store holds a certificate and ``force`` is
+     off, so nothing is sent to any server;
+   * *adopt*: the TPM vendor provisioned the key (at ``key.handle``) and its
+     certificate (in NV ``nv_index``); tpmid checks and stores them.
+
+4. **proving the identity** — the certificate certifies exactly the TPM key,
+   the TPM signs a fresh challenge that verifies with the certificate's public
+   key, the certificate chains to the manufacturer anchor as a device
+   certificate (validity, clientAuth EKU) and carries the expected serial.
+5. **TPM NV copy** — with ``nv_index`` (and not adopting), the certificate
+   DER is written to that NV index so a re-imaged disk can :func:`provision`
+   with ``adopt`` to get it back.
+6. **manifest** — one :class:`~tpmid.manifest.ProvisionRecord` appended to
+   ``manifest_path``, for every outcome including failures.
+
+Failures do not raise: they end in a record with ``outcome="fail"``, the error
+class and its exit code, because a station records devices, not exceptions.
+Only an unusable manifest (StoreError, before anything is touched) and bugs
+raise (the latter after their record is written).
+
+The TPM's IDevID is never destroyed: a key that existed before the run is
+left as it is whatever happens. A persistent key *created by this run* is
+evicted again when the run fails before a certificate for it was stored; the
+TCG templates derive the same key from the endorsement seed every time
+(TPM 2.0 Part 1 §26.2), so nothing is lost and the TPM is left as it was found.
+
+The manufacturer anchor is ``est.issuer_anchors`` when configured (recommended
+on a production line). Otherwise an enrollment uses the ``/cacerts`` answer
+over the authenticated channel (as ``enroll_identity`` does), later runs use
+the root stored with the chain at enrollment time, and adoption fetches
+``/cacerts``.
+
+The NV helpers at the end of this module belong in ``tpmid/tpm/`` (no NV write
+exists there yet); they use only :class:`TpmConnection` and :func:`tpm_call`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from tpmid import __version__
+from tpmid.config import Config, IdentityConfig, SecretRef
+from tpmid.errors import (
+    ConfigError,
+    IdentityMismatchError,
+    StoreError,
+    TpmError,
+    TpmidError,
+    VerificationError,
+)
+from tpmid.manifest import EkCertificate, Outcome, ProvisionRecord, append_record, open_manifest
+
+if TYPE_CHECKING:
+    from tpmid.store import Store, StoredIdentity
+    from tpmid.tpm.connection import TpmConnection
+
+log = logging.getLogger(__name__)
+
+SecretResolver = Callable[[SecretRef], str]
+Progress = Callable[[str], None]
+
+TOTAL_STEPS = 6
+DEFAULT_IDENTITY = "idevid"
+EXIT_INTERRUPTED = 130
+# X.520 serialNumber is a PrintableString (RFC 5280 Appendix A: ub-serial-number 64).
+_SERIAL_RE = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]{1,64}")
+
+
+# RFC 4514 has no short name for serialNumber; spell it out rather than "2.5.4.5=".
+_NAMES = {NameOID.SERIAL_NUMBER: "serialNumber"}
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _spki(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _short(fp: str) -> str:
+    return fp[:16] + "…"
+
+
+# --------------------------------------------------------------------------- run bookkeeping
+
+
+class _Status:
+    """What a step reports on its progress line when it succeeds."""
+
+    def __init__(self) -> None:
+        self.text = "ok"
+
+
+class _Run:
+    """The record being built and the progress lines of one provisioning run."""
+
+    def __init__(self, *, identity: str, station: str, serial: str | None, started: datetime,
+                 progress: Progress) -> None:
+        self.progress = progress
+        self.started = started
+        self.t0 = time.monotonic()
+        self.index = 0
+        self.fields: dict[str, Any] = {
+            "time": started.astimezone(UTC).isoformat(),
+            "station": station,
+            "tpmid_version": __version__,
+            "identity": identity,
+            "device_serial": serial,
+        }
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[_Status]:
+        """One numbered step: ``[i/6] label ... status`` or ``... FAILED``."""
+        self.index += 1
+        status = _Status()
+        try:
+            yield status
+        except BaseException:
+            self.fields.setdefault("failed_step", label)
+            self.progress(f"[{self.index}/{TOTAL_STEPS}] {label} ... FAILED")
+            raise
+        self.progress(f"[{self.index}/{TOTAL_STEPS}] {label} ... {status.text}")
+
+    def set_certificate(self, cert: x509.Certificate) -> None:
+        self.fields.update(
+            idevid_cert_sha256=_sha256(cert.public_bytes(serialization.Encoding.DER)),
+            idevid_cert_serial=f"{cert.serial_number:x}",
+            idevid_cert_issuer=cert.issuer.rfc4514_string(_NAMES),
+            idevid_cert_subject=cert.subject.rfc4514_string(_NAMES),
+            idevid_cert_not_after=cert.not_valid_after_utc.isoformat(),
+        )
+
+    def fail(self, error: BaseException) -> None:
+        if isinstance(error, TpmidError):
+            code, message, hint, rc = (type(error).__name__, error.message, error.hint,
+                                       error.exit_code)
+        elif isinstance(error, KeyboardInterrupt):
+            code, message, hint, rc = "KeyboardInterrupt", "interrupted", None, EXIT_INTERRUPTED
+        else:
+            # Only the class: an arbitrary exception's text may hold anything.
+            code, message, hint, rc = (type(error).__name__,
+                                       f"internal error ({type(error).__name__})",
+                                       "this is a bug in tpmid; report it with the traceback", 1)
+        self.fields.update(outcome="fail", error_code=code, error=message, hint=hint,
+                           exit_code=rc)
+        self.fields.setdefault("failed_step", "configuration")
+
+    def record(self) -> ProvisionRecord:
+        self.fields["duration_s"] = round(time.monotonic() - self.t0, 3)
+        return ProvisionRecord(**self.fields)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def provision(
+    config: Config,
+    *,
+    tpm: TpmConnection | Callable[[], AbstractContextManager[TpmConnection]],
+    secrets: SecretResolver | Mapping[str, str],
+    serial: str | None = None,
+    station_id: str,
+    manifest_path: Path | None = None,
+    identity: str = DEFAULT_IDENTITY,
+    force: bool = False,
+    nv_index: int | None = None,
+    adopt: bool = False,
+    now: Callable[[], datetime] = _utcnow,
+    progress: Progress = lambda line: None,
+) -> ProvisionRecord:
+    """Provision the IDevID of the attached TPM; return (and append) its manifest record.
+
+    ``tpm`` is an open connection or a zero-argument callable returning a
+    context manager that opens one (so that "TPM not reachable" is recorded
+    like every other failure). ``secrets`` resolves the ``est.auth`` secret
+    references (a callback, or a mapping used as the environment). ``serial``
+    goes into the subject's serialNumber and replaces ``{serial}`` in its CN
+    (default: ``subject.serial_number`` of the config). ``force`` re-enrolls a
+    provisioned device. ``nv_index`` is where the certificate is written (or,
+    with ``adopt``, read from). ``progress`` receives one short line per step.
+
+    Failures come back as a record with ``outcome == "fail"`` and the error's
+    ``exit_code``; see the module docstring. Raises StoreError when the
+    manifest cannot be opened (before the device is touched).
+    """
+    run = _Run(identity=identity, station=station_id, serial=serial, started=now(),
+               progress=progress)
+    fd = open_manifest(manifest_path) if manifest_path is not None else None
+    try:
+        try:
+            _check_request(serial, nv_index, adopt)
+            with contextlib.ExitStack() as stack:
+                _provision(run, config, tpm, stack, _resolver(secrets), force=force,
+                           nv_index=nv_index, adopt=adopt, now=now)
+        except TpmidError as e:
+            log.info("provisioning failed at %s: %s", run.fields.get("failed_step"), e)
+            run.fail(e)
+        except BaseException as e:
+            # Still one record per device, then the bug (or Ctrl-C) goes on up.
+            run.fail(e)
+            record = run.record()
+            _write(run, record, manifest_path, fd)
+            fd = None
+            raise
+        record = run.record()
+        _write(run, record, manifest_path, fd)
+        fd = None
+        return record
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def record_failure(
+    error: TpmidError,
+    *,
+    station_id: str,
+    manifest_path: Path | None,
+    identity: str = DEFAULT_IDENTITY,
+    serial: str | None = None,
+    step: str = "configuration",
+    now: Callable[[], datetime] = _utcnow,
+    progress: Progress = lambda line: None,
+) -> ProvisionRecord:
+    """Record a run that failed before :func:`provision` could start (e.g. no config file)."""
+    run = _Run(identity=identity, station=station_id, serial=serial, started=now(),
+               progress=progress)
+    run.fields["failed_step"] = step
+    run.fail(error)
+    record = run.record()
+    _write(run, record, manifest_path, None)
+    return record
+
+
+def _write(run: _Run, record: ProvisionRecord, path: Path | None, fd: int | None) -> None:
+    run.index = TOTAL_STEPS - 1
+    if path is None:
+        with run.step("manifest") as st:
+            st.text = "not written (no manifest file given)"
+        return
+    with run.step("manifest") as st:
+        append_record(path, record, fd)
+        st.text = f"appended to {path}"
+
+
+def _resolver(secrets: SecretResolver | Mapping[str, str]) -> SecretResolver:
+    if callable(secrets):
+        return secrets
+    from tpmid.secrets import resolve_secret
+
+    env = secrets
+    return lambda ref: resolve_secret(ref, env, None)
+
+
+def _check_serial(serial: str) -> None:
+    if not _SERIAL_RE.fullmatch(serial):
+        raise ConfigError(
+            f"device serial {serial!r} is not usable in a certificate: 1 to 64 letters, digits, "
+            "spaces or ' ( ) + , - . / : = ? (X.520 serialNumber is a PrintableString)"
+        )
+
+
+def _check_request(serial: str | None, nv_index: int | None, adopt: bool) -> None:
+    if serial is not None:
+        _check_serial(serial)
+    if adopt and nv_index is None:
+        raise ConfigError("adopting a vendor-provisioned IDevID needs the NV index of its "
+                          "certificate", hint="pass --cert-nv INDEX")
+    if nv_index is not None:
+        check_nv_index(nv_index)
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def _provision(run: _Run, config: Config,
+               tpm_source: TpmConnection | Callable[[], AbstractContextManager[TpmConnection]],
+               stack: contextlib.ExitStack, resolve: SecretResolver, *, force: bool,
+               nv_index: int | None, adopt: bool, now: Callable[[], datetime]) -> None:
+    from tpmid.store import Store
+
+    ident = config.identity(run.fields["identity"])
+    key = ident.key
+    if key.kind == "file":
+        raise ConfigError(
+            f"{config.source}: identities.{ident.name}.key: an IDevID lives in the endorsement "
+            "hierarchy (TCG DevID §7.3); use kind persistent or ek-derived, not file"
+        )
+    if adopt and key.kind != "persistent":
+        raise ConfigError(f"{config.source}: identities.{ident.name}.key: adopting needs kind "
+                          "persistent (the vendor's key at key.handle)")
+    if not adopt and ident.est is None:
+        raise ConfigError(f"{config.source}: identity {ident.name!r} has no est section",
+                          hint=f"add identities.{ident.name}.est (url, auth) — see "
+                          "docs/manufacturing.md")
+    run.fields.update(idevid_kind=key.kind, idevid_template=key.template,
+                      idevid_handle=f"{key.handle:#010x}" if key.kind == "persistent" else None)
+    if nv_index is not None:
+        run.fields["nv_index"] = f"{nv_index:#010x}"
+    store = Store(config.store.dir)
+
+    with run.step("reading EK") as st:
+        tpm = tpm_source if not callable(tpm_source) else stack.enter_context(tpm_source())
+        st.text = _read_ek(run, tpm)
+
+    current = store.current(ident.name)
+    if adopt:
+        _adopt(run, config, ident, tpm, store, current, nv_index, force=force, now=now)
+    elif current is not None and not force:
+        _check_existing(run, ident, tpm, current, nv_index, now=now)
+    else:
+        _enroll(run, config, ident, tpm, store, resolve, nv_index, now=now)
+
+
+def _read_ek(run: _Run, tpm: TpmConnection) -> str:
+    from tpmid.tpm.ek import primary_ek, read_eks
+
+    eks = read_eks(tpm)
+    primary = primary_ek(eks)
+    certs = tuple(
+        EkCertificate(template=ek.template, alg=ek.alg, nv_index=f"{ek.cert_index:#010x}",
+                      sha256=ek.cert_fingerprint)
+        for ek in eks if ek.cert_index is not None and ek.cert_fingerprint is not None
+    )
+    run.fields.update(ek_fingerprint=primary.fingerprint, ek_certificates=certs)
+    return (f"ok  {primary.alg} EK {_short(primary.fingerprint)}, "
+            f"{len(certs)} EK certificate{'s' if len(certs) != 1 else ''}")
+
+
+def _open_key_info(run: _Run, tpm: TpmConnection, ident: IdentityConfig) -> bytes:
+    from tpmid.tpm.keys import load_identity_key
+
+    with load_identity_key(tpm, ident.key) as loaded:
+        spki = loaded.public_key_der()
+    run.fields["idevid_key_sha256"] = _sha256(spki)
+    return spki
+
+
+def _with_serial(ident: IdentityConfig, serial: str | None) -> tuple[IdentityConfig, str]:
+    serial = serial or ident.subject.serial_number
+    if not serial:
+        raise ConfigError(
+            f"no device serial for {ident.name}: pass --serial (or set "
+            f"identities.{ident.name}.subject.serial_number)",
+            hint="the serial goes into the certificate's serialNumber and the manifest",
+        )
+    _check_serial(serial)
+    subject = replace(ident.subject, serial_number=serial,
+                      cn=ident.subject.cn.replace("{serial}", serial))
+    return replace(ident, subject=subject), serial
+
+
+def _enroll(run: _Run, config: Config, ident: IdentityConfig, tpm: TpmConnection,
+            store: Store, resolve: SecretResolver, nv_index: int | None, *,
+            now: Callable[[], datetime]) -> None:
+    from tpmid.errors import KeyMismatchError
+    from tpmid.lifecycle.enroll import enroll_identity
+    from tpmid.tpm.keys import create_persistent_idevid, evict_persistent
+
+    ident, serial = _with_serial(ident, run.fields["device_serial"])
+    run.fields["device_serial"] = serial
+    cfg = replace(config, identities={**config.identities, ident.name: ident})
+    key = ident.key
+    created = False
+    with run.step("IDevID key") as st:
+        if key.kind == "persistent":
+            try:
+                # Never force: a different key at the handle is reported, not replaced.
+                res = create_persistent_idevid(tpm, key.template, key.handle)
+            except KeyMismatchError as e:
+                e.hint = ("tpmid provision never replaces a key it did not create: if the TPM "
+                          "vendor provisioned it, use --adopt --cert-nv INDEX; if it is really "
+                          f"unwanted, delete it deliberately (tpmid key delete {ident.name})")
+                raise
+            created = res.created
+            run.fields["idevid_key_action"] = "created" if created else "kept"
+            what = "created" if created else "kept the existing"
+            st.text = f"{what} {key.template} IDevID at {key.handle:#010x}"
+        else:
+            run.fields["idevid_key_action"] = "derived"
+            st.text = f"ek-derived {key.template} IDevID (re-created on use)"
+        spki = _open_key_info(run, tpm, ident)
+        st.text += f", public key {_short(_sha256(spki))}"
+    committed = False
+    try:
+        assert ident.est is not None
+        with run.step("enrolling over EST") as st:
+            result = enroll_identity(cfg, ident.name, tpm=tpm, secrets=resolve, now=now,
+                                     store_dir=store.root)
+            committed = True
+            run.set_certificate(result.certificate)
+            st.text = (f"ok  {ident.est.url}: serial {result.certificate.serial_number:x}, "
+                       f"issuer {result.certificate.issuer.rfc4514_string()}")
+        stored = store.current(ident.name)
+        if stored is None:  # enroll_identity just committed it
+            raise StoreError(f"{ident.name}: the certificate just stored cannot be read back")
+        with run.step("proving the identity") as st:
+            st.text, _ = _prove(tpm, ident, stored.cert, stored.chain, serial, now=now)
+        _nv_copy(run, tpm, stored.cert, spki, nv_index)
+    except BaseException:
+        if created and not committed:
+            # This run made the key and no certificate names it: put the TPM back
+            # as it was. The template re-derives the same key next time.
+            try:
+                evict_persistent(tpm, key.handle)
+                run.fields["idevid_key_action"] = "removed-after-failure"
+            except TpmidError as e:
+                log.warning("could not remove the IDevID created by this run at %#010x: %s",
+                            key.handle, e)
+                run.fields["idevid_key_action"] = "created-not-removed"
+        raise
+    run.fields["outcome"] = "provisioned"
+
+
+def _check_existing(run: _Run, ident: IdentityConfig, tpm: TpmConnection,
+                    current: StoredIdentity, nv_index: int | None, *,
+                    now: Callable[[], datetime]) -> None:
+    key = ident.key
+    run.fields["device_serial"] = run.fields["device_serial"] or _cert_serial(current.cert)
+    with run.step("IDevID key") as st:
+        if key.kind == "persistent" and key.handle not in tpm.persistent_handles():
+            run.set_certificate(current.cert)
+            raise IdentityMismatchError(
+                f"the store holds an IDevID certificate for {ident.name} (serial "
+                f"{current.cert.serial_number:x}) but the TPM has no key at {key.handle:#010x} "
+                "(was the TPM cleared, or is this disk from another device?)",
+                hint="nothing was changed; `tpmid provision --force` creates the key again "
+                "and enrolls a new certificate",
+            )
+        run.fields["idevid_key_action"] = "kept" if key.kind == "persistent" else "derived"
+        spki = _open_key_info(run, tpm, ident)
+        st.text = f"found {key.describe()}, public key {_short(_sha256(spki))}"
+    with run.step("stored certificate") as st:
+        run.set_certificate(current.cert)
+        st.text = (f"found version {current.version} (serial {current.cert.serial_number:x}); "
+                   "already provisioned, no EST request")
+    with run.step("proving the identity") as st:
+        st.text, _ = _prove(tpm, ident, current.cert, current.chain,
+                            run.fields["device_serial"], now=now)
+    _nv_copy(run, tpm, current.cert, spki, nv_index)
+    run.fields["outcome"] = "already-provisioned"
+
+
+def _adopt(run: _Run, config: Config, ident: IdentityConfig, tpm: TpmConnection,
+           store: Store, current: StoredIdentity | None, nv_index: int | None, *, force: bool,
+           now: Callable[[], datetime]) -> None:
+    from tpmid.tpm.keys import open_persistent
+
+    assert nv_index is not None
+    key = ident.key
+    with run.step("IDevID key") as st:
+        # The vendor's key must be the configured template, or every later use of
+        # this identity (load_identity_key) would refuse it.
+        with open_persistent(tpm, key.handle, expect_template=key.template) as loaded:
+            spki = loaded.public_key_der()
+        run.fields.update(idevid_key_action="adopted", idevid_key_sha256=_sha256(spki))
+        st.text = f"found {key.template} key at {key.handle:#010x}, public key {_short(_sha256(spki))}"
+    with run.step("certificate from NV") as st:
+        cert = read_certificate_nv(tpm, nv_index)
+        run.set_certificate(cert)
+        run.fields["device_serial"] = run.fields["device_serial"] or _cert_serial(cert)
+        st.text = (f"ok  {nv_index:#010x}: serial {cert.serial_number:x}, subject "
+                   f"{cert.subject.rfc4514_string(_NAMES)}")
+    with run.step("proving the identity") as st:
+        anchors = _adoption_anchors(config, ident)
+        st.text, chain = _prove(tpm, ident, cert, (), run.fields["device_serial"], now=now,
+                                anchors=anchors)
+    with run.step("storing the certificate") as st:
+        if current is not None and current.cert == cert:
+            run.fields["outcome"] = "already-provisioned"
+            st.text = f"the store already holds it (version {current.version})"
+            return
+        if current is not None and not force:
+            raise IdentityMismatchError(
+                f"the store holds another IDevID certificate for {ident.name} (serial "
+                f"{current.cert.serial_number:x}) than NV {nv_index:#010x} (serial "
+                f"{cert.serial_number:x})",
+                hint="nothing was changed; --force replaces the stored certificate with the "
+                "one from NV",
+            )
+        with store.identity_lock(ident.name):
+            stored = store.commit(ident.name, cert, chain, None)
+        run.fields["outcome"] = "adopted"
+        st.text = f"stored as version {stored.version}"
+
+
+# --------------------------------------------------------------------------- proof
+
+
+def _cert_serial(cert: x509.Certificate) -> str | None:
+    attrs = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+    return str(attrs[0].value) if attrs else None
+
+
+def _manufacturer_anchors(ident: IdentityConfig, chain: tuple[x509.Certificate, ...]
+                          ) -> tuple[list[x509.Certificate], str]:
+    from tpmid.lifecycle.enroll import load_pem_certificates
+
+    if ident.est is not None and ident.est.issuer_anchors:
+        return (load_pem_certificates(ident.est.issuer_anchors, "issuer anchor file"),
+                "est.issuer_anchors")
+    roots = [c for c in chain if c.issuer == c.subject]
+    if not roots:
+        raise VerificationError(
+            f"no manufacturer anchor to verify {ident.name}'s certificate against: "
+            "est.issuer_anchors is not set and the stored chain has no root",
+            hint=f"set identities.{ident.name}.est.issuer_anchors to the manufacturer CA",
+        )
+    return roots[-1:], "the root stored at enrollment"
+
+
+def _adoption_anchors(config: Config, ident: IdentityConfig) -> tuple[list[x509.Certificate], str]:
+    from tpmid.lifecycle.enroll import fetch_cacerts, load_pem_certificates
+
+    est = ident.est
+    if est is not None and est.issuer_anchors:
+        return (load_pem_certificates(est.issuer_anchors, "issuer anchor file"),
+                "est.issuer_anchors")
+    if est is None:
+        raise ConfigError(
+            f"{config.source}: identities.{ident.name}: adopting needs the manufacturer CA to "
+            "check the vendor's certificate against",
+            hint=f"set identities.{ident.name}.est.issuer_anchors (or est.url to fetch "
+            "/cacerts)",
+        )
+    # RFC 7030 §4.1: the label's CA certificates, from an authenticated server.
+    result = fetch_cacerts(est.url, trusted_certs=est.trust_anchors or config.trust.est_anchors,
+                           pin=est.pin, use_system_store=config.trust.use_system_store,
+                           allow_http=est.allow_http,
+                           timeout=(est.connect_timeout, est.read_timeout))
+    return list(result.certificates), f"/cacerts of {result.url}"
+
+
+def _verify_tpm_signature(cert: x509.Certificate, signature: bytes, digest: bytes,
+                          hash_name: str) -> None:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    algorithm = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384(),
+                 "sha512": hashes.SHA512()}[hash_name]
+    public = cert.public_key()
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, digest, ec.ECDSA(Prehashed(algorithm)))
+        elif isinstance(public, rsa.RSAPublicKey):
+            public.verify(signature, digest, padding.PKCS1v15(), Prehashed(algorithm))
+        else:
+            raise VerificationError(f"unsupported certificate key type {type(public).__name__}")
+    except InvalidSignature as e:
+        raise IdentityMismatchError(
+            "the TPM's signature does not verify with the certificate's public key",
+            hint="the TPM key and the certificate do not belong together; nothing was changed",
+        ) from e
+
+
+def _prove(tpm: TpmConnection, ident: IdentityConfig, cert: x509.Certificate,
+           chain: tuple[x509.Certificate, ...], serial: str | None, *,
+           now: Callable[[], datetime],
+           anchors: tuple[list[x509.Certificate], str] | None = None,
+           ) -> tuple[str, tuple[x509.Certificate, ...]]:
+    """Check that ``cert`` is this device's valid IDevID.
+
+    Key first (the most dangerous mismatch), then a TPM signature, the chain to
+    the manufacturer anchor, the serial. Returns the progress text and the
+    validated chain above ``cert``.
+    """
+    from tpmid.est.verify import verify_chain
+    from tpmid.tpm.keys import load_identity_key
+
+    with load_identity_key(tpm, ident.key) as key:
+        spki = key.public_key_der()
+        if spki != _spki(cert):
+            raise IdentityMismatchError(
+                f"the IDevID certificate (serial {cert.serial_number:x}, public key "
+                f"{_short(_sha256(_spki(cert)))}) does not certify the TPM's {ident.key.describe()} "
+                f"(public key {_short(_sha256(spki))})",
+                hint="nothing was changed; find out why (another device's disk? a replaced key?) "
+                "before `tpmid provision --force` enrolls a new certificate for the TPM key",
+            )
+        # A fresh challenge signed inside the TPM: the key is usable, not just present.
+        digest = hashlib.new(key.hash_name, b"tpmid provision proof\0" + os.urandom(32)).digest()
+        signature = key.sign_digest(digest)
+        hash_name = key.hash_name
+    _verify_tpm_signature(cert, signature, digest, hash_name)
+    issuers, where = anchors if anchors is not None else _manufacturer_anchors(ident, chain)
+    # Validity at now(), signatures up to the anchor, device profile (clientAuth EKU).
+    verified = verify_chain(cert, issuers=issuers, intermediates=chain, profile="device",
+                            now=now())
+    if serial is not None:
+        found = _cert_serial(cert)
+        if found != serial:
+            raise IdentityMismatchError(
+                f"this device's IDevID certificate carries serial {found!r}, not {serial!r}",
+                hint="check the label / scan; nothing was changed (--force enrolls a new "
+                "certificate with the given serial)",
+            )
+    return (f"ok  key match, TPM signature, chain to {where}, valid until "
+            f"{cert.not_valid_after_utc:%Y-%m-%d}"), verified
+
+
+def _nv_copy(run: _Run, tpm: TpmConnection, cert: x509.Certificate, spki: bytes,
+             nv_index: int | None) -> None:
+    with run.step("TPM NV copy") as st:
+        if nv_index is None:
+            st.text = "skipped (no --write-nv)"
+            return
+        der = cert.public_bytes(serialization.Encoding.DER)
+        changed = write_certificate_nv(tpm, nv_index, der, same_key_spki=spki)
+        st.text = (f"wrote {len(der)} bytes to {nv_index:#010x}" if changed
+                   else f"{nv_index:#010x} already holds this certificate")
+
+
+# --------------------------------------------------------------------------- TPM NV
+# TODO(tpm): move to tpmid/tpm/nv.py; kept here because tpmid/tpm/ has no NV write yet.
+
+# TPMA_NV choice (TPM 2.0 Part 2 §13.4): an ordinary index the owner writes
+# (OWNERWRITE) and anyone reads with its empty authValue (AUTHREAD) or the owner
+# (OWNERREAD); NO_DA because an empty authValue guards nothing worth locking the
+# TPM out for. Not PLATFORMCREATE: TPM2_Clear removes it together with the
+# persistent IDevID it certifies. No WRITEDEFINE/WRITELOCKED, so a re-enrollment
+# (--force) can update it.
+NV_INDEX_FIRST = 0x01000000
+NV_INDEX_LAST = 0x01FFFFFF
+# TCG handle registry: EK certificates and templates, then platform certificates.
+NV_TCG_RESERVED = (0x01C00000, 0x01C0FFFF)
+PT_NV_INDEX_MAX = 0x117  # TPM 2.0 Part 2 §6.13: largest NV index data size
+
+
+def check_nv_index(index: int) -> None:
+    """ConfigError unless ``index`` is an NV index tpmid may define for a certificate."""
+    if not NV_INDEX_FIRST <= index <= NV_INDEX_LAST:
+        raise ConfigError(f"{index:#x} is not an NV index (0x01000000-0x01FFFFFF)",
+                          hint="for example 0x01800100 (TCG handle registry: owner range)")
+    if NV_TCG_RESERVED[0] <= index <= NV_TCG_RESERVED[1]:
+        raise ConfigError(f"{index:#010x} is in the range the TCG reserves for EK and platform "
+                          "certificates (0x01c00000-0x01c0ffff)",
+                          hint="use an index from the owner range, e.g. 0x01800100")
+
+
+def der_prefix(data: bytes) -> bytes:
+    """The DER element at the start of ``data`` (NV indices may be padded beyond it)."""
+    if len(data) < 2 or data[0] != 0x30:
+        return data
+    first = data[1]
+    if first < 0x80:
+        return data[:2 + first]
+    n = first & 0x7F
+    if n == 0 or n > 4 or len(data) < 2 + n:
+        return data
+    return data[:2 + n + int.from_bytes(data[2:2 + n], "big")]
+
+
+def _certifies(data: bytes, spki: bytes) -> bool:
+    try:
+        return _spki(x509.load_der_x509_certificate(der_prefix(data))) == spki
+    except ValueError:
+        return False
+
+
+def write_certificate_nv(tpm: TpmConnection, index: int, der: bytes, *,
+                         same_key_spki: bytes) -> bool:
+    """Keep ``der`` in NV ``index`` (owner authorization); return False if it already was.
+
+    An index that holds another certificate for the same key (``same_key_spki``,
+    an earlier enrollment) is replaced; an index holding anything else is
+    refused with ConfigError, never overwritten. The data is read back and
+    compared after writing; an index this call defined is removed again if
+    writing fails.
+    """
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
+    from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+
+    from tpmid.tpm.connection import NV_INDEX_FIRST as _ANY_NV
+    from tpmid.tpm.connection import PT_NV_BUFFER_MAX, tpm_call
+    from tpmid.tpm.ek import read_nv
+
+    check_nv_index(index)
+    what = f"NV index {index:#010x}"
+    with tpm.lock:
+        esapi = tpm.esapi
+        if index in tpm.handles(_ANY_NV):
+            old = read_nv(tpm, index)
+            if der_prefix(old) == der:
+                return False
+            if not _certifies(old, same_key_spki):
+                raise ConfigError(
+                    f"{what} already holds {len(old)} bytes that are not a certificate for "
+                    "this IDevID; tpmid does not overwrite it",
+                    hint="choose another index with --write-nv, or remove it yourself "
+                    "(tpm2_nvundefine) if it is really unused",
+                )
+            with tpm_call(f"opening {what}", tpm, handles=(what,)):
+                tr = esapi.tr_from_tpmpublic(index)
+            try:
+                with tpm_call(f"removing the old certificate in {what}", tpm,
+                              handles=("the owner hierarchy", what)):
+                    esapi.nv_undefine_space(tr, auth_handle=ESYS_TR.OWNER)
+            except BaseException:
+                esapi.tr_close(tr)
+                raise
+        limit = tpm.properties(PT_NV_INDEX_MAX, 1).get(PT_NV_INDEX_MAX)
+        if limit and len(der) > limit:
+            raise TpmError(f"the certificate ({len(der)} bytes) is larger than this TPM's "
+                           f"largest NV index ({limit} bytes)")
+        attrs = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA
+        public = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
+            nvIndex=index, nameAlg=TPM2_ALG.SHA256, attributes=attrs, authPolicy=b"",
+            dataSize=len(der)))
+        with tpm_call(f"defining {what}", tpm, handles=("the owner hierarchy",)):
+            tr = esapi.nv_define_space(b"", public, auth_handle=ESYS_TR.OWNER)
+        try:
+            chunk = tpm.properties(PT_NV_BUFFER_MAX, 1).get(PT_NV_BUFFER_MAX) or 512
+            with tpm_call(f"writing the certificate to {what}", tpm,
+                          handles=("the owner hierarchy", what)):
+                for offset in range(0, len(der), chunk):
+                    esapi.nv_write(tr, der[offset:offset + chunk], offset,
+                                   auth_handle=ESYS_TR.OWNER)
+        except BaseException:
+            # Leave no half-written index behind (this call defined it).
+            try:
+                esapi.nv_undefine_space(tr, auth_handle=ESYS_TR.OWNER)  # frees tr too
+            except Exception as e:  # the original error matters more
+                log.warning("could not remove the half-written %s: %s", what, e)
+                esapi.tr_close(tr)
+            raise
+        # Close before reading back: read_nv opens (and closes) the same ESYS_TR.
+        esapi.tr_close(tr)
+        if read_nv(tpm, index) != der:
+            raise TpmError(f"{what} does not read back what was written",
+                           hint="the TPM may be failing; run `tpmid provision` again")
+    log.info("wrote the IDevID certificate (%d bytes) to %s", len(der), what)
+    return True
+
+
+def read_certificate_nv(tpm: TpmConnection, index: int) -> x509.Certificate:
+    """The DER certificate kept in NV ``index`` (padding ignored).
+
+    TpmError when the index does not exist, VerificationError when it holds
+    something else.
+    """
+    from tpmid.tpm.ek import read_nv
+
+    if index not in tpm.nv_indices():
+        raise TpmError(f"NV index {index:#010x} does not exist: there is no IDevID "
+                       "certificate to adopt there",
+                       hint="check --cert-nv against where it was written (or the TPM vendor's "
+                       "documentation); `tpm2_getcap handles-nv-index` lists the indices")
+    data = der_prefix(read_nv(tpm, index))
+    try:
+        return x509.load_der_x509_certificate(data)
+    except ValueError as e:
+        raise VerificationError(
+            f"NV index {index:#010x} does not hold a DER X.509 certificate ({e})",
+            hint="check --cert-nv; nothing was stored") from e
+
+
+__all__ = [
+    "DEFAULT_IDENTITY",
+    "Outcome",
+    "ProvisionRecord",
+    "check_nv_index",
+    "der_prefix",
+    "provision",
+    "read_certificate_nv",
+    "record_failure",
+    "write_certificate_nv",
+]
