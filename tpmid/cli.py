@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose < 2:
+        # The TSS C library logs every failed command itself (WARNING:esys:...);
+        # tpmid turns those into one actionable error. -vv shows them again.
+        os.environ.setdefault("TSS2_LOG", "all+none")
     _setup_logging(args.verbose)
     ctx = Ctx(args)
     try:
