@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +152,12 @@ def _wait_listening(proc: subprocess.Popen[bytes], dir: Path) -> tuple[str, int]
 
 
 def start_est_server(dir: Path, *, alg: str = "ecc-p256", process: bool = False,
-                     config: ConfigEdit | None = None) -> RunningEstServer:
-    """Initialise ``dir`` and start a server on a free loopback port."""
+                     config: ConfigEdit | None = None,
+                     clock: Callable[[], datetime] | None = None) -> RunningEstServer:
+    """Initialise ``dir`` and start a server on a free loopback port.
+
+    ``clock`` (in-process servers only) runs the server's CAs on an injected clock.
+    """
     res = init_server_dir(dir, alg=alg)
     if config is not None:
         data = yaml.safe_load(res.config_path.read_text())
@@ -167,7 +172,7 @@ def start_est_server(dir: Path, *, alg: str = "ecc-p256", process: bool = False,
             server=server, process=proc)
 
     if not process:
-        srv = EstServer(res.dir, port=0).start()
+        srv = EstServer(res.dir, port=0, clock=clock).start()
         return running(srv.host, srv.port, server=srv)
     proc = _start_process(res.dir)
     host, port = _wait_listening(proc, res.dir)
@@ -190,9 +195,10 @@ def est_server_factory(tmp_path: Path) -> Iterator[Callable[..., RunningEstServe
     started: list[RunningEstServer] = []
 
     def factory(*, alg: str = "ecc-p256", process: bool = False,
-                config: ConfigEdit | None = None) -> RunningEstServer:
+                config: ConfigEdit | None = None,
+                clock: Callable[[], datetime] | None = None) -> RunningEstServer:
         srv = start_est_server(tmp_path / f"est-server-{len(started)}", alg=alg,
-                               process=process, config=config)
+                               process=process, config=config, clock=clock)
         started.append(srv)
         return srv
 

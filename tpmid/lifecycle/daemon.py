@@ -18,11 +18,11 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Protocol
 
 from tpmid.errors import ConfigError, TpmidError
-from tpmid.lifecycle.policy import Decision
+from tpmid.lifecycle.policy import Decision, describe
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Planner(Protocol):
         """The next event for ``name`` (never raises for a missing certificate: renew-now)."""
         ...
 
-    def renew(self, name: str, now: datetime) -> None:
+    def renew(self, name: str, now: datetime) -> object:
         """One renewal attempt; records success or failure in the store."""
         ...
 
@@ -138,9 +138,7 @@ class Daemon:
         if self._last_logged.get(name) == key:
             return
         self._last_logged[name] = key
-        jitter = f", jitter {timedelta(seconds=round(d.jitter_s))}" if d.jitter_s else ""
-        log.info("%s: next %s %s (%s)%s", name, "renewal" if d.action != "retry-at" else "retry",
-                 d.when.isoformat(timespec="seconds"), d.reason, jitter)
+        log.info("%s", describe(d, name))
 
     def run(self) -> int:
         """Run until :meth:`request_stop`; return 0. A bad config at start raises ConfigError."""

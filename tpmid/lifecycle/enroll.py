@@ -341,6 +341,7 @@ class _Enrollment:
         self.operation: Operation = operation
         self.stack = stack
         self.entry: JournalEntry | None = None
+        self.auth_with_current = operation == "simplereenroll"
 
     # -- journal ---------------------------------------------------------------------
 
@@ -395,7 +396,7 @@ class _Enrollment:
             loaded = load_identity_key(self.tpm, ident.key)
             self.stack.callback(loaded.close)
             return _Key(loaded, loaded.public_key_der(), None, None)
-        if self.operation == "simplereenroll" and not ident.renew.rotate_key:
+        if self.auth_with_current and not ident.renew.rotate_key:
             loaded = _open_existing_key(self.tpm, ident, current_key_file)
             self.stack.callback(loaded.close)
             return _Key(loaded, loaded.public_key_der(), current_key_file, None)
@@ -446,7 +447,7 @@ class _Enrollment:
         """The TLS context that authenticates this request (RFC 7030 §3.3.2)."""
         auth = self.est.auth
         max_version = ssl.TLSVersion.TLSv1_2 if self.est.pop else None
-        if self.operation == "simplereenroll":
+        if self.auth_with_current:
             # RFC 7030 §4.2.2: re-enrollment is authenticated with the certificate
             # being renewed, i.e. this identity's current key and certificate.
             loaded = _open_existing_key(self.tpm, self.ident, current.key_file)
@@ -512,6 +513,7 @@ def enroll_identity(
     sleep: Callable[[float], None] = time.sleep,
     store_dir: Path | None = None,
     reenroll: bool = False,
+    auth_with_current: bool = False,
 ) -> EnrollResult:
     """Enroll (or with ``reenroll``, re-enroll) identity ``name``; see the module docstring.
 
@@ -520,6 +522,10 @@ def enroll_identity(
     overrides ``store.dir``. Raises ConfigError, TpmError, TlsShimError,
     EstError (EstRetryLater when the server keeps answering 202 beyond
     ``est.max_wait``), VerificationError or StoreError.
+
+    ``auth_with_current`` makes a simpleenroll authenticate with the identity's
+    own current key and certificate instead of ``est.auth`` (renewal with
+    ``renew.method: simpleenroll``); simplereenroll always does.
     """
     from tpmid.store import Store
 
@@ -534,7 +540,8 @@ def enroll_identity(
         run = _Enrollment(config, ident, est, tpm=tpm, store=store, resolve=_resolver(secrets),
                           now=now, sleep=sleep, operation=operation, stack=stack)
         current = store.current(name)
-        if reenroll and current is None:
+        run.auth_with_current = auth_with_current or reenroll
+        if run.auth_with_current and current is None:
             raise StoreError(f"{name} has no current certificate to re-enroll",
                              hint=f"enroll it first: tpmid enroll {name}")
         try:

@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -105,6 +106,13 @@ class CertificateAuthority:
     name: str
     key: CertificateIssuerPrivateKeyTypes
     cert: x509.Certificate
+    # Tests of time-driven behaviour (renewal schedules) run the CA on an
+    # injected clock; None means the real one.
+    clock: Callable[[], datetime] | None = None
+
+    def now(self) -> datetime:
+        """The CA's idea of the current time (aware UTC)."""
+        return self.clock() if self.clock is not None else datetime.now(UTC)
 
     @property
     def alg(self) -> str:
@@ -113,7 +121,7 @@ class CertificateAuthority:
 
     def issued(self, cert: x509.Certificate, now: datetime | None = None) -> bool:
         """True if this CA signed ``cert`` directly and ``cert`` is valid at ``now``."""
-        now = now or datetime.now(UTC)
+        now = now or self.now()
         if cert.issuer != self.cert.subject:
             return False
         try:
@@ -138,7 +146,7 @@ class CertificateAuthority:
         is 30 s); notAfter is capped by the CA's own notAfter (RFC 5280 §6.1.3
         would reject a longer child anyway).
         """
-        now = (now or _now()).replace(microsecond=0)
+        now = (now or self.now()).replace(microsecond=0)
         not_after = min(now + timedelta(seconds=lifetime), self.cert.not_valid_after_utc)
         b = (x509.CertificateBuilder()
              .subject_name(subject)

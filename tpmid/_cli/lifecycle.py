@@ -1,0 +1,136 @@
+"""``tpmid renew`` and ``tpmid daemon``: keeping identities renewed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+from typing import TYPE_CHECKING, Any
+
+from tpmid.cli import Ctx
+
+if TYPE_CHECKING:
+    from tpmid.lifecycle.renew import RenewalEngine
+
+log = logging.getLogger("tpmid.daemon")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "renew", help="renew one identity now if due (or with --force)",
+        description="Renew identity NAME as the daemon would: a new TPM key (renew.rotate_key), "
+        "a CSR signed by the TPM, simplereenroll authenticated with the current certificate "
+        "(or the bootstrap identity when it has expired), verification, commit. Without "
+        "--force nothing happens unless the renewal policy says it is due.",
+    )
+    p.add_argument("name", metavar="NAME", help="identity from the config file")
+    p.add_argument("--force", action="store_true", help="renew even if not due")
+    p.add_argument("--chain", action="store_true",
+                   help="then renew the identities that authenticate with NAME (e.g. the Edge CA)")
+    p.set_defaults(func=cmd_renew)
+
+    d = sub.add_parser(
+        "daemon", help="keep every file-key identity renewed (foreground; for systemd)",
+        description="Recover interrupted work from the store's journal, then sleep until the "
+        "next renewal of any identity, renew it, and repeat. SIGHUP reloads the config, "
+        "SIGTERM/SIGINT stop. Exits non-zero only for a bad config at start.",
+    )
+    d.set_defaults(func=cmd_daemon)
+
+
+def _engine(ctx: Ctx) -> RenewalEngine:
+    from tpmid._cli.tpm import open_tpm
+    from tpmid.lifecycle.renew import RenewalEngine
+    from tpmid.secrets import resolve_secret
+    from tpmid.store import Store
+
+    cfg = ctx.config()
+    return RenewalEngine(
+        config=cfg,
+        store=Store(cfg.store.dir),
+        open_tpm=lambda: open_tpm(ctx, config_required=True),
+        secrets=lambda ref: resolve_secret(ref, ctx.environ, ctx.read_stdin),
+    )
+
+
+def _summary(results: list[Any]) -> list[dict[str, Any]]:
+    return [r.summary() for r in results]
+
+
+def cmd_renew(ctx: Ctx) -> int:
+    """``tpmid renew NAME [--force] [--chain]``."""
+    from datetime import UTC, datetime
+
+    from tpmid.lifecycle.policy import describe
+
+    engine = _engine(ctx)
+    name = ctx.args.name
+    ctx.config().identity(name)  # a clear error for an unknown name
+    now = datetime.now(UTC)
+    engine.store.recover()
+    decision = engine.plan(name, now)
+    if not ctx.args.force and decision.when > now:
+        ctx.emit({"identity": name, "renewed": False, "next": decision.when.isoformat(),
+                  "reason": decision.reason},
+                 f"{describe(decision, name)}; not due (use --force to renew now)")
+        return 0
+    ctx.progress(f"renewing {name} ...")
+    results = engine.renew_chain(name, now) if ctx.args.chain else [engine.renew(name, now)]
+
+    def human(rows: list[dict[str, Any]]) -> str:
+        return "\n".join(
+            f"renewed {r['identity']} ({r['operation']}, version {r['version']}): "
+            f"{r['subject']}, serial {r['serial']}, until {r['not_after']}" for r in rows)
+
+    ctx.emit(_summary(results), human)
+    return 0
+
+
+def _notify(message: str) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if set."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(message.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd: %s", e)
+
+
+def cmd_daemon(ctx: Ctx) -> int:
+    """``tpmid daemon``: the renewal loop with signal handling."""
+    from datetime import UTC, datetime
+
+    from tpmid.lifecycle.daemon import Daemon
+    from tpmid.lifecycle.renew import managed_identities
+
+    if ctx.args.verbose == 0:
+        logging.getLogger("tpmid").setLevel(logging.INFO)  # a daemon logs its decisions
+    engine = _engine(ctx)  # a bad config fails here, before anything else
+    for action in engine.store.recover():
+        log.info("recovery: %s", action)
+    names = managed_identities(ctx.config())
+    log.info("tpmid daemon started (pid %d); managing %s", os.getpid(),
+             ", ".join(names) or "no identities (none has est + kind: file)")
+
+    def make_planner() -> RenewalEngine:
+        ctx._config = None  # re-read the file on every (re)load
+        new = _engine(ctx)
+        new.retire_due_keys()
+        return new
+
+    daemon = Daemon(make_planner=make_planner, now=lambda: datetime.now(UTC))
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
+    _notify("READY=1\nSTATUS=renewing " + (", ".join(names) or "nothing"))
+    try:
+        return daemon.run()
+    finally:
+        _notify("STOPPING=1")

@@ -1,0 +1,274 @@
+"""The renewal engine: when each identity renews, and one renewal attempt.
+
+:class:`RenewalEngine` is the :class:`~tpmid.lifecycle.daemon.Planner` of the
+daemon and what ``tpmid renew`` calls. It combines the pure policy
+(:func:`~tpmid.lifecycle.policy.decide`), the store (certificate, attempt state,
+journal) and :func:`~tpmid.lifecycle.enroll.enroll_identity`, which does the
+work: new TPM key (``rotate_key``), CSR, EST, verification, commit.
+
+How an identity renews (same meaning as Azure IoT Edge's ``auto_renew``):
+
+* valid device certificate, ``method: simplereenroll`` (default): RFC 7030
+  §4.2.2 re-enrollment, authenticated with the identity's own current key and
+  certificate;
+* valid device certificate, ``method: simpleenroll`` (services such as IoT
+  Edge's EST setup only use that): simpleenroll, still authenticated with the
+  identity's own current certificate;
+* a certificate that cannot be a TLS client certificate (``profile: ca``, the
+  Edge CA) renews with its first-enrollment authentication via simpleenroll;
+* an expired or missing certificate falls back to the first-enrollment
+  authentication (``est.auth``, e.g. the IDevID: the bootstrap identity).
+
+After a commit the previous key file is deleted (at once, or after
+``renew.grace``), the attempt state is reset and ``hooks.after_renew`` runs.
+Only ``kind: file`` identities with an ``est`` section are renewed
+automatically; IDevIDs (persistent / ek-derived keys) are birth certificates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from tpmid.config import Config, IdentityConfig
+from tpmid.errors import EstRetryLater, StoreError, TpmidError
+from tpmid.lifecycle.policy import AttemptState, Decision, decide, jitter_rng
+
+if TYPE_CHECKING:
+    from tpmid.lifecycle.enroll import EnrollResult, SecretResolver
+    from tpmid.store import Store, StoredIdentity
+    from tpmid.tpm.connection import TpmConnection
+
+log = logging.getLogger(__name__)
+
+# Retry interval for an identity that has never been enrolled and whose retry is
+# given as a share of a lifetime it does not have yet.
+UNENROLLED_RETRY_S = 300.0
+HOOK_TIMEOUT_S = 120.0
+
+TpmOpener = Callable[[], AbstractContextManager["TpmConnection"]]
+HookRunner = Callable[[Sequence[str], Mapping[str, str]], int]
+
+
+def managed_identities(config: Config) -> list[str]:
+    """Identities the daemon keeps renewed, each after the one it authenticates with."""
+    names = [n for n, i in config.identities.items() if i.est is not None and i.key.kind == "file"]
+    ordered: list[str] = []
+
+    def visit(name: str, seen: tuple[str, ...]) -> None:
+        if name in ordered or name in seen:
+            return
+        ident = config.identities[name]
+        dep = ident.est.auth.client if ident.est else None
+        if dep in names:
+            visit(dep, (*seen, name))
+        ordered.append(name)
+
+    for n in names:
+        visit(n, ())
+    return ordered
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+
+
+def run_hook(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run a post-renew hook; return its exit status (never raises for the hook's failure)."""
+    import os
+
+    try:
+        proc = subprocess.run(list(argv), env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=HOOK_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.error("hook %s failed to run: %s", argv[0], e)
+        return -1
+    if proc.returncode != 0:
+        log.error("hook %s exited with %d: %s", argv[0], proc.returncode,
+                  (proc.stderr or proc.stdout).strip()[-500:])
+    return proc.returncode
+
+
+@dataclass
+class RenewalEngine:
+    """Plans and performs renewals for the identities of one config and store."""
+
+    config: Config
+    store: Store
+    open_tpm: TpmOpener
+    secrets: SecretResolver
+    now: Callable[[], datetime] = field(default_factory=lambda: (lambda: datetime.now(UTC)))
+    sleep: Callable[[float], None] = time.sleep
+    hook_runner: HookRunner = run_hook
+
+    # ------------------------------------------------------------------ planning
+
+    def identities(self) -> list[str]:
+        return managed_identities(self.config)
+
+    def plan(self, name: str, now: datetime) -> Decision:
+        """The next event for ``name``; a missing certificate is due now (spaced by retry)."""
+        ident = self.config.identity(name)
+        attempt = self.store.load_state(name)
+        current = self.store.current(name)
+        if current is None:
+            return self._plan_unenrolled(ident, attempt, now)
+        return decide(
+            not_before=current.not_before, not_after=current.not_after, now=now,
+            policy=ident.renew, attempt=attempt,
+            rng=jitter_rng(name, current.cert.serial_number),
+        )
+
+    def _plan_unenrolled(self, ident: IdentityConfig, attempt: AttemptState,
+                         now: datetime) -> Decision:
+        if attempt.last_attempt is None or not attempt.retrying:
+            return Decision("renew-now", now, "not enrolled yet")
+        last = _utc(attempt.last_attempt)
+        if attempt.retry_after is not None:
+            when = last + timedelta(seconds=attempt.retry_after)
+            reason = f"server Retry-After {attempt.retry_after:g}s"
+        else:
+            r = ident.renew.retry
+            delay = r.seconds if r.seconds is not None else UNENROLLED_RETRY_S
+            when = last + timedelta(seconds=max(1.0, delay))
+            reason = f"retry {delay:g}s after failed first enrollment"
+        if when <= now:
+            return Decision("renew-now", now, reason)
+        return Decision("retry-at", when, reason)
+
+    # ------------------------------------------------------------------ renewing
+
+    def renew(self, name: str, now: datetime) -> EnrollResult:
+        """One renewal attempt for ``name``; records the outcome in the store.
+
+        Raises the attempt's error after recording it (the daemon logs and
+        carries on; ``tpmid renew`` reports it).
+        """
+        from tpmid.lifecycle.enroll import enroll_identity
+
+        ident = self.config.identity(name)
+        current = self.store.current(name)
+        reenroll, self_auth, why = self._method(ident, current, now)
+        attempt = self.store.load_state(name)
+        log.info("%s: renewing via %s (%s)", name,
+                 "simplereenroll" if reenroll else "simpleenroll", why)
+        self._drop_unresumable_journal(name, reenroll)
+        try:
+            with self.open_tpm() as tpm:
+                result = enroll_identity(
+                    self.config, name, tpm=tpm, secrets=self.secrets, now=self.now,
+                    sleep=self.sleep, store_dir=self.store.root, reenroll=reenroll,
+                    auth_with_current=self_auth,
+                )
+        except EstRetryLater as e:
+            self.store.save_state(name, attempt.pending(now, e.retry_after))
+            raise
+        except TpmidError as e:
+            self.store.save_state(name, attempt.failed(now, e.message,
+                                                       getattr(e, "retry_after", None)))
+            raise
+        self.store.save_state(name, AttemptState.succeeded(self.now()))
+        self._retire_old_keys(name, ident, result.version)
+        self._run_hooks(ident, result)
+        return result
+
+    def renew_chain(self, name: str, now: datetime) -> list[EnrollResult]:
+        """Renew ``name``, then every identity that authenticates with it (e.g. the Edge CA)."""
+        results = [self.renew(name, now)]
+        for other in self.identities():
+            ident = self.config.identities[other]
+            if ident.est is not None and ident.est.auth.client == name:
+                results.append(self.renew(other, self.now()))
+        return results
+
+    @staticmethod
+    def _method(ident: IdentityConfig, current: StoredIdentity | None,
+                now: datetime) -> tuple[bool, bool, str]:
+        """(use simplereenroll, authenticate with own certificate, reason)."""
+        if current is None:
+            return False, False, "not enrolled: first-enrollment authentication"
+        if now >= _utc(current.not_after):
+            return False, False, "certificate expired: falling back to first-enrollment authentication"
+        if ident.profile == "ca":
+            return False, False, "CA certificate cannot be a TLS client: first-enrollment authentication"
+        if ident.renew.method == "simpleenroll":
+            return False, True, "method simpleenroll, authenticated with the current certificate"
+        return True, True, "authenticated with the current certificate"
+
+    def _drop_unresumable_journal(self, name: str, reenroll: bool) -> None:
+        """A pending request for the other method (e.g. the cert expired meanwhile) is abandoned."""
+        entry = self.store.journal_get(name)
+        wanted = "simplereenroll" if reenroll else "simpleenroll"
+        if entry is None or entry.method == wanted:
+            return
+        log.warning("%s: abandoning the %s in flight (phase %s); starting a %s", name,
+                    entry.method, entry.phase, wanted)
+        self.store.journal_clear(name)
+        if entry.version is not None:
+            with contextlib.suppress(StoreError):
+                self.store.discard_key(name, entry.version)
+
+    def _retire_old_keys(self, name: str, ident: IdentityConfig, current: str) -> None:
+        """Delete key files of versions older than ``current`` once their grace has passed."""
+        if ident.key.kind != "file" or not ident.renew.rotate_key:
+            return
+        cutoff = self.now() - timedelta(seconds=ident.renew.grace)
+        for version in self.store.versions(name):
+            if int(version) >= int(current):
+                continue
+            path = self.store.key_path(name, version)
+            if not path.exists():
+                continue
+            # The successor's commit time is when this key stopped being current.
+            successor = self.store.current_dir(name).parent / current
+            with contextlib.suppress(OSError):
+                retired_at = datetime.fromtimestamp(successor.stat().st_mtime, UTC)
+                if retired_at > cutoff:
+                    continue
+            with contextlib.suppress(StoreError):
+                self.store.discard_key(name, version)
+                log.info("%s: deleted the key of version %s (rotated)", name, version)
+
+    def retire_due_keys(self) -> None:
+        """Delete rotated keys whose grace period has passed (the daemon calls this)."""
+        for name in self.identities():
+            current = self.store.current(name)
+            if current is not None:
+                self._retire_old_keys(name, self.config.identity(name), current.version)
+
+    def _run_hooks(self, ident: IdentityConfig, result: EnrollResult) -> None:
+        argv = ident.hooks.after_renew
+        if not argv:
+            return
+        env = {
+            "TPMID_IDENTITY": ident.name,
+            "TPMID_CERT": str(result.cert_path),
+            "TPMID_CHAIN": str(result.chain_path),
+            "TPMID_KEY": str(result.key_path or ""),
+            "TPMID_VERSION": result.version,
+        }
+        rc = self.hook_runner(argv, env)
+        if rc == 0:
+            log.info("%s: hook %s ran", ident.name, argv[0])
+        else:
+            log.error("%s: hook %s failed (exit %d); the renewal stands", ident.name, argv[0], rc)
+
+
+@contextlib.contextmanager
+def tpm_opener_for(config: Config, passwords: object | None = None,
+                   lock: Callable[[], AbstractContextManager[object]] | None = None
+                   ) -> Iterator[TpmConnection]:
+    """Open the configured TPM (holding the host-wide TPM lock when given) for one renewal."""
+    from tpmid.tpm.connection import HierarchyPasswords, TpmConnection
+
+    pw = passwords if isinstance(passwords, HierarchyPasswords) else HierarchyPasswords()
+    with lock() if lock is not None else contextlib.nullcontext(), \
+            TpmConnection(config.tpm.tcti, pw) as tpm:
+        yield tpm
