@@ -55,6 +55,18 @@ def _engine(ctx: Ctx) -> RenewalEngine:
     )
 
 
+def _recover(ctx: Ctx, engine: RenewalEngine) -> None:
+    """Start-up recovery: settle the journal, then free TPM slots that dead runs left."""
+    from tpmid._cli.tpm import open_tpm
+
+    for action in engine.store.recover():
+        log.info("recovery: %s", action)
+    with open_tpm(ctx, config_required=True) as tpm:
+        for handle in tpm.flush_stale_transients():
+            log.warning("recovery: flushed transient object %#x left in the TPM by an "
+                        "interrupted process", handle)
+
+
 def _summary(results: list[Any]) -> list[dict[str, Any]]:
     return [r.summary() for r in results]
 
@@ -69,7 +81,7 @@ def cmd_renew(ctx: Ctx) -> int:
     name = ctx.args.name
     ctx.config().identity(name)  # a clear error for an unknown name
     now = datetime.now(UTC)
-    engine.store.recover()
+    _recover(ctx, engine)
     decision = engine.plan(name, now)
     if not ctx.args.force and decision.when > now:
         ctx.emit({"identity": name, "renewed": False, "next": decision.when.isoformat(),
@@ -112,9 +124,16 @@ def cmd_daemon(ctx: Ctx) -> int:
 
     if ctx.args.verbose == 0:
         logging.getLogger("tpmid").setLevel(logging.INFO)  # a daemon logs its decisions
+    from tpmid.errors import ConfigError, TpmidError
+
     engine = _engine(ctx)  # a bad config fails here, before anything else
-    for action in engine.store.recover():
-        log.info("recovery: %s", action)
+    try:
+        _recover(ctx, engine)
+    except ConfigError:
+        raise
+    except TpmidError as e:
+        # A TPM or store outage at boot must not stop the daemon; renewals retry.
+        log.error("start-up recovery incomplete: %s", e)
     names = managed_identities(ctx.config())
     log.info("tpmid daemon started (pid %d); managing %s", os.getpid(),
              ", ".join(names) or "no identities (none has est + kind: file)")

@@ -59,9 +59,25 @@ def open_tpm(ctx: Ctx, *, config_required: bool = False) -> Iterator[TpmConnecti
         ref = getattr(cfg.tpm.auth, name)
         if ref is not None:
             values[name] = resolve_secret(ref, ctx.environ, ctx.read_stdin).encode("utf-8")
-    with _host_lock(cfg.tpm.lock_file), TpmConnection(cfg.tpm.tcti,
-                                                      HierarchyPasswords(**values)) as tpm:
+    with _host_lock(host_lock_path(cfg)), TpmConnection(cfg.tpm.tcti,
+                                                         HierarchyPasswords(**values)) as tpm:
         yield tpm
+
+
+def host_lock_path(cfg: Any) -> Any:
+    """``tpm.lock_file``, else the store's TPM lock once the store exists.
+
+    Every tpmid process of one store (CLI and daemon) then takes turns at a TPM
+    that has no resource manager; without a store there is nobody to collide with.
+    """
+    from pathlib import Path
+
+    from tpmid.store import TPM_LOCK_NAME
+
+    if cfg.tpm.lock_file is not None:
+        return cfg.tpm.lock_file
+    locks = Path(cfg.store.dir) / "locks"
+    return locks / TPM_LOCK_NAME if locks.is_dir() else None
 
 
 # --------------------------------------------------------------------------- tpm info

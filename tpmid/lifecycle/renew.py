@@ -117,6 +117,9 @@ class RenewalEngine:
         """The next event for ``name``; a missing certificate is due now (spaced by retry)."""
         ident = self.config.identity(name)
         attempt = self.store.load_state(name)
+        in_flight = self._in_flight(name, now)
+        if in_flight is not None:
+            return in_flight
         current = self.store.current(name)
         if current is None:
             return self._plan_unenrolled(ident, attempt, now)
@@ -125,6 +128,25 @@ class RenewalEngine:
             policy=ident.renew, attempt=attempt,
             rng=jitter_rng(name, current.cert.serial_number),
         )
+
+    def _in_flight(self, name: str, now: datetime) -> Decision | None:
+        """Work the journal kept (a CSR sent, or answered 202) is finished first.
+
+        RFC 7030 §4.2.3: after 202 the same request is resent after Retry-After. A
+        request whose answer was lost (crash, power loss) is resent at once: the
+        server may or may not have issued, and a second certificate for the same
+        key is harmless while a half-done rotation is not.
+        """
+        entry = self.store.journal_get(name)
+        if entry is None or not entry.csr_pem or entry.phase == "staged":
+            return None
+        if entry.phase == "pending" and entry.retry_after is not None and entry.updated:
+            when = _utc(entry.updated) + timedelta(seconds=entry.retry_after)
+            if when > now:
+                return Decision("retry-at", when,
+                                f"request pending at the server, Retry-After {entry.retry_after:g}s")
+        return Decision("renew-now", now,
+                        f"resuming the {entry.method} interrupted in phase {entry.phase}")
 
     def _plan_unenrolled(self, ident: IdentityConfig, attempt: AttemptState,
                          now: datetime) -> Decision:

@@ -312,6 +312,22 @@ class TpmConnection:
         """Handles of the transient objects currently loaded in the TPM."""
         return self.handles(TRANSIENT_FIRST)
 
+    def flush_stale_transients(self) -> list[int]:
+        """Flush every transient object the TPM holds; return their handles.
+
+        For start-up recovery only, with the host-wide TPM lock held: without a
+        resource manager a tpmid process killed mid-command leaves its loaded
+        object in one of the TPM's few slots (3 on swtpm) until power-off. Under
+        a resource manager (``/dev/tpmrm0``, tabrmd) a new connection sees none.
+        """
+        flushed: list[int] = []
+        for handle in self.transient_handles():
+            with self.lock, tpm_call(f"flushing stale transient object {handle:#x}", self):
+                tr = self.esapi.tr_from_tpmpublic(handle)
+                self.esapi.flush_context(tr)
+            flushed.append(handle)
+        return flushed
+
     def persistent_handles(self) -> list[int]:
         """Handles of all persistent objects (0x81xxxxxx)."""
         return self.handles(PERSISTENT_FIRST)
