@@ -121,25 +121,55 @@ def test_key_create_refuses_a_different_key_at_the_handle_unless_forced(cli: Cli
     assert cli.json("key", "create", "dev", "--force")["alg"] == "ecc-p384"
 
 
-def test_key_file_is_private_kept_on_recreate_and_deleted_only_when_confirmed(
+def _commit_file_key(cli: Cli, name: str, alg: str = "ecc-p256") -> Path:
+    """Put a TPM key file with a certificate into the store, as enrollment would.
+
+    The certificate comes from a throwaway software CA: this test is about the
+    key commands, not EST (enrollment itself is tested in tests/lifecycle).
+    """
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tpmid.store import Store
+    from tpmid.tpm.keys import create_key_file, load_key_file
+
+    with TpmConnection(cli.sim.tcti) as tpm:
+        pem = create_key_file(tpm, alg)
+        with load_key_file(tpm, pem) as key:
+            public = key.public_key()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]))
+            .public_key(public).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))
+    store = Store(cli.store)
+    staged = store.stage_key(name, pem)
+    stored = store.commit(name, cert, [], staged)
+    assert stored.key_file is not None
+    return stored.key_file
+
+
+def test_file_keys_come_with_enrollment_and_live_privately_in_the_store(
         cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    created = cli.json("key", "create", "edge")
-    path = cli.store / "keys" / "edge.tss2.pem"
-    assert created["created"] is True and created["path"] == str(path)
+    rc, _, err = cli.run("key", "create", "edge")
+    assert rc == 7 and "tpmid enroll edge" in err
+    path = _commit_file_key(cli, "edge")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert path.read_bytes().startswith(b"-----BEGIN TSS2 PRIVATE KEY-----")
+    shown = cli.json("key", "show", "edge")
+    assert shown["path"] == str(path)
     kept = cli.json("key", "create", "edge")
-    assert kept["created"] is False and kept["public_key_sha256"] == created["public_key_sha256"]
-    replaced = cli.json("key", "create", "edge", "--force")
-    assert replaced["public_key_sha256"] != created["public_key_sha256"]
+    assert kept["created"] is False and kept["public_key_sha256"] == shown["public_key_sha256"]
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    rc, _, err = cli.run("key", "delete", "edge")
-    assert rc == 2 and "without --yes" in err and path.exists()
-    assert cli.run("key", "delete", "edge", "--yes")[0] == 0
-    assert not path.exists()
-    rc, _, err = cli.run("key", "show", "edge")
-    assert rc == 7 and "tpmid key create edge" in err
+    rc, _, err = cli.run("key", "delete", "edge", "--yes")
+    assert rc == 2 and "tpmid reset edge" in err and path.exists()
 
 
 def test_ek_derived_identity_needs_no_storage(cli: Cli) -> None:
@@ -211,11 +241,12 @@ def test_owner_password_comes_from_the_environment_and_is_never_printed(
 
 
 def test_file_key_from_before_a_tpm_clear_asks_for_re_enrollment(cli: Cli) -> None:
-    assert cli.run("key", "create", "edge")[0] == 0
+    _commit_file_key(cli, "edge")
+    assert cli.run("csr", "edge")[0] == 0
     with TpmConnection(cli.sim.tcti) as tpm:
         tpm.esapi.clear(ESYS_TR.LOCKOUT)
     rc, _, err = cli.run("csr", "edge")
-    assert rc == 3 and "before a TPM clear" in err and "tpmid key create edge --force" in err
+    assert rc == 3 and "before a TPM clear" in err and "tpmid enroll edge" in err
 
 
 def test_unknown_identity_is_a_config_error(cli: Cli) -> None:

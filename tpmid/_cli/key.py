@@ -1,13 +1,15 @@
 """``tpmid key create|show|delete NAME`` and ``tpmid csr NAME``.
 
 NAME is an identity of the config; its ``key`` section says which kind of key
-it uses. ``kind: file`` keys are kept at ``<store.dir>/keys/<NAME>.tss2.pem``.
+it uses. ``kind: file`` keys (LDevID, Edge CA) are TSS2 key files in the store,
+one per certificate version (``<store.dir>/keys/<NAME>/<version>.tss2.pem``): they
+are created by ``tpmid enroll`` / ``tpmid renew`` together with their certificate,
+and these commands act on the current one.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,59 +23,28 @@ if TYPE_CHECKING:
     from tpmid.tpm.keys import LoadedKey
 
 
-# --------------------------------------------------------------------------- key files on disk
-# TODO(store): move to tpmid/store.py once the durable store lands; keep the path
-# convention <store.dir>/keys/<NAME>.tss2.pem.
-
-
-def key_file_path(store_dir: Path, name: str) -> Path:
-    """Where the TSS2 key file of identity ``name`` lives."""
-    return store_dir / "keys" / f"{name}.tss2.pem"
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably: 0700 directory, 0600 temp file, fsync, rename, fsync dir."""
-    from tpmid.errors import StoreError
-
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as e:
-        raise StoreError(f"cannot write {path}: {e.strerror}",
-                         hint="check store.dir in the config and its permissions") from e
-
-
-def read_key_file(path: Path) -> bytes | None:
-    """The key file's bytes, or None if it does not exist."""
-    from tpmid.errors import StoreError
-
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise StoreError(f"cannot read {path}: {e.strerror}") from e
-
-
 # --------------------------------------------------------------------------- helpers
 
 
 def _identity(ctx: Ctx) -> tuple[Config, IdentityConfig]:
     cfg = ctx.config()
     return cfg, cfg.identity(ctx.args.name)
+
+
+def current_key_file(cfg: Config, ident: IdentityConfig) -> Path:
+    """The key file of identity ``ident``'s current certificate in the store."""
+    from tpmid.errors import StoreError
+    from tpmid.store import Store
+
+    current = Store(cfg.store.dir, create=False).current(ident.name) \
+        if Path(cfg.store.dir).is_dir() else None
+    if current is None or current.key_file is None or not current.key_file.exists():
+        raise StoreError(
+            f"identity {ident.name!r} is not enrolled, so it has no key file yet",
+            hint=f"file keys are created together with their certificate: "
+            f"`tpmid enroll {ident.name}`",
+        )
+    return current.key_file
 
 
 def load_key(tpm: TpmConnection, cfg: Config, ident: IdentityConfig) -> LoadedKey:
@@ -83,15 +54,7 @@ def load_key(tpm: TpmConnection, cfg: Config, ident: IdentityConfig) -> LoadedKe
 
     key_file = None
     if ident.key.kind == "file":
-        key_file = read_key_file(key_file_path(cfg.store.dir, ident.name))
-        if key_file is None:
-            from tpmid.errors import StoreError
-
-            raise StoreError(
-                f"identity {ident.name!r} has no key file at "
-                f"{key_file_path(cfg.store.dir, ident.name)}",
-                hint=f"create it with `tpmid key create {ident.name}`",
-            )
+        key_file = current_key_file(cfg, ident).read_bytes()
     try:
         return load_identity_key(tpm, ident.key, key_file)
     except TpmidError as e:
@@ -139,8 +102,7 @@ def _key_text(data: dict[str, Any]) -> str:
 
 def cmd_create(ctx: Ctx) -> int | None:
     """``tpmid key create NAME [--force]``: make the identity's key (idempotent)."""
-    from tpmid.errors import KeyMismatchError
-    from tpmid.tpm.keys import create_key_file, create_persistent_idevid, derive_idevid
+    from tpmid.tpm.keys import create_persistent_idevid, derive_idevid
 
     cfg, ident = _identity(ctx)
     kind = ident.key.kind
@@ -157,29 +119,17 @@ def cmd_create(ctx: Ctx) -> int | None:
                       "they are needed; nothing to store")
             created = False
         else:
-            path = key_file_path(cfg.store.dir, ident.name)
-            existing = read_key_file(path)
+            # A file key belongs to one certificate version; enrollment makes both.
+            path = current_key_file(cfg, ident)
+            status = f"kept the key of the current certificate ({path})"
             created = False
-            if existing is not None and not ctx.args.force:
-                try:
-                    load_key(tpm, cfg, ident).close()
-                except KeyMismatchError as e:
-                    raise KeyMismatchError(f"{path}: {e.message}",
-                                           hint="--force replaces the key file") from e
-                status = f"kept the existing key file {path}"
-            else:
-                ctx.progress(f"creating a {ident.key.alg} key for {ident.name}")
-                pem = create_key_file(tpm, ident.key.alg)
-                write_private_file(path, pem)
-                status = f"created key file {path}"
-                created = True
         with (derive_idevid(tpm, ident.key.template) if kind == "ek-derived"
               else load_key(tpm, cfg, ident)) as key:
             data = _key_data(ident, key)
     data["status"] = status
     data["created"] = created
     if kind == "file":
-        data["path"] = str(key_file_path(cfg.store.dir, ident.name))
+        data["path"] = str(current_key_file(cfg, ident))
     ctx.emit(data, _key_text)
     return None
 
@@ -190,7 +140,7 @@ def cmd_show(ctx: Ctx) -> int | None:
     with open_tpm(ctx, config_required=True) as tpm, load_key(tpm, cfg, ident) as key:
         data = _key_data(ident, key)
     if ident.key.kind == "file":
-        data["path"] = str(key_file_path(cfg.store.dir, ident.name))
+        data["path"] = str(current_key_file(cfg, ident))
     ctx.emit(data, _key_text)
     return None
 
@@ -210,7 +160,6 @@ def _confirm(ctx: Ctx, what: str) -> None:
 
 def cmd_delete(ctx: Ctx) -> int | None:
     """``tpmid key delete NAME [--yes]``: evict the persistent key or remove the key file."""
-    from tpmid.errors import StoreError
     from tpmid.tpm.keys import evict_persistent
 
     cfg, ident = _identity(ctx)
@@ -226,15 +175,13 @@ def cmd_delete(ctx: Ctx) -> int | None:
             evict_persistent(tpm, ident.key.handle)
         status = f"deleted the persistent key at {ident.key.handle:#010x}"
     else:
-        path = key_file_path(cfg.store.dir, ident.name)
-        if not path.exists():
-            raise StoreError(f"identity {ident.name!r} has no key file at {path}")
-        _confirm(ctx, f"the key file {path}")
-        try:
-            path.unlink()
-        except OSError as e:
-            raise StoreError(f"cannot delete {path}: {e.strerror}") from e
-        status = f"deleted the key file {path}"
+        from tpmid.errors import ConfigError
+
+        raise ConfigError(
+            f"{ident.name} uses a key file that belongs to its certificate; deleting the key "
+            "alone would leave a certificate without a key",
+            hint=f"`tpmid reset {ident.name}` removes the identity with its keys",
+        )
     ctx.emit({"identity": ident.name, "deleted": True, "status": status},
              lambda d: d["status"])
     return None

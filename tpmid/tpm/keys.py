@@ -665,7 +665,8 @@ def _parse_key_file(pem: bytes) -> Any:
         return TSSPrivKey.from_pem(pem)
     except Exception as e:  # asn1/base64/unmarshal errors of every kind
         raise StoreError(f"not a usable TSS2 PRIVATE KEY file: {e}",
-                         hint="recreate it with `tpmid key create <identity> --force`") from e
+                         hint="re-enroll the identity (a new key comes with the new "
+                         "certificate): `tpmid enroll <identity>`") from e
 
 
 def load_key_file(tpm: TpmConnection, pem: bytes) -> LoadedKey:
@@ -731,8 +732,8 @@ def load_key_file(tpm: TpmConnection, pem: bytes) -> LoadedKey:
             "the key file does not belong to this TPM's current storage root key: it was made "
             "before a TPM clear (or on another TPM), and can never be loaded again",
             rc=last.rc,
-            hint="the identity must be re-enrolled: `tpmid key create <identity> --force`, "
-            "then enroll again",
+            hint="the identity must be re-enrolled (a new key comes with the new certificate): "
+            "`tpmid enroll <identity>`",
         ) from last
 
 
@@ -750,7 +751,8 @@ def load_identity_key(tpm: TpmConnection, key: KeyConfig,
     if key.kind == "file":
         if key_file is None:
             raise StoreError("this identity's key file does not exist yet",
-                             hint="create it with `tpmid key create <identity>`")
+                             hint="file keys are created with their certificate: "
+                             "`tpmid enroll <identity>`")
         loaded = load_key_file(tpm, key_file)
         if loaded.alg != key.alg:
             loaded.close()
