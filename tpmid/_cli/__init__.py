@@ -12,7 +12,7 @@ import argparse
 import importlib
 
 # Order here is the order in `tpmid --help`.
-MODULES = ("tpm", "key", "est", "lifecycle", "provision", "est_server")
+MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "est_server")
 
 
 def register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
