@@ -38,8 +38,15 @@ def _host_lock(path: Any) -> Iterator[None]:
         return
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except PermissionError:
+        try:
+            # A lock file another user created (root ran a command first): flock(2)
+            # works on a read-only descriptor too.
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise ConfigError(f"cannot open the TPM lock file {path}: {e.strerror}") from e
     except OSError as e:
-        raise ConfigError(f"cannot open tpm.lock_file {path}: {e.strerror}") from e
+        raise ConfigError(f"cannot open the TPM lock file {path}: {e.strerror}") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
