@@ -20,6 +20,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import AttributeOID, NameOID, ObjectIdentifier
 
 from tpmid.config import SanConfig, SubjectConfig
+from tpmid.der import (
+    TAG_OCTET_STRING,
+    TAG_OID,
+    TAG_SEQUENCE,
+    der_oid,
+    der_tlv,
+    oid_from_content,
+    read_tlv,
+)
 from tpmid.errors import ConfigError
 
 # RFC 4108 §5: id-on-hardwareModuleName.
@@ -34,85 +43,23 @@ _HASHES: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
 }
 
 
-# --------------------------------------------------------------------------- DER helpers
-
-
-def _der_len(n: int) -> bytes:
-    """X.690 §8.1.3 definite length: short form below 128, else long form."""
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
-
-def _der_tlv(tag: int, value: bytes) -> bytes:
-    return bytes([tag]) + _der_len(len(value)) + value
-
-
-def _der_oid(dotted: str) -> bytes:
-    """X.690 §8.19: first two arcs as 40*a+b, every arc base-128 with continuation bits."""
-    arcs = [int(a) for a in dotted.split(".")]
-    if len(arcs) < 2 or arcs[0] > 2 or (arcs[0] < 2 and arcs[1] > 39):
-        raise ValueError(f"{dotted!r} is not an object identifier")
-    body = bytearray()
-    for arc in [40 * arcs[0] + arcs[1], *arcs[2:]]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body += bytes(reversed(chunk))
-    return _der_tlv(0x06, bytes(body))
-
-
 def encode_hardware_module_name(hw_type: str, hw_serial: bytes) -> bytes:
     """DER of ``HardwareModuleName ::= SEQUENCE { hwType OID, hwSerialNum OCTET STRING }``."""
-    return _der_tlv(0x30, _der_oid(hw_type) + _der_tlv(0x04, hw_serial))
-
-
-def _read_tlv(data: bytes, pos: int) -> tuple[int, bytes, int]:
-    if pos + 2 > len(data):
-        raise ValueError("truncated DER")
-    tag, first = data[pos], data[pos + 1]
-    pos += 2
-    if first < 0x80:
-        length = first
-    else:
-        n = first & 0x7F
-        if n == 0 or n > 4 or pos + n > len(data):
-            raise ValueError("bad DER length")
-        length = int.from_bytes(data[pos:pos + n], "big")
-        pos += n
-    if pos + length > len(data):
-        raise ValueError("truncated DER")
-    return tag, data[pos:pos + length], pos + length
-
-
-def _oid_text(body: bytes) -> str:
-    arcs: list[int] = []
-    value = 0
-    for b in body:
-        value = (value << 7) | (b & 0x7F)
-        if not b & 0x80:
-            arcs.append(value)
-            value = 0
-    first = arcs[0]
-    head = [0, first] if first < 40 else [1, first - 40] if first < 80 else [2, first - 80]
-    return ".".join(str(a) for a in head + arcs[1:])
+    return der_tlv(TAG_SEQUENCE, der_oid(hw_type) + der_tlv(TAG_OCTET_STRING, hw_serial))
 
 
 def parse_hardware_module_name(der: bytes) -> tuple[str, bytes]:
     """Inverse of :func:`encode_hardware_module_name`; raises ValueError on anything else."""
-    tag, seq, end = _read_tlv(der, 0)
-    if tag != 0x30 or end != len(der):
+    tag, start, end = read_tlv(der, 0)
+    if tag != TAG_SEQUENCE or end != len(der):
         raise ValueError("HardwareModuleName is not one SEQUENCE")
-    tag, oid, pos = _read_tlv(seq, 0)
-    if tag != 0x06:
+    tag, o_start, o_end = read_tlv(der, start)
+    if tag != TAG_OID:
         raise ValueError("hwType is not an OBJECT IDENTIFIER")
-    tag, serial, pos = _read_tlv(seq, pos)
-    if tag != 0x04 or pos != len(seq):
+    tag, s_start, s_end = read_tlv(der, o_end)
+    if tag != TAG_OCTET_STRING or s_end != end:
         raise ValueError("hwSerialNum is not an OCTET STRING")
-    return _oid_text(oid), serial
+    return oid_from_content(der[o_start:o_end]), der[s_start:s_end]
 
 
 def _tpm_manufacturer_code(cert: x509.Certificate) -> str | None:

@@ -32,6 +32,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from tpmid.der import (
+    TAG_OID,
+    TAG_SEQUENCE,
+    TAG_SET,
+    der_oid,
+    der_tlv,
+    oid_from_content,
+    oid_of_der,
+    read_tlv,
+)
 from tpmid.errors import EstProtocolError
 
 PKCS7_MIME = "application/pkcs7-mime"
@@ -133,28 +143,28 @@ def _signed_data_certificates(der: bytes) -> list[bytes]:
     which cryptography parses only with a deprecation warning, and because the
     order a server chose is worth keeping. Raises ValueError on anything else.
     """
-    tag, start, end = _read_tlv(der, 0)
-    if tag != _TAG_SEQUENCE or end != len(der):
+    tag, start, end = read_tlv(der, 0)
+    if tag != TAG_SEQUENCE or end != len(der):
         raise ValueError("ContentInfo is not one SEQUENCE")
-    tag, s, e = _read_tlv(der, start)
-    if tag != _TAG_OID or _oid_from_content(der[s:e]) != _OID_SIGNED_DATA:
+    tag, s, e = read_tlv(der, start)
+    if tag != TAG_OID or oid_from_content(der[s:e]) != _OID_SIGNED_DATA:
         raise ValueError("the content type is not signedData")
-    tag, s, e = _read_tlv(der, e)
+    tag, s, e = read_tlv(der, e)
     if tag != 0xA0:
         raise ValueError("missing [0] content")
-    tag, pos, sd_end = _read_tlv(der, s)
-    if tag != _TAG_SEQUENCE:
+    tag, pos, sd_end = read_tlv(der, s)
+    if tag != TAG_SEQUENCE:
         raise ValueError("SignedData is not a SEQUENCE")
-    for expected in (0x02, _TAG_SET, _TAG_SEQUENCE):  # version, digestAlgorithms, encapContent
-        tag, _, pos = _read_tlv(der, pos)
+    for expected in (0x02, TAG_SET, TAG_SEQUENCE):  # version, digestAlgorithms, encapContent
+        tag, _, pos = read_tlv(der, pos)
         if tag != expected:
             raise ValueError("unexpected SignedData layout")
     certs: list[bytes] = []
     if pos < sd_end and der[pos] == 0xA0:  # certificates [0] IMPLICIT CertificateSet
-        _, c, c_end = _read_tlv(der, pos)
+        _, c, c_end = read_tlv(der, pos)
         while c < c_end:
-            tag, _, nxt = _read_tlv(der, c)
-            if tag == _TAG_SEQUENCE:  # a plain Certificate; other CertificateChoices skipped
+            tag, _, nxt = read_tlv(der, c)
+            if tag == TAG_SEQUENCE:  # a plain Certificate; other CertificateChoices skipped
                 certs.append(der[c:nxt])
             c = nxt
     return certs
@@ -234,98 +244,8 @@ def decode_csr(body: bytes) -> x509.CertificateSigningRequest:
 
 # --------------------------------------------------------------------------- DER helpers
 
-# A minimal DER reader/writer: just enough for CsrAttrs (RFC 7030 §4.5.2), which
-# cryptography does not model. Definite lengths only, single-byte tags only.
-
-_TAG_OID = 0x06
-_TAG_SEQUENCE = 0x30
-_TAG_SET = 0x31
-
-
-def _der_len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
-
-def der_tlv(tag: int, content: bytes) -> bytes:
-    """One DER TLV (single-byte tag)."""
-    return bytes([tag]) + _der_len(len(content)) + content
-
-
-def _read_tlv(buf: bytes, pos: int) -> tuple[int, int, int]:
-    """``(tag, content_start, content_end)`` of the TLV at ``pos``; raise ValueError."""
-    if pos + 2 > len(buf):
-        raise ValueError("truncated TLV header")
-    tag = buf[pos]
-    if tag & 0x1F == 0x1F:
-        raise ValueError("multi-byte tags are not supported")
-    first = buf[pos + 1]
-    pos += 2
-    if first < 0x80:
-        length = first
-    else:
-        nbytes = first & 0x7F
-        if nbytes == 0:
-            raise ValueError("indefinite length is not DER")
-        if nbytes > 4 or pos + nbytes > len(buf):
-            raise ValueError("bad length")
-        length = int.from_bytes(buf[pos:pos + nbytes], "big")
-        if length < 0x80 or buf[pos] == 0:
-            raise ValueError("non-minimal length encoding is not DER")
-        pos += nbytes
-    end = pos + length
-    if end > len(buf):
-        raise ValueError("truncated TLV content")
-    return tag, pos, end
-
-
-def der_oid(dotted: str) -> bytes:
-    """DER OBJECT IDENTIFIER for a dotted string (``1.2.840.10045.2.1``)."""
-    try:
-        arcs = [int(a) for a in dotted.split(".")]
-    except ValueError:
-        raise ValueError(f"{dotted!r} is not a dotted OID") from None
-    if len(arcs) < 2 or arcs[0] > 2 or (arcs[0] < 2 and arcs[1] >= 40) or min(arcs) < 0:
-        raise ValueError(f"{dotted!r} is not a valid OID")
-    out = bytearray()
-    for arc in [arcs[0] * 40 + arcs[1], *arcs[2:]]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        out += bytes(reversed(chunk))
-    return der_tlv(_TAG_OID, bytes(out))
-
-
-def _oid_from_content(content: bytes) -> str:
-    if not content or content[-1] & 0x80:
-        raise ValueError("bad OBJECT IDENTIFIER encoding")
-    arcs: list[int] = []
-    value = 0
-    for i, b in enumerate(content):
-        if value == 0 and b == 0x80 and (i == 0 or content[i - 1] & 0x80 == 0):
-            raise ValueError("non-minimal OBJECT IDENTIFIER arc")
-        value = (value << 7) | (b & 0x7F)
-        if not b & 0x80:
-            arcs.append(value)
-            value = 0
-    first = arcs[0]
-    head = [0, first] if first < 40 else [1, first - 40] if first < 80 else [2, first - 80]
-    return ".".join(str(a) for a in head + arcs[1:])
-
-
-def oid_of_der(der: bytes) -> str | None:
-    """The dotted OID if ``der`` is exactly one OBJECT IDENTIFIER TLV, else None."""
-    try:
-        tag, start, end = _read_tlv(der, 0)
-        if tag != _TAG_OID or end != len(der):
-            return None
-        return _oid_from_content(der[start:end])
-    except ValueError:
-        return None
+# CsrAttrs (RFC 7030 §4.5.2) is not modelled by cryptography: tpmid.der reads and
+# writes it. der_tlv, der_oid and oid_of_der stay importable from here.
 
 
 # --------------------------------------------------------------------------- CSR attributes
@@ -372,8 +292,8 @@ def encode_csrattrs(items: Sequence[CsrAttr]) -> bytes:
         else:
             # X.690 §11.6: DER sorts the components of a SET OF by their encoding.
             values = b"".join(sorted(item.values))
-            parts.append(der_tlv(_TAG_SEQUENCE, oid + der_tlv(_TAG_SET, values)))
-    return b64_lines(der_tlv(_TAG_SEQUENCE, b"".join(parts)))
+            parts.append(der_tlv(TAG_SEQUENCE, oid + der_tlv(TAG_SET, values)))
+    return b64_lines(der_tlv(TAG_SEQUENCE, b"".join(parts)))
 
 
 def decode_csrattrs(body: bytes) -> list[CsrAttr]:
@@ -383,31 +303,31 @@ def decode_csrattrs(body: bytes) -> list[CsrAttr]:
         return []
     der = _body_to_der(body, what)
     try:
-        tag, start, end = _read_tlv(der, 0)
-        if tag != _TAG_SEQUENCE:
+        tag, start, end = read_tlv(der, 0)
+        if tag != TAG_SEQUENCE:
             raise ValueError("CsrAttrs is not a SEQUENCE")
         if end != len(der):
             raise ValueError("trailing bytes after CsrAttrs")
         items: list[CsrAttr] = []
         pos = start
         while pos < end:
-            t, s, e = _read_tlv(der, pos)
-            if t == _TAG_OID:
-                items.append(CsrAttr(x509.ObjectIdentifier(_oid_from_content(der[s:e]))))
-            elif t == _TAG_SEQUENCE:
-                ot, os_, oe = _read_tlv(der, s)
-                if ot != _TAG_OID:
+            t, s, e = read_tlv(der, pos)
+            if t == TAG_OID:
+                items.append(CsrAttr(x509.ObjectIdentifier(oid_from_content(der[s:e]))))
+            elif t == TAG_SEQUENCE:
+                ot, os_, oe = read_tlv(der, s)
+                if ot != TAG_OID:
                     raise ValueError("Attribute type is not an OID")
-                st, ss, se = _read_tlv(der, oe)
-                if st != _TAG_SET or se != e:
+                st, ss, se = read_tlv(der, oe)
+                if st != TAG_SET or se != e:
                     raise ValueError("Attribute values are not one SET")
                 values = []
                 vp = ss
                 while vp < se:
-                    _vt, _vs, ve = _read_tlv(der, vp)
+                    _vt, _vs, ve = read_tlv(der, vp)
                     values.append(der[vp:ve])
                     vp = ve
-                items.append(CsrAttr(x509.ObjectIdentifier(_oid_from_content(der[os_:oe])),
+                items.append(CsrAttr(x509.ObjectIdentifier(oid_from_content(der[os_:oe])),
                                      tuple(values)))
             else:
                 raise ValueError(f"unexpected tag {t:#04x} in CsrAttrs")
