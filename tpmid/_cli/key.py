@@ -159,7 +159,7 @@ def _confirm(ctx: Ctx, what: str) -> None:
 
 
 def cmd_delete(ctx: Ctx) -> int | None:
-    """``tpmid key delete NAME [--yes]``: evict the persistent key or remove the key file."""
+    """``tpmid key delete NAME [--yes]``: evict the persistent key (file keys: see reset)."""
     from tpmid.tpm.keys import evict_persistent
 
     cfg, ident = _identity(ctx)
@@ -236,8 +236,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     c = ksub.add_parser("create", help="create the identity's key (idempotent)",
                         description="Create the identity's key: persist the IDevID (kind "
-                        "persistent), or create a TSS2 key file (kind file). An existing "
-                        "matching key is kept; a different one is an error unless --force.")
+                        "persistent). An existing matching key is kept; a different one is an "
+                        "error unless --force. ek-derived keys need no creation; file keys "
+                        "(LDevID, Edge CA) are created by `tpmid enroll` with their "
+                        "certificate.")
     c.add_argument("name", metavar="NAME", help="identity name (identities.NAME)")
     c.add_argument("--force", action="store_true",
                    help="replace an existing key (its certificates become useless)")
@@ -251,7 +253,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.set_defaults(func=cmd_show)
 
     d = ksub.add_parser("delete", help="delete the identity's key",
-                        description="Evict the persistent key or delete the key file.")
+                        description="Evict the persistent key (file keys go with their "
+                        "identity: tpmid reset NAME).")
     d.add_argument("name", metavar="NAME", help="identity name")
     d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     add_json_flag(d)
