@@ -55,11 +55,13 @@ class Ctx:
         p = self.args.config or self.environ.get(ENV_CONFIG)
         return Path(p) if p else DEFAULT_CONFIG_PATH
 
-    def config(self, *, required: bool = True) -> Config:
+    def config(self, *, required: bool = True, refuse_insecure: bool = True) -> Config:
         """The parsed config file; ``--tcti`` / ``TPMID_TCTI`` override ``tpm.tcti``.
 
         With ``required=False`` a missing *default* config file yields the
         built-in defaults (so ``tpmid tpm info --tcti ...`` works without one).
+        A config file that group or others can write is refused, except with
+        ``refuse_insecure=False`` (``tpmid check`` reports it instead).
         """
         if self._config is None:
             import dataclasses
@@ -71,6 +73,11 @@ class Ctx:
                 cfg = Config()
             else:
                 cfg = load_config(self.config_path)
+                from tpmid.store import check_private_path
+
+                # Whoever can rewrite the config controls the device's identity.
+                if refuse_insecure:
+                    check_private_path(self.config_path, "config file", error=ConfigError)
             tcti = self.args.tcti or self.environ.get(ENV_TCTI)
             if tcti:
                 cfg = dataclasses.replace(cfg, tpm=dataclasses.replace(cfg.tpm, tcti=tcti))

@@ -213,3 +213,11 @@ def test_real_time_smoke_daemon_renews_short_lived_certificates_for_30_seconds(
         assert check.returncode == 0, check.stdout + check.stderr
     finally:
         f.server.stop()
+
+
+def test_a_config_file_others_can_write_is_refused_with_the_fix(field: Field) -> None:
+    field.config.chmod(0o666)
+    proc = tpmid(field.config, "status", env=field.env, check=False)
+    assert proc.returncode == 2
+    assert "writable by group and others" in proc.stderr
+    assert f"chmod go-w {field.config}" in proc.stderr
