@@ -536,7 +536,11 @@ def enroll_identity(
                           hint=f"add identities.{name}.est.url (see docs/config.md)")
     store = Store(store_dir or config.store.dir)
     operation: Operation = "simplereenroll" if reenroll else "simpleenroll"
+    from tpmid.tpm.keys import storage_parent_scope
+
     with store.identity_lock(name), contextlib.ExitStack() as stack:
+        # Closed last: the storage parent serves every key file this run touches.
+        stack.enter_context(storage_parent_scope(tpm))
         run = _Enrollment(config, ident, est, tpm=tpm, store=store, resolve=_resolver(secrets),
                           now=now, sleep=sleep, operation=operation, stack=stack)
         current = store.current(name)

@@ -233,7 +233,7 @@ def client_tls(*, key: TlsSigningKey | None = None, key_file: Path | None = None
     key's, :class:`ConfigError` for inconsistent arguments or unusable files.
     """
     if key is not None:
-        self_test()
+        self_test(str(getattr(key, "alg", "ecc-p256")))
     return _build(key=key, key_file=key_file, cert_chain=cert_chain,
                   trust_anchors=trust_anchors, use_system_store=use_system_store,
                   check_hostname=check_hostname, max_version=max_version,
@@ -324,48 +324,52 @@ def _selftest_one(lib: _openssl.OpenSsl, alg: str, version: ssl.TLSVersion) -> N
 
 
 _selftest_lock = threading.Lock()
-_selftest_result: TlsShimError | bool | None = None
+_selftest_results: dict[str, TlsShimError | bool] = {}
+# One handshake per key family: the EC and RSA key methods are separate code paths.
+_SELFTEST_CASES = {"ecc": ("ecc-p256", ssl.TLSVersion.TLSv1_3),
+                   "rsa": ("rsa-2048", ssl.TLSVersion.TLSv1_2)}
 
 
-def self_test() -> None:
+def self_test(alg: str = "ecc-p256") -> None:
     """Prove once per process that the signing shim works here; raise :class:`TlsShimError` if not.
 
     Binds to the OpenSSL of Python's ``_ssl`` (see :mod:`tpmid.tls._openssl`)
-    and runs in-memory mTLS handshakes against a throwaway server with software
-    signers behind the very same callbacks: ECC P-256 over TLS 1.3 and
-    RSA-2048 over TLS 1.2. The result, success or failure, is cached.
+    and runs an in-memory mTLS handshake against a throwaway server with a
+    software signer behind the very same callbacks as the key ``alg`` will use:
+    ECC over TLS 1.3 for ``ecc-*`` keys, RSA-2048 over TLS 1.2 for ``rsa-*``
+    keys. The result, success or failure, is cached per key family.
     """
-    global _selftest_result
+    family = "rsa" if alg.startswith("rsa") else "ecc"
     with _selftest_lock:
-        if _selftest_result is True:
+        cached = _selftest_results.get(family)
+        if cached is True:
             return
-        if isinstance(_selftest_result, TlsShimError):
-            raise _selftest_result
+        if isinstance(cached, TlsShimError):
+            raise cached
         try:
             lib = _openssl.load()
-            for alg, version in (("ecc-p256", ssl.TLSVersion.TLSv1_3),
-                                 ("rsa-2048", ssl.TLSVersion.TLSv1_2)):
-                _selftest_one(lib, alg, version)
+            _selftest_one(lib, *_SELFTEST_CASES[family])
         except TlsShimError as e:
-            _selftest_result = TlsShimError(
+            cached = TlsShimError(
                 f"the TPM signing shim failed its self-test: {e}",
                 hint=e.hint or "use a software key file (key_file=...) or report this "
                                "Python/OpenSSL combination",
             )
         except (ssl.SSLError, OSError, ValueError) as e:
-            _selftest_result = TlsShimError(
+            cached = TlsShimError(
                 f"the TPM signing shim failed its self-test handshake: {e}",
                 hint="this Python/OpenSSL combination is not supported by the shim; use a "
                      "software key file (key_file=...) and report the versions",
             )
         else:
-            _selftest_result = True
-            log.debug("TLS signing shim self-test passed (%s)", ssl.OPENSSL_VERSION)
+            _selftest_results[family] = True
+            log.debug("TLS signing shim self-test passed for %s keys (%s)", family,
+                      ssl.OPENSSL_VERSION)
             return
-        raise _selftest_result
+        _selftest_results[family] = cached
+        raise cached
 
 
 def _reset_self_test_for_tests() -> None:
-    global _selftest_result
     with _selftest_lock:
-        _selftest_result = None
+        _selftest_results.clear()

@@ -172,6 +172,9 @@ class TpmConnection:
         # one again; closing it for one user would break every other user, so
         # persistent objects and NV indices are reference-counted here.
         self._trs: dict[int, tuple[Any, int]] = {}
+        # Set by tpmid.tpm.keys.storage_parent_scope: the storage parent kept loaded
+        # across the key-file operations of one enrollment.
+        self.parent_scope: dict[str, Any] | None = None
         try:
             self._esapi = ESAPI(tcti)
         except TSS2_Exception as e:

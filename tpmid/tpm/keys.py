@@ -23,13 +23,21 @@ v1.00 r12 (2021): attributes §7.3.4.1 Table 3, algorithms §7.3.4.2 Table 4
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tpmid.errors import KeyMismatchError, StoreError, TpmError
-from tpmid.tpm.connection import RC_INTEGRITY, TpmConnection, decode_rc, tpm_call
+from tpmid.tpm.connection import (
+    RC_HANDLE,
+    RC_INTEGRITY,
+    TpmConnection,
+    decode_rc,
+    tpm_call,
+)
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -483,11 +491,24 @@ def _check_owner_handle(handle: int) -> None:
         )
 
 
+def _open_if_present(tpm: TpmConnection, handle: int) -> Any | None:
+    """``tpm.open_handle(handle)``, or None when no object is there (TPM_RC_HANDLE).
+
+    One TPM2_ReadPublic instead of listing every persistent handle first.
+    """
+    try:
+        return tpm.open_handle(handle, f"key {handle:#010x}")
+    except TpmError as e:
+        if e.rc is not None and decode_rc(e.rc).code == RC_HANDLE:
+            return None
+        raise
+
+
 def read_persistent_public(tpm: TpmConnection, handle: int) -> TPM2B_PUBLIC | None:
     """The public area of the object at ``handle``, None if the handle is empty."""
-    if handle not in tpm.persistent_handles():
+    tr = _open_if_present(tpm, handle)
+    if tr is None:
         return None
-    tr = tpm.open_handle(handle, f"key {handle:#010x}")
     try:
         with tpm_call(f"reading the key at {handle:#010x}", tpm):
             public, _, _ = tpm.esapi.read_public(tr)
@@ -574,13 +595,13 @@ def open_persistent(tpm: TpmConnection, handle: int,
     from it.
     """
     with tpm.lock:
-        if handle not in tpm.persistent_handles():
+        tr = _open_if_present(tpm, handle)
+        if tr is None:
             raise TpmError(
                 f"no key at {handle:#010x} — the persistent IDevID is missing (TPM2_Clear "
                 "removes every key persisted by the owner)",
                 hint="create it again with `tpmid key create <identity>` and enroll it again",
             )
-        tr = tpm.open_handle(handle, f"key {handle:#010x}")
         try:
             with tpm_call(f"reading the key at {handle:#010x}", tpm):
                 public, _, _ = tpm.esapi.read_public(tr)
@@ -626,11 +647,57 @@ def _create_storage_parent(tpm: TpmConnection) -> ESYS_TR:
     from tpm2_pytss.constants import ESYS_TR
     from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 
+    scope = tpm.parent_scope
+    if scope is not None and scope.get("primary") is not None:
+        return scope["primary"]
     with tpm_call("re-creating the storage root key (ECC P-256 primary in the owner hierarchy)",
                   tpm, handles=("the owner hierarchy",)):
         handle, _, _, _, _ = tpm.esapi.create_primary(
             TPM2B_SENSITIVE_CREATE(), storage_parent_template(), ESYS_TR.OWNER)
+    if scope is not None:
+        scope["primary"] = handle
     return handle
+
+
+def _release_storage_parent(tpm: TpmConnection, handle: ESYS_TR) -> None:
+    """Flush a re-created storage parent, unless a :func:`storage_parent_scope` keeps it."""
+    scope = tpm.parent_scope
+    if scope is not None and scope.get("primary") is handle:
+        return
+    flush_transient(tpm, handle, "the storage root key")
+
+
+def _persistent_srk_usable(tpm: TpmConnection) -> bool:
+    """A persistent SRK at 0x81000001 made from the standard storage template exists."""
+    scope = tpm.parent_scope
+    if scope is not None and "srk" in scope:
+        return bool(scope["srk"])
+    srk = read_persistent_public(tpm, SRK_HANDLE)
+    usable = srk is not None and template_fields(srk) == template_fields(storage_parent_template())
+    if scope is not None:
+        scope["srk"] = usable
+    return usable
+
+
+@contextlib.contextmanager
+def storage_parent_scope(tpm: TpmConnection) -> Iterator[None]:
+    """Keep the re-created storage parent loaded for the key-file work inside the block.
+
+    One enrollment creates a key file, loads it and (for re-enrollment) loads the
+    current one: without a scope each re-creates the ECC storage primary. The
+    scope holds one of the TPM's transient slots until it ends, when the parent
+    is flushed; nested scopes share the outer one.
+    """
+    if tpm.parent_scope is not None:
+        yield
+        return
+    tpm.parent_scope = {}
+    try:
+        yield
+    finally:
+        scope, tpm.parent_scope = tpm.parent_scope, None
+        if scope.get("primary") is not None:
+            flush_transient(tpm, scope["primary"], "the storage root key")
 
 
 def create_key_file(tpm: TpmConnection, alg: str) -> bytes:
@@ -653,7 +720,7 @@ def create_key_file(tpm: TpmConnection, alg: str) -> bytes:
                 private, public, _, _, _ = tpm.esapi.create(
                     parent, TPM2B_SENSITIVE_CREATE(), template)
         finally:
-            flush_transient(tpm, parent, "the storage root key")
+            _release_storage_parent(tpm, parent)
     pem = TSSPrivKey(private, public, empty_auth=True, parent=PARENT_OWNER).to_pem()
     return bytes(pem)
 
@@ -692,9 +759,7 @@ def load_key_file(tpm: TpmConnection, pem: bytes) -> LoadedKey:
         esapi = tpm.esapi
         parents: list[tuple[str, bool]] = []  # (how, transient)
         if tss.parent == PARENT_OWNER:
-            srk = read_persistent_public(tpm, SRK_HANDLE)
-            if srk is not None and template_fields(srk) == template_fields(
-                    storage_parent_template()):
+            if _persistent_srk_usable(tpm):
                 parents.append(("persistent", False))
             parents.append(("primary", True))
         elif OWNER_PERSISTENT_FIRST <= tss.parent <= 0x81FFFFFF:
@@ -719,7 +784,7 @@ def load_key_file(tpm: TpmConnection, pem: bytes) -> LoadedKey:
                 raise
             finally:
                 if transient:
-                    flush_transient(tpm, parent_tr, "the storage root key")
+                    _release_storage_parent(tpm, parent_tr)
                 else:
                     tpm.close_handle(number, parent_tr)
             try:
