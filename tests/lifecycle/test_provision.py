@@ -629,3 +629,28 @@ def test_json_output_is_exactly_one_object_equal_to_the_manifest_line(
     assert proc.stdout.count("\n") == 1
     assert json.loads(proc.stdout) == json.loads(manifest.read_text())
     assert proc.stdout == manifest.read_text()
+
+
+def test_provisioned_idevid_names_this_tpm_in_its_hardware_module_name(
+        device: Device, server: RunningEstServer, manifest: Path) -> None:
+    """The RFC 4108 hardwareModuleName in the issued IDevID is the one the TPM's own EK
+    yields (computed here independently, on a connection of its own)."""
+    from tpmid.csr import OID_HARDWARE_MODULE_NAME, hardware_module_name, parse_hardware_module_name
+    from tpmid.store import Store
+    from tpmid.tpm.connection import PT_MANUFACTURER
+    from tpmid.tpm.ek import primary_ek, read_eks
+
+    proc = run_provision(device, manifest, server.secret, "--serial", "HW-0001")
+    assert proc.returncode == 0, proc.stderr
+    cur = Store(device.store).current("idevid")
+    assert cur is not None
+    san = cur.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = [n.value for n in san if isinstance(n, x509.OtherName)
+             and n.type_id.dotted_string == OID_HARDWARE_MODULE_NAME]
+    assert len(names) == 1
+    with TpmConnection(device.sim.tcti) as tpm:
+        ek = primary_ek(read_eks(tpm))
+        expected = hardware_module_name(
+            ek.cert_der, ek.public_key_der,
+            tpm_manufacturer=tpm.properties(PT_MANUFACTURER, 1).get(PT_MANUFACTURER))
+    assert parse_hardware_module_name(names[0]) == expected

@@ -342,6 +342,7 @@ class _Enrollment:
         self.stack = stack
         self.entry: JournalEntry | None = None
         self.auth_with_current = operation == "simplereenroll"
+        self.hw_module: tuple[str, bytes] | None = None
 
     # -- journal ---------------------------------------------------------------------
 
@@ -436,7 +437,9 @@ class _Enrollment:
             ) -> x509.CertificateSigningRequest:
         from tpmid.csr import build_csr
 
-        hw = _hw_module(self.tpm) if self.ident.san.hardware_module_name else None
+        hw = None
+        if self.ident.san.hardware_module_name:
+            hw = self.hw_module or _hw_module(self.tpm)
         return build_csr(key.private_key(), self.ident.subject, self.ident.san,
                          hash_name=key.hash_name, hw_module=hw,
                          challenge_password=challenge_password)
@@ -514,6 +517,7 @@ def enroll_identity(
     store_dir: Path | None = None,
     reenroll: bool = False,
     auth_with_current: bool = False,
+    hw_module: tuple[str, bytes] | None = None,
 ) -> EnrollResult:
     """Enroll (or with ``reenroll``, re-enroll) identity ``name``; see the module docstring.
 
@@ -526,6 +530,8 @@ def enroll_identity(
     ``auth_with_current`` makes a simpleenroll authenticate with the identity's
     own current key and certificate instead of ``est.auth`` (renewal with
     ``renew.method: simpleenroll``); simplereenroll always does.
+    ``hw_module`` is the CSR's hardwareModuleName when the caller already read
+    the EKs (provisioning); otherwise they are read when the SAN asks for it.
     """
     from tpmid.store import Store
 
@@ -545,6 +551,7 @@ def enroll_identity(
                           now=now, sleep=sleep, operation=operation, stack=stack)
         current = store.current(name)
         run.auth_with_current = auth_with_current or reenroll
+        run.hw_module = hw_module
         if run.auth_with_current and current is None:
             raise StoreError(f"{name} has no current certificate to re-enroll",
                              hint=f"enroll it first: tpmid enroll {name}")

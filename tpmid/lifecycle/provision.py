@@ -137,6 +137,8 @@ class _Run:
         self.progress = progress
         self.started = started
         self.t0 = time.monotonic()
+        # The EKs read in the first step; the CSR's hardwareModuleName reuses them.
+        self.eks: list[Any] = []
         self.index = 0
         self.fields: dict[str, Any] = {
             "time": started.astimezone(UTC).isoformat(),
@@ -354,6 +356,7 @@ def _read_ek(run: _Run, tpm: TpmConnection) -> str:
     from tpmid.tpm.ek import primary_ek, read_eks
 
     eks = read_eks(tpm)
+    run.eks = eks
     primary = primary_ek(eks)
     certs = tuple(
         EkCertificate(template=ek.template, alg=ek.alg, nv_index=f"{ek.cert_index:#010x}",
@@ -365,13 +368,36 @@ def _read_ek(run: _Run, tpm: TpmConnection) -> str:
             f"{len(certs)} EK certificate{'s' if len(certs) != 1 else ''}")
 
 
-def _open_key_info(run: _Run, tpm: TpmConnection, ident: IdentityConfig) -> bytes:
-    from tpmid.tpm.keys import load_identity_key
+def _open_key_info(run: _Run, tpm: TpmConnection, ident: IdentityConfig,
+                   public: Any = None) -> bytes:
+    """SPKI DER of the IDevID; from ``public`` (TPM2B_PUBLIC) when the caller has it."""
+    from cryptography.hazmat.primitives import serialization
 
-    with load_identity_key(tpm, ident.key) as loaded:
-        spki = loaded.public_key_der()
+    from tpmid.tpm.keys import load_identity_key, public_key_from_tpm
+
+    if public is not None:
+        spki = public_key_from_tpm(public).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    else:
+        with load_identity_key(tpm, ident.key) as loaded:
+            spki = loaded.public_key_der()
     run.fields["idevid_key_sha256"] = _sha256(spki)
     return spki
+
+
+def _hw_module_from(run: _Run, tpm: TpmConnection, ident: IdentityConfig
+                    ) -> tuple[str, bytes] | None:
+    """The CSR's hardwareModuleName from the EKs already read (no second EK pass)."""
+    from tpmid.csr import hardware_module_name
+    from tpmid.tpm.connection import PT_MANUFACTURER
+    from tpmid.tpm.ek import primary_ek
+
+    if not ident.san.hardware_module_name or not run.eks:
+        return None
+    ek = primary_ek(run.eks)
+    return hardware_module_name(
+        ek.cert_der, ek.public_key_der,
+        tpm_manufacturer=tpm.properties(PT_MANUFACTURER, 1).get(PT_MANUFACTURER))
 
 
 def _with_serial(ident: IdentityConfig, serial: str | None) -> tuple[IdentityConfig, str]:
@@ -400,6 +426,7 @@ def _enroll(run: _Run, config: Config, ident: IdentityConfig, tpm: TpmConnection
     cfg = replace(config, identities={**config.identities, ident.name: ident})
     key = ident.key
     created = False
+    public = None
     with run.step("IDevID key") as st:
         if key.kind == "persistent":
             try:
@@ -410,21 +437,22 @@ def _enroll(run: _Run, config: Config, ident: IdentityConfig, tpm: TpmConnection
                           "vendor provisioned it, use --adopt --cert-nv INDEX; if it is really "
                           f"unwanted, delete it deliberately (tpmid key delete {ident.name})")
                 raise
-            created = res.created
+            created, public = res.created, res.public
             run.fields["idevid_key_action"] = "created" if created else "kept"
             what = "created" if created else "kept the existing"
             st.text = f"{what} {key.template} IDevID at {key.handle:#010x}"
         else:
             run.fields["idevid_key_action"] = "derived"
             st.text = f"ek-derived {key.template} IDevID (re-created on use)"
-        spki = _open_key_info(run, tpm, ident)
+        spki = _open_key_info(run, tpm, ident, public)
         st.text += f", public key {_short(_sha256(spki))}"
     committed = False
     try:
         assert ident.est is not None
         with run.step("enrolling over EST") as st:
             result = enroll_identity(cfg, ident.name, tpm=tpm, secrets=resolve, now=now,
-                                     store_dir=store.root)
+                                     store_dir=store.root,
+                                     hw_module=_hw_module_from(run, tpm, ident))
             committed = True
             run.set_certificate(result.certificate)
             st.text = (f"ok  {ident.est.url}: serial {result.certificate.serial_number:x}, "
