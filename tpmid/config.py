@@ -271,17 +271,23 @@ class Config:
 # --------------------------------------------------------------------------- parsing
 
 
-class _Reader:
-    """Walks one mapping, remembering where it is, and rejects leftovers."""
+class MappingReader:
+    """Walks one mapping of a YAML document, remembering where it is, and rejects leftovers.
 
-    def __init__(self, data: object, where: str, source: str) -> None:
+    Shared by tpmid's config and the reference EST server's config: every value is
+    type-checked as it is taken, and :meth:`done` names any key nobody took.
+    """
+
+    def __init__(self, data: object, where: str, source: str, *, hint: str | None = None) -> None:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
-        self.data = dict(data)
+            raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, "
+                              f"got {type(data).__name__}")
+        self.data: dict[Any, Any] = dict(data)
         self.where = where
         self.source = source
+        self.hint = hint
 
     def path(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
@@ -289,10 +295,14 @@ class _Reader:
     def err(self, key: str, msg: str) -> ConfigError:
         return ConfigError(f"{self.source}: {self.path(key)}: {msg}")
 
+    def has(self, key: str) -> bool:
+        return key in self.data
+
     def pop(self, key: str, default: Any = None) -> Any:
         return self.data.pop(key, default)
 
-    def string(self, key: str, default: str | None = None, *, required: bool = False) -> Any:
+    def string(self, key: str, default: str | None = None, *, required: bool = False,
+               choices: tuple[str, ...] | None = None) -> Any:
         if key not in self.data:
             if required:
                 raise self.err(key, "is required")
@@ -300,6 +310,8 @@ class _Reader:
         v = self.data.pop(key)
         if not isinstance(v, str) or not v:
             raise self.err(key, f"expected a non-empty string, got {v!r}")
+        if choices is not None and v not in choices:
+            raise self.err(key, f"{v!r} is not one of {', '.join(choices)}")
         return v
 
     def flag(self, key: str, default: bool) -> bool:
@@ -313,6 +325,18 @@ class _Reader:
         if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
             raise self.err(key, f"expected a non-negative number, got {v!r}")
         return float(v)
+
+    def whole(self, key: str, default: int, *, minimum: int = 0) -> int:
+        v = self.data.pop(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self.err(key, f"expected a whole number >= {minimum}, got {v!r}")
+        return v
+
+    def duration(self, key: str, default: float | str) -> float:
+        return parse_duration(self.data.pop(key, default), f"{self.source}: {self.path(key)}")
+
+    def amount(self, key: str, default: str) -> Amount:
+        return parse_amount(self.data.pop(key, default), f"{self.source}: {self.path(key)}")
 
     def paths(self, key: str) -> tuple[Path, ...]:
         v = self.data.pop(key, [])
@@ -330,14 +354,15 @@ class _Reader:
             raise self.err(key, "expected a list of strings")
         return tuple(v)
 
-    def sub(self, key: str) -> _Reader:
-        return _Reader(self.data.pop(key, None), self.path(key), self.source)
+    def sub(self, key: str) -> MappingReader:
+        return MappingReader(self.data.pop(key, None), self.path(key), self.source,
+                             hint=self.hint)
 
     def done(self) -> None:
         if self.data:
             names = ", ".join(sorted(str(k) for k in self.data))
             where = f" in {self.where}" if self.where else ""
-            raise ConfigError(f"{self.source}: unknown key(s){where}: {names}")
+            raise ConfigError(f"{self.source}: unknown key(s){where}: {names}", hint=self.hint)
 
 
 def _secret(value: object, where: str, source: str) -> SecretRef:
@@ -346,7 +371,7 @@ def _secret(value: object, where: str, source: str) -> SecretRef:
             f"{source}: {where}: secrets are never written in the config file; "
             "use {env: VARIABLE}, {file: /path/to/0600-file} or {stdin: true}"
         )
-    r = _Reader(value, where, source)
+    r = MappingReader(value, where, source)
     env = r.string("env")
     file = r.string("file")
     stdin = r.flag("stdin", False)
@@ -372,14 +397,14 @@ def _handle(value: object, where: str, source: str) -> int:
     return value
 
 
-def _choice(r: _Reader, key: str, choices: tuple[str, ...], default: str) -> Any:
+def _choice(r: MappingReader, key: str, choices: tuple[str, ...], default: str) -> Any:
     v = r.string(key, default)
     if v not in choices:
         raise r.err(key, f"{v!r} is not one of {', '.join(choices)}")
     return v
 
 
-def _key(r: _Reader) -> KeyConfig:
+def _key(r: MappingReader) -> KeyConfig:
     if "kind" not in r.data:
         raise r.err("kind", "is required (persistent, ek-derived or file)")
     kind = _choice(r, "kind", ("persistent", "ek-derived", "file"), "file")
@@ -390,7 +415,7 @@ def _key(r: _Reader) -> KeyConfig:
     return KeyConfig(kind=kind, template=template, handle=handle, alg=alg)
 
 
-def _est(r: _Reader) -> EstConfig:
+def _est(r: MappingReader) -> EstConfig:
     url = r.string("url", required=True)
     if not re.match(r"^https?://", url):
         raise r.err("url", f"{url!r} must start with https://")
@@ -401,7 +426,7 @@ def _est(r: _Reader) -> EstConfig:
     if isinstance(client, str):
         client_name = client
     elif isinstance(client, Mapping):
-        cr = _Reader(client, a.path("client"), r.source)
+        cr = MappingReader(client, a.path("client"), r.source)
         client_files = ClientCertAuth(cert=Path(cr.string("cert", required=True)),
                                       key=Path(cr.string("key", required=True)))
         cr.done()
@@ -431,7 +456,7 @@ def _est(r: _Reader) -> EstConfig:
         pop=r.flag("pop", False),
         connect_timeout=connect,
         read_timeout=read,
-        max_wait=parse_duration(r.pop("max_wait", 300), r.path("max_wait")),
+        max_wait=r.duration("max_wait", 300),
         accept_rewritten_subject=r.flag("accept_rewritten_subject", False),
     )
     if url.startswith("http://") and not est.allow_http:
@@ -442,22 +467,22 @@ def _est(r: _Reader) -> EstConfig:
     return est
 
 
-def _renew(r: _Reader) -> RenewConfig:
+def _renew(r: MappingReader) -> RenewConfig:
     d = RenewConfig()
     method = _choice(r, "method", ("simplereenroll", "simpleenroll"), d.method)
     rc = RenewConfig(
-        threshold=parse_amount(r.pop("threshold", "80%"), r.path("threshold")),
-        retry=parse_amount(r.pop("retry", "4%"), r.path("retry")),
-        jitter=parse_amount(r.pop("jitter", "2%"), r.path("jitter")),
+        threshold=r.amount("threshold", "80%"),
+        retry=r.amount("retry", "4%"),
+        jitter=r.amount("jitter", "2%"),
         rotate_key=r.flag("rotate_key", True),
         method=method,
-        grace=parse_duration(r.pop("grace", 0), r.path("grace")),
+        grace=r.duration("grace", 0),
     )
     r.done()
     return rc
 
 
-def _identity(name: str, r: _Reader) -> IdentityConfig:
+def _identity(name: str, r: MappingReader) -> IdentityConfig:
     key = _key(r.sub("key")) if "key" in r.data else None
     if key is None:
         raise r.err("key", "is required")
@@ -482,7 +507,7 @@ def _identity(name: str, r: _Reader) -> IdentityConfig:
 
 def parse_config(data: object, source: str = "<config>") -> Config:
     """Build a :class:`Config` from a parsed YAML document; raise ConfigError on any mistake."""
-    top = _Reader(data, "", source)
+    top = MappingReader(data, "", source)
     t = top.sub("tpm")
     ta = t.sub("auth")
     auth = HierarchyAuth(**{

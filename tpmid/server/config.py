@@ -14,11 +14,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from cryptography import x509
 
-from tpmid.config import parse_duration
+from tpmid.config import MappingReader, parse_duration
 from tpmid.errors import ConfigError
 from tpmid.est.messages import CsrAttr, der_oid
 
@@ -154,71 +154,15 @@ class ServerConfig:
 # --------------------------------------------------------------------------- parsing
 
 
-class _R:
-    """Walks one mapping of the YAML document and rejects leftovers."""
-
-    def __init__(self, data: object, where: str, source: str) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, "
-                              f"got {type(data).__name__}")
-        self.data: dict[Any, Any] = dict(data)
-        self.where = where
-        self.source = source
-
-    def path(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def err(self, key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self.path(key)}: {msg}")
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def pop(self, key: str, default: Any = None) -> Any:
-        return self.data.pop(key, default)
-
-    def text(self, key: str, default: str | None = None, *, required: bool = False,
-            choices: tuple[str, ...] | None = None) -> Any:
-        if key not in self.data:
-            if required:
-                raise self.err(key, "is required")
-            return default
-        v = self.data.pop(key)
-        if not isinstance(v, str) or not v:
-            raise self.err(key, f"expected a non-empty string, got {v!r}")
-        if choices is not None and v not in choices:
-            raise self.err(key, f"{v!r} is not one of {', '.join(choices)}")
-        return v
-
-    def flag(self, key: str, default: bool) -> bool:
-        v = self.data.pop(key, default)
-        if not isinstance(v, bool):
-            raise self.err(key, f"expected true or false, got {v!r}")
-        return v
-
-    def whole(self, key: str, default: int, *, minimum: int = 0) -> int:
-        v = self.data.pop(key, default)
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise self.err(key, f"expected a whole number >= {minimum}, got {v!r}")
-        return v
-
-    def duration(self, key: str, default: float) -> float:
-        return parse_duration(self.data.pop(key, default), self.path(key))
-
-    def sub(self, key: str) -> _R:
-        return _R(self.data.pop(key, None), self.path(key), self.source)
-
-    def done(self) -> None:
-        if self.data:
-            names = ", ".join(sorted(str(k) for k in self.data))
-            where = f" in {self.where}" if self.where else ""
-            raise ConfigError(f"{self.source}: unknown key(s){where}: {names}",
-                              hint="see docs/est-server.md for the config file reference")
+_HINT = "see docs/est-server.md for the config file reference"
 
 
-def _auth(r: _R) -> AuthPolicy:
+def _R(data: object, where: str, source: str) -> MappingReader:
+    """A reader of this file's mappings (shared with tpmid's own config parser)."""
+    return MappingReader(data, where, source, hint=_HINT)
+
+
+def _auth(r: MappingReader) -> AuthPolicy:
     kinds = [k for k in ("secret_value", "basic", "client_cert", "anonymous") if r.has(k)]
     if len(kinds) != 1:
         raise ConfigError(
@@ -229,14 +173,14 @@ def _auth(r: _R) -> AuthPolicy:
     policy: AuthPolicy
     if kind == "secret_value":
         s = r.sub("secret_value")
-        policy = SecretValueAuth(hash=s.text("hash", required=True),
-                                 header=s.text("header", "Secret-Value"))
+        policy = SecretValueAuth(hash=s.string("hash", required=True),
+                                 header=s.string("header", "Secret-Value"))
         s.done()
     elif kind == "basic":
         b = r.sub("basic")
-        policy = BasicAuthPolicy(username=b.text("username", required=True),
-                                 hash=b.text("hash", required=True),
-                                 realm=b.text("realm", "tpmid-est"))
+        policy = BasicAuthPolicy(username=b.string("username", required=True),
+                                 hash=b.string("hash", required=True),
+                                 realm=b.string("realm", "tpmid-est"))
         b.done()
         if ":" in policy.username:
             raise r.err("basic.username", "must not contain ':' (RFC 7617 §2)")
@@ -272,7 +216,7 @@ def parse_csrattrs(value: object, where: str, source: str) -> tuple[CsrAttr, ...
                 out.append(CsrAttr.of(item))
                 continue
             r = _R(item, here, source)
-            oid = r.text("type", required=True)
+            oid = r.string("type", required=True)
             values = r.pop("values", [])
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
                 raise r.err("values", "expected a list of OIDs")
@@ -288,7 +232,7 @@ def parse_csrattrs(value: object, where: str, source: str) -> tuple[CsrAttr, ...
     return tuple(out)
 
 
-def _faults(r: _R) -> Faults:
+def _faults(r: MappingReader) -> Faults:
     status = r.pop("status")
     if status is not None and (isinstance(status, bool) or not isinstance(status, int)
                                or not 100 <= status <= 599):
@@ -301,7 +245,7 @@ def _faults(r: _R) -> Faults:
         raise r.err("operations", f"expected a list from {', '.join(OPERATIONS)}")
     f = Faults(
         status=status,
-        retry_after=(parse_duration(retry_after, r.path("retry_after"))
+        retry_after=(parse_duration(retry_after, f"{r.source}: {r.path('retry_after')}")
                      if retry_after is not None else None),
         malformed_body=r.flag("malformed_body", False),
         wrong_content_type=r.flag("wrong_content_type", False),
@@ -314,12 +258,12 @@ def _faults(r: _R) -> Faults:
     return f
 
 
-def _label(name: str, r: _R) -> LabelConfig:
-    ca = r.text("ca", required=True, choices=CA_NAMES)
-    profile = r.text("profile", required=True, choices=PROFILES)
+def _label(name: str, r: MappingReader) -> LabelConfig:
+    ca = r.string("ca", required=True, choices=CA_NAMES)
+    profile = r.string("profile", required=True, choices=PROFILES)
     if "lifetime" not in r.data:
         raise r.err("lifetime", "is required (for example 30s, 7day or 20y)")
-    lifetime = parse_lifetime(r.pop("lifetime"), r.path("lifetime"))
+    lifetime = parse_lifetime(r.pop("lifetime"), f"{r.source}: {r.path('lifetime')}")
     if "auth" not in r.data:
         raise r.err("auth", "is required (secret_value, basic, client_cert or anonymous)")
     auth = _auth(r.sub("auth"))
@@ -338,7 +282,7 @@ def _label(name: str, r: _R) -> LabelConfig:
         pop=r.flag("pop", False),
         allow_sha1_csr=r.flag("allow_sha1_csr", False),
         serverkeygen=r.flag("serverkeygen", True),
-        serverkeygen_alg=r.text("serverkeygen_alg", None, choices=ALGS),
+        serverkeygen_alg=r.string("serverkeygen_alg", None, choices=ALGS),
         csrattrs=csrattrs,
         faults=_faults(r.sub("faults")),
     )
@@ -361,7 +305,7 @@ def parse_server_config(data: object, source: str = "<config>") -> ServerConfig:
     lr.done()
     if not labels:
         raise ConfigError(f"{source}: labels: at least one label is required")
-    default = top.text("default_label")
+    default = top.string("default_label")
     if default is not None and default not in labels:
         raise top.err("default_label", f"{default!r} is not one of the labels "
                       f"({', '.join(sorted(labels))})")
