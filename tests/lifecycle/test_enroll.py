@@ -213,11 +213,11 @@ def test_edge_ca_is_enrolled_at_the_edgeca_label_with_the_ldevid(
 def test_one_ldevid_enrollment_costs_the_documented_tpm_commands(
     make_rig: Callable[..., Rig],
 ) -> None:
-    """docs/est-client.md, "TPM commands per enrollment": a new key file (CreatePrimary of
-    the storage root key, kept for the enrollment; Create), loading it (ReadPublic: is
-    there a persistent SRK?; Load), the CSR (Sign), freeing it (FlushContext), opening
-    the persistent IDevID (ReadPublic x2), one mTLS handshake for /cacerts and
-    /simpleenroll on one connection (Sign), then the storage root key is flushed."""
+    """docs/est-client.md, "TPM commands per enrollment": a new key file, created and
+    loaded in one (CreatePrimary of the storage root key, CreateLoaded), the CSR (Sign),
+    freeing it (FlushContext), opening the persistent IDevID (ReadPublic x2), one mTLS
+    handshake for /cacerts and /simpleenroll on one connection (Sign), then the storage
+    root key is flushed."""
     rig = make_rig(proxy=True)
     rig.enroll("idevid")
     proxy = rig.proxy
@@ -225,8 +225,8 @@ def test_one_ldevid_enrollment_costs_the_documented_tpm_commands(
     proxy.reset()
     rig.enroll("ldevid")
     assert Counter(proxy.commands) == Counter({
-        "TPM2_CreatePrimary": 1, "TPM2_Create": 1, "TPM2_Load": 1, "TPM2_FlushContext": 2,
-        "TPM2_ReadPublic": 3, "TPM2_Sign": 2,
+        "TPM2_CreatePrimary": 1, "TPM2_CreateLoaded": 1, "TPM2_FlushContext": 2,
+        "TPM2_ReadPublic": 2, "TPM2_Sign": 2,
     })
     # The handshake comes after the new key was flushed; the parent goes last.
     assert proxy.commands[-2:] == ["TPM2_Sign", "TPM2_FlushContext"]

@@ -385,3 +385,32 @@ def test_sign_digest_and_a_csr_cost_exactly_one_tpm2_sign(swtpm: Swtpm, name: st
         csr = build_csr(key.private_key(), SubjectConfig(cn="one-sign"), SanConfig(),
                         hash_name=key.hash_name)
         assert proxy.by_name()["TPM2_Sign"] == 1 and csr.is_signature_valid
+
+
+@pytest.mark.parametrize("create_loaded_supported", [True, False], ids=["CreateLoaded", "fallback"])
+def test_new_key_file_is_created_loaded_and_reloadable(
+        swtpm: Swtpm, monkeypatch: pytest.MonkeyPatch, create_loaded_supported: bool) -> None:
+    """A new key comes back loaded and its file loads again later. The fallback case
+    fakes TPM_RC_COMMAND_CODE for TPM2_CreateLoaded, which swtpm implements (older
+    firmware TPMs do not): the only way to reach that path here."""
+    from tpm2_pytss import TSS2_Exception
+
+    refused: list[int] = []
+    with TpmConnection(swtpm.tcti) as tpm:
+        if not create_loaded_supported:
+            def no_create_loaded(*args: object, **kwargs: object) -> None:
+                refused.append(1)
+                raise TSS2_Exception(0x143)
+
+            monkeypatch.setattr(tpm.esapi, "create_loaded", no_create_loaded)
+        pem, key = keys.create_loaded_key_file(tpm, "ecc-p256")
+        with key:
+            first = _spki(key)
+            digest = hashes.Hash(hashes.SHA256())
+            digest.update(b"tpmid")
+            sig = key.sign_digest(digest.finalize())
+        key.public_key().verify(sig, b"tpmid", ec.ECDSA(hashes.SHA256()))
+        with keys.load_key_file(tpm, pem) as again:
+            assert _spki(again) == first
+    assert refused == ([] if create_loaded_supported else [1])
+    assert transient_objects(swtpm) == []

@@ -390,7 +390,7 @@ class _Enrollment:
 
     def new_key(self, current_key_file: Path | None) -> _Key:
         """Open the key the new certificate will certify (staging a new file key)."""
-        from tpmid.tpm.keys import create_key_file, load_identity_key
+        from tpmid.tpm.keys import create_loaded_key_file, load_identity_key
 
         ident = self.ident
         if ident.key.kind != "file":
@@ -401,7 +401,10 @@ class _Enrollment:
             loaded = _open_existing_key(self.tpm, ident, current_key_file)
             self.stack.callback(loaded.close)
             return _Key(loaded, loaded.public_key_der(), current_key_file, None)
-        pem = create_key_file(self.tpm, ident.key.alg)
+        pem, loaded = create_loaded_key_file(self.tpm, ident.key.alg)
+        self.stack.callback(loaded.close)
+        # Durable before it is used: the staged file and the journal entry let a crash
+        # from here on be rolled back or resumed.
         path = self.store.stage_key(self.name, pem)
         version = self.store.key_version(path)
         try:
@@ -410,8 +413,6 @@ class _Enrollment:
             with contextlib.suppress(OSError):
                 Path(path).unlink()
             raise
-        loaded = load_identity_key(self.tpm, ident.key, pem)
-        self.stack.callback(loaded.close)
         log.info("%s: created a new %s key in the TPM (key file version %s)", self.name,
                  ident.key.alg, version)
         return _Key(loaded, loaded.public_key_der(), path, version)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from tpmid.errors import KeyMismatchError, StoreError, TpmError
 from tpmid.tpm.connection import (
+    RC_COMMAND_CODE,
     RC_HANDLE,
     RC_INTEGRITY,
     TpmConnection,
@@ -723,6 +724,44 @@ def create_key_file(tpm: TpmConnection, alg: str) -> bytes:
             _release_storage_parent(tpm, parent)
     pem = TSSPrivKey(private, public, empty_auth=True, parent=PARENT_OWNER).to_pem()
     return bytes(pem)
+
+
+def create_loaded_key_file(tpm: TpmConnection, alg: str) -> tuple[bytes, LoadedKey]:
+    """Like :func:`create_key_file`, but the new key also stays loaded for signing.
+
+    One TPM2_CreateLoaded instead of TPM2_Create + TPM2_Load (TPM 2.0 Part 3
+    §12.9); a TPM without that command (TPM_RC_COMMAND_CODE) gets the two. The
+    caller closes the returned key.
+    """
+    from tpm2_pytss.tsskey import TSSPrivKey
+    from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE, TPM2B_TEMPLATE
+
+    template = file_key_template(alg)
+    with tpm.lock:
+        parent = _create_storage_parent(tpm)
+        try:
+            with tpm_call(f"creating a {alg} key under the storage root key", tpm,
+                          handles=("the storage root key",)):
+                try:
+                    handle, private, public = tpm.esapi.create_loaded(
+                        parent, TPM2B_SENSITIVE_CREATE(),
+                        TPM2B_TEMPLATE(template.publicArea.marshal()))
+                except Exception as e:
+                    if decode_rc(int(getattr(e, "rc", 0))).code != RC_COMMAND_CODE:
+                        raise
+                    handle = None
+        finally:
+            _release_storage_parent(tpm, parent)
+    if handle is None:
+        pem = create_key_file(tpm, alg)
+        return pem, load_key_file(tpm, pem)
+    pem = TSSPrivKey(private, public, empty_auth=True, parent=PARENT_OWNER).to_pem()
+    try:
+        return bytes(pem), LoadedKey(tpm, handle, public, transient=True,
+                                     description="key-file key")
+    except BaseException:
+        flush_transient(tpm, handle, "the key-file key")
+        raise
 
 
 def _parse_key_file(pem: bytes) -> Any:
