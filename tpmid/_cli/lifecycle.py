@@ -13,6 +13,7 @@ from tpmid.cli import Ctx
 
 if TYPE_CHECKING:
     from tpmid.lifecycle.renew import RenewalEngine
+    from tpmid.tpm.connection import TpmConnection
 
 log = logging.getLogger("tpmid.daemon")
 
@@ -40,7 +41,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d.set_defaults(func=cmd_daemon)
 
 
-def _engine(ctx: Ctx) -> RenewalEngine:
+def _engine(ctx: Ctx, tpm: TpmConnection | None = None) -> RenewalEngine:
+    """The renewal engine; with ``tpm`` every renewal reuses that open connection."""
+    import contextlib
+
     from tpmid._cli.tpm import open_tpm
     from tpmid.lifecycle.renew import RenewalEngine
     from tpmid.secrets import resolve_secret
@@ -50,19 +54,23 @@ def _engine(ctx: Ctx) -> RenewalEngine:
     return RenewalEngine(
         config=cfg,
         store=Store(cfg.store.dir),
-        open_tpm=lambda: open_tpm(ctx, config_required=True),
+        open_tpm=((lambda: contextlib.nullcontext(tpm)) if tpm is not None
+                  else (lambda: open_tpm(ctx, config_required=True))),
         secrets=lambda ref: resolve_secret(ref, ctx.environ, ctx.read_stdin),
     )
 
 
-def _recover(ctx: Ctx, engine: RenewalEngine) -> None:
+def _recover(ctx: Ctx, engine: RenewalEngine, tpm: TpmConnection | None = None) -> None:
     """Start-up recovery: settle the journal, then free TPM slots that dead runs left."""
+    import contextlib
+
     from tpmid._cli.tpm import open_tpm
 
     for action in engine.store.recover():
         log.info("recovery: %s", action)
-    with open_tpm(ctx, config_required=True) as tpm:
-        for handle in tpm.flush_stale_transients():
+    with (contextlib.nullcontext(tpm) if tpm is not None
+          else open_tpm(ctx, config_required=True)) as conn:
+        for handle in conn.flush_stale_transients():
             log.warning("recovery: flushed transient object %#x left in the TPM by an "
                         "interrupted process", handle)
 
@@ -75,21 +83,24 @@ def cmd_renew(ctx: Ctx) -> int:
     """``tpmid renew NAME [--force] [--chain]``."""
     from datetime import UTC, datetime
 
+    from tpmid._cli.tpm import open_tpm
     from tpmid.lifecycle.policy import describe
 
-    engine = _engine(ctx)
     name = ctx.args.name
     ctx.config().identity(name)  # a clear error for an unknown name
-    now = datetime.now(UTC)
-    _recover(ctx, engine)
-    decision = engine.plan(name, now)
-    if not ctx.args.force and decision.when > now:
-        ctx.emit({"identity": name, "renewed": False, "next": decision.when.isoformat(),
-                  "reason": decision.reason},
-                 f"{describe(decision, name)}; not due (use --force to renew now)")
-        return 0
-    ctx.progress(f"renewing {name} ...")
-    results = engine.renew_chain(name, now) if ctx.args.chain else [engine.renew(name, now)]
+    # One TPM connection (and one turn at the host TPM lock) for the whole command.
+    with open_tpm(ctx, config_required=True) as tpm:
+        engine = _engine(ctx, tpm)
+        now = datetime.now(UTC)
+        _recover(ctx, engine, tpm)
+        decision = engine.plan(name, now)
+        if not ctx.args.force and decision.when > now:
+            ctx.emit({"identity": name, "renewed": False, "next": decision.when.isoformat(),
+                      "reason": decision.reason},
+                     f"{describe(decision, name)}; not due (use --force to renew now)")
+            return 0
+        ctx.progress(f"renewing {name} ...")
+        results = engine.renew_chain(name, now) if ctx.args.chain else [engine.renew(name, now)]
 
     def human(rows: list[dict[str, Any]]) -> str:
         return "\n".join(

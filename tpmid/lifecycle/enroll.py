@@ -302,7 +302,7 @@ def _hw_module(tpm: TpmConnection) -> tuple[str, bytes]:
     ek = primary_ek(read_eks(tpm))
     return hardware_module_name(
         ek.cert_der, ek.public_key_der,
-        tpm_manufacturer=tpm.properties(PT_MANUFACTURER, 1).get(PT_MANUFACTURER))
+        tpm_manufacturer=tpm.fixed_property(PT_MANUFACTURER))
 
 
 def _open_existing_key(tpm: TpmConnection, ident: IdentityConfig,

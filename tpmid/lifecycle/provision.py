@@ -397,7 +397,7 @@ def _hw_module_from(run: _Run, tpm: TpmConnection, ident: IdentityConfig
     ek = primary_ek(run.eks)
     return hardware_module_name(
         ek.cert_der, ek.public_key_der,
-        tpm_manufacturer=tpm.properties(PT_MANUFACTURER, 1).get(PT_MANUFACTURER))
+        tpm_manufacturer=tpm.fixed_property(PT_MANUFACTURER))
 
 
 def _with_serial(ident: IdentityConfig, serial: str | None) -> tuple[IdentityConfig, str]:
@@ -776,7 +776,7 @@ def write_certificate_nv(tpm: TpmConnection, index: int, der: bytes, *,
         with tpm_call(f"defining {what}", tpm, handles=("the owner hierarchy",)):
             tr = esapi.nv_define_space(b"", public, auth_handle=ESYS_TR.OWNER)
         try:
-            chunk = tpm.properties(PT_NV_BUFFER_MAX, 1).get(PT_NV_BUFFER_MAX) or 512
+            chunk = tpm.fixed_property(PT_NV_BUFFER_MAX) or 512
             with tpm_call(f"writing the certificate to {what}", tpm,
                           handles=("the owner hierarchy", what)):
                 for offset in range(0, len(der), chunk):

@@ -78,6 +78,10 @@ BASE_RC_NOT_SUPPORTED = 0x15  # TSS2_BASE_RC_NOT_SUPPORTED: unknown TCTI module
 PT_MANUFACTURER = 0x105
 PT_HR_TRANSIENT_MIN = 0x10E
 PT_NV_BUFFER_MAX = 0x12C
+# TPM 2.0 Part 2 §6.13: TPM_PT_FIXED properties never change for a TPM; the ones up
+# to TPM_PT_NV_BUFFER_MAX are read once, in the connection's start-up probe.
+PT_FIXED_FIRST = 0x100
+PT_FIXED_CACHED = PT_NV_BUFFER_MAX - PT_FIXED_FIRST + 1
 PT_PERMANENT = 0x200
 PT_LOCKOUT_COUNTER = 0x20E
 PT_MAX_AUTH_FAIL = 0x20F
@@ -176,6 +180,7 @@ class TpmConnection:
         # Set by tpmid.tpm.keys.storage_parent_scope: the storage parent kept loaded
         # across the key-file operations of one enrollment.
         self.parent_scope: dict[str, Any] | None = None
+        self._fixed: dict[int, int] = {}
         try:
             self._esapi = ESAPI(tcti)
         except TSS2_Exception as e:
@@ -259,7 +264,7 @@ class TpmConnection:
 
         with self.lock:
             try:
-                self.properties(PT_MANUFACTURER, 1)
+                self._fixed = self.properties(PT_FIXED_FIRST, PT_FIXED_CACHED)
                 return
             except TpmError as e:
                 if e.rc is None or decode_rc(e.rc).code != RC_INITIALIZE:
@@ -270,7 +275,13 @@ class TpmConnection:
                 self.esapi.startup(TPM2_SU.CLEAR)
             except TSS2_Exception as e:
                 raise self.error("starting the TPM (TPM2_Startup)", e) from e
-            self.properties(PT_MANUFACTURER, 1)
+            self._fixed = self.properties(PT_FIXED_FIRST, PT_FIXED_CACHED)
+
+    def fixed_property(self, prop: int) -> int | None:
+        """A TPM_PT_FIXED property (constant for this TPM); cached ones cost no command."""
+        if PT_FIXED_FIRST <= prop < PT_FIXED_FIRST + PT_FIXED_CACHED and self._fixed:
+            return self._fixed.get(prop)
+        return self.properties(prop, 1).get(prop)
 
     # ------------------------------------------------------------------ queries
 

@@ -229,7 +229,7 @@ def read_nv(tpm: TpmConnection, index: int) -> bytes:
                 auth, auth_name = ESYS_TR.PLATFORM, "the platform hierarchy"
             else:
                 raise TpmError(f"{what} cannot be read with a password (policy read only)")
-            chunk = tpm.properties(PT_NV_BUFFER_MAX, 1).get(PT_NV_BUFFER_MAX) or 512
+            chunk = tpm.fixed_property(PT_NV_BUFFER_MAX) or 512
             data = bytearray()
             with tpm_call(f"reading {what}", tpm, handles=(auth_name, what)):
                 while len(data) < size:
