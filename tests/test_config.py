@@ -92,6 +92,8 @@ BAD = {
                              r"between 0% and 100%"),
     "nonsense duration": (_with("identities.ldevid.renew.retry", "soon"),
                           r"'soon' is not a duration"),
+    "chain without a client identity": (_with("identities.idevid.renew", {"chain": True}),
+                                        r"identities.idevid.renew.chain: chaining renews"),
 }
 
 

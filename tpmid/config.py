@@ -230,6 +230,9 @@ class RenewConfig:
     rotate_key: bool = True
     method: Literal["simplereenroll", "simpleenroll"] = "simplereenroll"
     grace: float = 0.0  # seconds the old key survives after a rotation
+    # Also renew right after the identity named in est.auth.client renews (the Edge CA
+    # after the LDevID), besides this identity's own schedule.
+    chain: bool = False
 
 
 @dataclass(frozen=True)
@@ -477,6 +480,7 @@ def _renew(r: MappingReader) -> RenewConfig:
         rotate_key=r.flag("rotate_key", True),
         method=method,
         grace=r.duration("grace", 0),
+        chain=r.flag("chain", False),
     )
     r.done()
     return rc
@@ -547,6 +551,11 @@ def parse_config(data: object, source: str = "<config>") -> Config:
                     f"{source}: identities.{ident.name}.est.auth.client: an identity cannot "
                     "bootstrap from itself"
                 )
+        if ident.renew.chain and not (ident.est and ident.est.auth.client):
+            raise ConfigError(
+                f"{source}: identities.{ident.name}.renew.chain: chaining renews this identity "
+                "after the one in est.auth.client, and it has none"
+            )
     return Config(tpm=tpm, store=store, trust=trust, identities=identities, source=source)
 
 

@@ -293,3 +293,31 @@ def test_config_reload_picks_up_a_changed_threshold(device: Device) -> None:
     cur = Store(device.store_dir).current("ldevid")
     assert cur is not None and int(cur.version) >= 2, "the new 30 % threshold was not applied"
     assert abs((cur.not_before - start) / DAY - 0.3) < 0.01
+
+
+def test_daemon_renews_a_chained_edge_ca_right_after_each_ldevid_renewal(
+        device: Device) -> None:
+    import dataclasses
+
+    edge = device.config.identity("edgeca")
+    chained = dataclasses.replace(edge, renew=dataclasses.replace(edge.renew, chain=True))
+    config = dataclasses.replace(
+        device.config, identities={**device.config.identities, "edgeca": chained})
+    start = device.clock.now()
+    wake = SimWake(device.clock, start + 2.5 * DAY)
+
+    def planner() -> RecordingEngine:
+        engine = device.engine(config)
+        engine.follow_chains = True
+        return engine
+
+    d = Daemon(make_planner=planner, now=device.clock.now, wake=wake)
+    wake.daemon = d
+    d.run()
+    order = [name for name, _ in device.attempts]
+    # The first enrollment of each, then every LDevID renewal (~0.8 d, 1.6 d, 2.4 d)
+    # immediately followed by the Edge CA, whose own 80 % point (1.6 d of a 2-day
+    # lifetime) is never reached.
+    assert order == ["ldevid", "edgeca"] * 4, order
+    times = {name: [t for n, t in device.attempts if n == name] for name in ("ldevid", "edgeca")}
+    assert times["edgeca"][-1] == times["ldevid"][-1]  # same moment: chained, not scheduled

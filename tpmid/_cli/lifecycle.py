@@ -152,6 +152,7 @@ def cmd_daemon(ctx: Ctx) -> int:
     def make_planner() -> RenewalEngine:
         ctx._config = None  # re-read the file on every (re)load
         new = _engine(ctx)
+        new.follow_chains = True
         new.retire_due_keys()
         return new
 

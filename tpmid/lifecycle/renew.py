@@ -107,6 +107,9 @@ class RenewalEngine:
     now: Callable[[], datetime] = field(default_factory=lambda: (lambda: datetime.now(UTC)))
     sleep: Callable[[float], None] = time.sleep
     hook_runner: HookRunner = run_hook
+    # The daemon sets this: after a renewal, identities with renew.chain that
+    # authenticate with it are renewed too (their failures are recorded, not raised).
+    follow_chains: bool = False
 
     # ------------------------------------------------------------------ planning
 
@@ -199,15 +202,35 @@ class RenewalEngine:
         self.store.save_state(name, AttemptState.succeeded(self.now()))
         self._retire_old_keys(name, ident, result.version)
         self._run_hooks(ident, result)
+        if self.follow_chains:
+            for other in self.dependents(name, chained_only=True):
+                log.info("%s: renewing now, chained after %s (renew.chain)", other, name)
+                try:
+                    self.renew(other, self.now())
+                except TpmidError as e:
+                    log.warning("%s: chained renewal failed: %s", other, e)
         return result
 
-    def renew_chain(self, name: str, now: datetime) -> list[EnrollResult]:
-        """Renew ``name``, then every identity that authenticates with it (e.g. the Edge CA)."""
-        results = [self.renew(name, now)]
+    def dependents(self, name: str, *, chained_only: bool = False) -> list[str]:
+        """Managed identities that authenticate with ``name`` (``renew.chain`` ones only)."""
+        out = []
         for other in self.identities():
             ident = self.config.identities[other]
-            if ident.est is not None and ident.est.auth.client == name:
-                results.append(self.renew(other, self.now()))
+            if ident.est is not None and ident.est.auth.client == name and (
+                    ident.renew.chain or not chained_only):
+                out.append(other)
+        return out
+
+    def renew_chain(self, name: str, now: datetime, *, chained_only: bool = False
+                    ) -> list[EnrollResult]:
+        """Renew ``name``, then the identities that authenticate with it (e.g. the Edge CA).
+
+        ``chained_only`` limits the second part to identities with ``renew.chain``
+        (what the daemon does); ``tpmid renew --chain`` renews them all.
+        """
+        results = [self.renew(name, now)]
+        for other in self.dependents(name, chained_only=chained_only):
+            results.append(self.renew(other, self.now()))
         return results
 
     @staticmethod
