@@ -220,6 +220,9 @@ class EstConfig:
     read_timeout: float = 60.0
     max_wait: float = 300.0  # total time to keep resending after 202 Accepted
     accept_rewritten_subject: bool = False
+    # RFC 7030 §3.6.1: accept a server certificate that chains to the anchors and
+    # carries id-kp-cmcRA even when it does not name the host in the URL.
+    accept_cmc_ra: bool = False
 
 
 @dataclass(frozen=True)
@@ -461,6 +464,7 @@ def _est(r: MappingReader) -> EstConfig:
         read_timeout=read,
         max_wait=r.duration("max_wait", 300),
         accept_rewritten_subject=r.flag("accept_rewritten_subject", False),
+        accept_cmc_ra=r.flag("accept_cmc_ra", False),
     )
     if url.startswith("http://") and not est.allow_http:
         raise r.err("url", f"{url!r} is plain HTTP; set allow_http: true if you really mean it")

@@ -578,3 +578,36 @@ def test_ldevid_over_mtls_with_a_software_key_file_for_bootstrap(
                                                     "key": str(key_path)}}})
     ldevid = rig.enroll("ldevid")
     assert ldevid.certificate.issuer == load(rig.server.operator_ca)[0].subject
+
+
+@pytest.mark.parametrize("accept_cmc_ra", [True, False], ids=["accept_cmc_ra", "hostname-only"])
+def test_est_accept_cmc_ra_admits_an_ra_certificate_that_does_not_name_the_host(
+        swtpm: Swtpm, tmp_path: Path, accept_cmc_ra: bool) -> None:
+    """RFC 7030 §3.6.1 through the config: the reference server's TLS certificate carries
+    id-kp-cmcRA and names only 127.0.0.1/::1/localhost; it is reached as 127.0.0.2."""
+    from tpmid.config import parse_config
+    from tpmid.server import EstServer, init_server_dir
+
+    res = init_server_dir(tmp_path / "srv")
+    srv = EstServer(res.dir, host="127.0.0.2", port=0).start()
+    try:
+        cfg = parse_config({
+            "tpm": {"tcti": swtpm.tcti}, "store": {"dir": str(tmp_path / "store")},
+            "trust": {"est_anchors": [str(res.tls_ca_path)]},
+            "identities": {"idevid": {
+                "key": {"kind": "persistent", "template": "H-2"},
+                "subject": {"cn": "IDevID"},
+                "est": {"url": srv.url("idevid"), "accept_cmc_ra": accept_cmc_ra,
+                        "auth": {"headers": {"Secret-Value": {"env": SECRET_ENV}}}},
+            }},
+        }, "test")
+        with TpmConnection(swtpm.tcti) as tpm:
+            create_persistent_idevid(tpm, "H-2", 0x81020000)
+            if accept_cmc_ra:
+                result = enroll_identity(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})
+                assert result.certificate.subject.rfc4514_string() == "CN=IDevID"
+            else:
+                with pytest.raises(EstTransportError, match="IP address mismatch"):
+                    enroll_identity(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})
+    finally:
+        srv.stop()

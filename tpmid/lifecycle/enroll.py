@@ -50,7 +50,7 @@ from tpmid.est.verify import fingerprint_sha256, normalize_pin, verify_enrollmen
 if TYPE_CHECKING:
     import requests
 
-    from tpmid.est.client import CsrFactory, EstClient, TlsHandle
+    from tpmid.est.client import CsrFactory, EstClient, ServerCheck, TlsHandle
     from tpmid.store import JournalEntry, Store
     from tpmid.tls.context import ClientTls
     from tpmid.tpm.connection import TpmConnection
@@ -150,12 +150,13 @@ class _Trust:
     anchors: list[x509.Certificate]
     use_system_store: bool
     pin: str | None
+    cmc_ra: bool = False  # est.accept_cmc_ra: the client checks name-or-cmcRA itself
 
 
 def _server_trust(config: Config, est: EstConfig) -> _Trust:
     paths = est.trust_anchors or config.trust.est_anchors
     anchors = load_pem_certificates(paths, "EST trust anchor file")
-    return _Trust(anchors, config.trust.use_system_store, est.pin)
+    return _Trust(anchors, config.trust.use_system_store, est.pin, est.accept_cmc_ra)
 
 
 def _client_tls(
@@ -169,9 +170,12 @@ def _client_tls(
 ) -> ClientTls:
     from tpmid.tls import client_tls
 
+    # With accept_cmc_ra the chain is still verified here; the host name *or* the
+    # id-kp-cmcRA EKU is then checked by EstClient before anything is sent.
     return client_tls(key=key, key_file=key_file, cert_chain=cert_chain,
                       trust_anchors=trust.anchors, use_system_store=trust.use_system_store,
-                      verify_server=verify_server, max_version=max_version)
+                      verify_server=verify_server, max_version=max_version,
+                      check_hostname=not trust.cmc_ra)
 
 
 def _make_client(url: str, est: EstConfig | None, tls: TlsHandle | None,
@@ -182,8 +186,11 @@ def _make_client(url: str, est: EstConfig | None, tls: TlsHandle | None,
     from tpmid.est.client import DEFAULT_TIMEOUT, EstClient
 
     timeout = (est.connect_timeout, est.read_timeout) if est else DEFAULT_TIMEOUT
+    check: ServerCheck = (
+        "pin" if pin else
+        "hostname-or-cmc-ra" if est is not None and est.accept_cmc_ra else "hostname")
     return EstClient(
-        url, session, tls=tls, server_check="pin" if pin else "hostname", pin=pin,
+        url, session, tls=tls, server_check=check, pin=pin,
         basic=basic, headers=headers, allow_http=(est.allow_http if est else allow_http),
         timeout=timeout, max_wait=est.max_wait if est else 0.0, sleep=sleep, now=now,
     )

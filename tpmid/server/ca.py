@@ -40,6 +40,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tpmid.errors import ConfigError
 
+# id-kp-cmcRA (RFC 6402 §2.10), the EKU of an authorized EST server (RFC 7030 §3.6.1).
+OID_CMC_RA = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.28")
+
 SERIAL_BITS = 128
 
 
@@ -173,7 +176,10 @@ class CertificateAuthority:
                      _key_usage(digital_signature=True,
                                 key_encipherment=isinstance(public_key, rsa.RSAPublicKey)),
                      critical=True)
-                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                 # RFC 7030 §3.6.1: id-kp-cmcRA marks an authorized EST server, which
+                 # clients may accept instead of a host-name match.
+                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                       OID_CMC_RA]),
                                 critical=False))
         else:
             raise ConfigError(f"unknown certificate profile {profile!r}")
