@@ -85,6 +85,10 @@ class Ctx:
             self._config = cfg
         return self._config
 
+    def forget_config(self) -> None:
+        """Drop the parsed config so that the next :meth:`config` reads the file again."""
+        self._config = None
+
     def read_stdin(self) -> str:
         """One line from standard input (for secrets given with ``{stdin: true}``)."""
         if sys.stdin is None or sys.stdin.closed:

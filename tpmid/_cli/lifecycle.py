@@ -150,7 +150,7 @@ def cmd_daemon(ctx: Ctx) -> int:
              ", ".join(names) or "no identities (none has est + kind: file)")
 
     def make_planner() -> RenewalEngine:
-        ctx._config = None  # re-read the file on every (re)load
+        ctx.forget_config()  # re-read the file on every (re)load
         new = _engine(ctx)
         new.follow_chains = True
         new.retire_due_keys()
