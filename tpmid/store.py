@@ -407,6 +407,78 @@ def _decision_from_json(d: Any) -> Decision:
 # --------------------------------------------------------------------------- the store
 
 
+def _acquire_lock(path: Path, *, wait: bool, timeout: float | None,
+                  busy: Callable[[str], str], hint: str) -> int:
+    """An exclusive flock(2) on ``path``; the returned fd holds it until :func:`_release_lock`."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except PermissionError:
+        # A lock file created by another user: flock works on a read-only fd too.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StoreError(f"cannot open lock file {path}: {e.strerror}",
+                             hint="run tpmid as the user that owns the store") from e
+    except OSError as e:
+        raise StoreError(f"cannot open lock file {path}: {e.strerror}") from e
+    deadline = None if timeout is None else time.monotonic() + timeout
+    blocking = wait and timeout is None
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                remaining = 0.0 if deadline is None else deadline - time.monotonic()
+                if not wait or remaining <= 0:
+                    raise StoreError(busy(_lock_holder(path)), hint=hint) from None
+                # flock has no timed wait; a short poll only while contended.
+                time.sleep(min(0.05, remaining))
+    except BaseException as e:
+        os.close(fd)
+        if isinstance(e, OSError):
+            raise StoreError(f"cannot lock {path}: {e.strerror}") from e
+        raise
+    # Record the holder so that a second process can name it in its message.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _release_lock(fd: int) -> None:
+    """Release a lock from :func:`_acquire_lock` (clears the holder's pid first)."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def host_tpm_lock(path: Path, *, wait: bool = True,
+                  timeout: float | None = None) -> Iterator[None]:
+    """Hold the host-wide TPM lock at ``path`` (``tpm.lock_file`` or the store's).
+
+    Without a resource manager two processes' sessions and transient objects
+    would collide in the TPM, so the daemon and the CLI take turns.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create {path.parent}: {e.strerror}") from e
+    fd = _acquire_lock(
+        path, wait=wait, timeout=timeout,
+        busy=lambda pid: f"the TPM is in use by another tpmid process ({pid})",
+        hint="tpmid serialises TPM access (no resource manager); try again when it is done",
+    )
+    try:
+        yield
+    finally:
+        _release_lock(fd)
+
+
 class Store:
     """The on-disk home of every identity's certificates, key files, journal and state.
 
@@ -484,52 +556,6 @@ class Store:
 
     # ----------------------------------------------------------------- locks
 
-    def _acquire(self, path: Path, *, wait: bool, timeout: float | None,
-                 busy: Callable[[str], str], hint: str) -> int:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except PermissionError:
-            # A lock file created by another user: flock works on a read-only fd too.
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                raise StoreError(f"cannot open lock file {path}: {e.strerror}",
-                                 hint="run tpmid as the user that owns the store") from e
-        except OSError as e:
-            raise StoreError(f"cannot open lock file {path}: {e.strerror}") from e
-        deadline = None if timeout is None else time.monotonic() + timeout
-        blocking = wait and timeout is None
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-                    break
-                except BlockingIOError:
-                    remaining = 0.0 if deadline is None else deadline - time.monotonic()
-                    if not wait or remaining <= 0:
-                        raise StoreError(busy(_lock_holder(path)), hint=hint) from None
-                    # flock has no timed wait; a short poll only while contended.
-                    time.sleep(min(0.05, remaining))
-        except BaseException as e:
-            os.close(fd)
-            if isinstance(e, OSError):
-                raise StoreError(f"cannot lock {path}: {e.strerror}") from e
-            raise
-        # Record the holder so that a second process can name it in its message.
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
-
-    @staticmethod
-    def _release(fd: int) -> None:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
     @contextlib.contextmanager
     def identity_lock(self, name: str, *, wait: bool = True,
                       timeout: float | None = None) -> Iterator[None]:
@@ -540,7 +566,7 @@ class Store:
         """
         self._check_name(name)
         path = self._dir("locks") / f"{name}.lock"
-        fd = self._acquire(
+        fd = _acquire_lock(
             path, wait=wait, timeout=timeout,
             busy=lambda pid: f"{name} is being renewed by another tpmid process ({pid})",
             hint="wait for it to finish, or stop the daemon (systemctl stop tpmid) first",
@@ -548,33 +574,15 @@ class Store:
         try:
             yield
         finally:
-            self._release(fd)
+            _release_lock(fd)
 
     @contextlib.contextmanager
     def tpm_lock(self, path: Path | None = None, *, wait: bool = True,
                  timeout: float | None = None) -> Iterator[None]:
-        """Hold the host-wide TPM lock (``tpm.lock_file``, default ``locks/_tpm.lock``).
-
-        Without a resource manager two processes' sessions and transient objects
-        would collide in the TPM, so the daemon and the CLI take turns.
-        """
-        if path is None:
-            path = self._dir("locks") / TPM_LOCK_NAME
-        else:
-            path = Path(path)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StoreError(f"cannot create {path.parent}: {e.strerror}") from e
-        fd = self._acquire(
-            path, wait=wait, timeout=timeout,
-            busy=lambda pid: f"the TPM is in use by another tpmid process ({pid})",
-            hint="tpmid serialises TPM access (no resource manager); try again when it is done",
-        )
-        try:
+        """Hold the host-wide TPM lock (``tpm.lock_file``, default ``locks/_tpm.lock``)."""
+        lock = Path(path) if path is not None else self._dir("locks") / TPM_LOCK_NAME
+        with host_tpm_lock(lock, wait=wait, timeout=timeout):
             yield
-        finally:
-            self._release(fd)
 
     # ----------------------------------------------------------------- versions
 
@@ -1004,14 +1012,14 @@ class Store:
             except StoreError as e:
                 actions.append(RecoveryAction(name, "error", f"recovery failed: {e}"))
             finally:
-                self._release(fd)
+                _release_lock(fd)
         for a in actions:
             log.info("recovery: %s", a)
         return actions
 
     def _try_lock(self, name: str) -> int | None:
         try:
-            return self._acquire(self._dir("locks") / f"{name}.lock", wait=False, timeout=None,
+            return _acquire_lock(self._dir("locks") / f"{name}.lock", wait=False, timeout=None,
                                  busy=lambda pid: pid, hint="")
         except StoreError:
             return None

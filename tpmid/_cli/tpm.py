@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,34 +28,6 @@ def add_json_flag(p: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def _host_lock(path: Any) -> Iterator[None]:
-    import fcntl
-    import os
-
-    from tpmid.errors import ConfigError
-
-    if path is None:
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except PermissionError:
-        try:
-            # A lock file another user created (root ran a command first): flock(2)
-            # works on a read-only descriptor too.
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise ConfigError(f"cannot open the TPM lock file {path}: {e.strerror}") from e
-    except OSError as e:
-        raise ConfigError(f"cannot open the TPM lock file {path}: {e.strerror}") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the flock
-
-
-@contextlib.contextmanager
 def open_tpm(ctx: Ctx, *, config_required: bool = False) -> Iterator[TpmConnection]:
     """Connect to the configured TPM with the configured hierarchy passwords."""
     from tpmid.secrets import resolve_secret
@@ -66,8 +39,11 @@ def open_tpm(ctx: Ctx, *, config_required: bool = False) -> Iterator[TpmConnecti
         ref = getattr(cfg.tpm.auth, name)
         if ref is not None:
             values[name] = resolve_secret(ref, ctx.environ, ctx.read_stdin).encode("utf-8")
-    with _host_lock(host_lock_path(cfg)), TpmConnection(cfg.tpm.tcti,
-                                                         HierarchyPasswords(**values)) as tpm:
+    from tpmid.store import host_tpm_lock
+
+    lock = host_lock_path(cfg)
+    with (host_tpm_lock(Path(lock)) if lock is not None else contextlib.nullcontext()), \
+            TpmConnection(cfg.tpm.tcti, HierarchyPasswords(**values)) as tpm:
         yield tpm
 
 
