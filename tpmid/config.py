@@ -563,21 +563,24 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     return Config(tpm=tpm, store=store, trust=trust, identities=identities, source=source)
 
 
-def load_config(path: Path) -> Config:
-    """Read and parse the YAML config file at ``path``."""
+def read_yaml_file(path: Path, what: str, missing_hint: str) -> Any:
+    """The parsed YAML document at ``path``; ConfigError naming the file otherwise."""
     import yaml
 
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(
-            f"config file {path} does not exist",
-            hint="pass --config PATH or create it (see docs/config.md)",
-        ) from None
+        raise ConfigError(f"{what} {path} does not exist", hint=missing_hint) from None
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+
+
+def load_config(path: Path) -> Config:
+    """Read and parse the YAML config file at ``path``."""
+    data = read_yaml_file(path, "config file",
+                          "pass --config PATH or create it (see docs/config.md)")
     return parse_config(data, str(path))

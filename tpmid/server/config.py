@@ -18,7 +18,7 @@ from typing import Literal
 
 from cryptography import x509
 
-from tpmid.config import MappingReader, parse_duration
+from tpmid.config import MappingReader, parse_duration, read_yaml_file
 from tpmid.errors import ConfigError
 from tpmid.est.messages import CsrAttr, der_oid
 
@@ -326,18 +326,6 @@ def parse_server_config(data: object, source: str = "<config>") -> ServerConfig:
 
 def load_server_config(path: Path) -> ServerConfig:
     """Read and parse the server config file at ``path``."""
-    import yaml
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"server config {path} does not exist",
-                          hint="create the server directory with: tpmid est-server init --dir DIR"
-                          ) from None
-    except OSError as e:
-        raise ConfigError(f"cannot read server config {path}: {e.strerror}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    data = read_yaml_file(path, "server config",
+                          "create the server directory with: tpmid est-server init --dir DIR")
     return parse_server_config(data, str(path))
