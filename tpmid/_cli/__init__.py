@@ -15,6 +15,12 @@ import importlib
 MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "est_server")
 
 
+def add_json_flag(p: argparse.ArgumentParser) -> None:
+    """Accept ``--json`` after the subcommand too (same meaning as the global flag)."""
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="machine-readable output on stdout")
+
+
 def register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add every command group that exists to ``sub``."""
     for name in MODULES:

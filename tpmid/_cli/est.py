@@ -11,6 +11,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tpmid._cli import add_json_flag
+
 if TYPE_CHECKING:
     from cryptography import x509
 
@@ -29,11 +31,6 @@ _OID_NAMES = {
     "1.2.840.113549.1.9.14": "extensionRequest",
     "1.3.6.1.1.1.1.22": "macAddress",
 }
-
-
-def _add_json(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                   help="machine-readable output on stdout")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,7 +58,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         if op == "cacerts":
             p.add_argument("--out", metavar="FILE", type=Path,
                            help="write the certificates as PEM to FILE (0644)")
-        _add_json(p)
+        add_json_flag(p)
         p.set_defaults(func=cmd_cacerts if op == "cacerts" else cmd_csrattrs)
 
     p = sub.add_parser("enroll", help="enroll one identity from the config over EST",
@@ -71,7 +68,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("name", metavar="NAME", help="identity name in the config")
     p.add_argument("--reenroll", action="store_true",
                    help="simplereenroll, authenticated with the identity's current certificate")
-    _add_json(p)
+    add_json_flag(p)
     p.set_defaults(func=cmd_enroll)
 
 

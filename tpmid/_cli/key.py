@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tpmid._cli.tpm import add_json_flag, open_tpm
+from tpmid._cli import add_json_flag
+from tpmid._cli.tpm import open_tpm
 
 if TYPE_CHECKING:
     from tpmid.cli import Ctx

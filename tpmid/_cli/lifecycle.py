@@ -9,6 +9,7 @@ import signal
 import socket
 from typing import TYPE_CHECKING, Any
 
+from tpmid._cli import add_json_flag
 from tpmid.cli import Ctx
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--force", action="store_true", help="renew even if not due")
     p.add_argument("--chain", action="store_true",
                    help="then renew the identities that authenticate with NAME (e.g. the Edge CA)")
+    add_json_flag(p)
     p.set_defaults(func=cmd_renew)
 
     d = sub.add_parser(

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tpmid._cli.tpm import add_json_flag
+from tpmid._cli import add_json_flag
 
 if TYPE_CHECKING:
     from tpmid.cli import Ctx

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from tpmid._cli.tpm import add_json_flag
+from tpmid._cli import add_json_flag
 
 if TYPE_CHECKING:
     from tpmid.cli import Ctx

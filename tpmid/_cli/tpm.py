@@ -15,16 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tpmid._cli import add_json_flag
+
 if TYPE_CHECKING:
     from tpmid.cli import Ctx
     from tpmid.tpm.connection import TpmConnection
     from tpmid.tpm.ek import EkInfo
-
-
-def add_json_flag(p: argparse.ArgumentParser) -> None:
-    """Accept ``--json`` after the subcommand too (same meaning as the global flag)."""
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                   help="machine-readable output on stdout")
 
 
 @contextlib.contextmanager
