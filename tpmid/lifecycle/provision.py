@@ -80,6 +80,7 @@ from tpmid.errors import (
     TpmidError,
     VerificationError,
 )
+from tpmid.est.verify import spki_der
 from tpmid.manifest import EkCertificate, Outcome, ProvisionRecord, append_record, open_manifest
 
 if TYPE_CHECKING:
@@ -111,8 +112,7 @@ def _sha256(data: bytes) -> str:
 
 
 def _spki(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return spki_der(cert.public_key())
 
 
 def _short(fp: str) -> str:
@@ -371,8 +371,6 @@ def _read_ek(run: _Run, tpm: TpmConnection) -> str:
 def _open_key_info(run: _Run, tpm: TpmConnection, ident: IdentityConfig,
                    public: Any = None) -> bytes:
     """SPKI DER of the IDevID; from ``public`` (TPM2B_PUBLIC) when the caller has it."""
-    from cryptography.hazmat.primitives import serialization
-
     from tpmid.tpm.keys import load_identity_key, public_key_from_tpm
 
     if public is not None:

@@ -36,10 +36,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from cryptography.hazmat.primitives import serialization
-
 from tpmid.config import Config, IdentityConfig
 from tpmid.errors import StoreError, TpmError, TpmidError
+from tpmid.est.verify import spki_der
 from tpmid.lifecycle.policy import AttemptState, Decision, format_duration
 
 if TYPE_CHECKING:
@@ -74,9 +73,7 @@ def is_idevid(ident: IdentityConfig) -> bool:
 
 def spki_sha256(cert: x509.Certificate) -> str:
     """SHA-256 (hex) of the certificate's SubjectPublicKeyInfo DER: the public-key fingerprint."""
-    der = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
+    return hashlib.sha256(spki_der(cert.public_key())).hexdigest()
 
 
 def open_store(config: Config) -> Store | None:
