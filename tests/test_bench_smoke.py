@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tpmid.testing.bench.flows import write_manual_kit
-from tpmid.testing.bench.probes import heaviest, parse_importtime
-from tpmid.testing.bench.report import MARKER, ROW_IDS
-from tpmid.testing.bench.rig import STRACE_EXECVE, parse_strace_execs
-from tpmid.testing.bench.stats import percentile
+from tests.bench.flows import write_manual_kit
+from tests.bench.probes import heaviest, parse_importtime
+from tests.bench.report import MARKER, ROW_IDS
+from tests.bench.rig import STRACE_EXECVE, parse_strace_execs
+from tests.bench.stats import percentile
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.keys import derive_idevid
@@ -36,7 +36,7 @@ def test_quick_bench_measures_every_row_for_both_flows_and_writes_both_reports(
     js = tmp_path / "benchmarks.json"
     md.write_text(f"# My header\n\nkept as written\n\n{MARKER}\n\nstale results\n")
     # What scripts/bench runs after scripts/setup (not run here: it may pip-install).
-    proc = subprocess.run([sys.executable, "-m", "tpmid.testing.bench", "--quick",
+    proc = subprocess.run([sys.executable, "-m", "tests.bench", "--quick",
                            "--out-md", str(md), "--out-json", str(js)],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"

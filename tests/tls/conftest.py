@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.support.loopback import LoopbackTlsServer
 from tpmid.errors import TpmError
 from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
-from tpmid.tls.loopback import LoopbackTlsServer
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.keys import LoadedKey, derive_idevid
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.bench.handshakes import measure_handshakes
 from tests.tls.conftest import MakeKey
 from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
-from tpmid.tls.bench import measure_handshakes
 
 
 @pytest.mark.parametrize("alg", ["ecc-p256", "rsa-2048"])

@@ -16,12 +16,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tests.support.loopback import LoopbackTlsServer, request_once
 from tests.tls.conftest import SERVER_NAME, IssuingCa, MakeKey, MakeServer
 from tpmid.errors import ConfigError, KeyMismatchError, TlsShimError, TpmError
 from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
 from tpmid.tls import ClientTls, SoftwareSigningKey, _shim, client_tls
-from tpmid.tls.loopback import LoopbackTlsServer, request_once
 from tpmid.tpm.keys import LoadedKey
 
 V12, V13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3

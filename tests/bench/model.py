@@ -1,7 +1,7 @@
 """What one benchmark run measured, as plain data (no I/O).
 
-:class:`BenchResult` is filled by :mod:`tpmid.testing.bench.run` and read by
-:mod:`tpmid.testing.bench.report`; the helpers here select and summarise the
+:class:`BenchResult` is filled by :mod:`tests.bench.run` and read by
+:mod:`tests.bench.report`; the helpers here select and summarise the
 step results (only successful, timed runs count towards times).
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tpmid.testing.bench.flows import STEPS, MtlsAttempt
-from tpmid.testing.bench.probes import DaemonResult, StartupResult
-from tpmid.testing.bench.rig import StepResult
-from tpmid.testing.bench.stats import Summary, span
-from tpmid.testing.bench.sysinfo import SystemInfo
+from tests.bench.flows import STEPS, MtlsAttempt
+from tests.bench.probes import DaemonResult, StartupResult
+from tests.bench.rig import StepResult
+from tests.bench.stats import Summary, span
+from tests.bench.sysinfo import SystemInfo
 
 FLOWS = ("tpmid", "manual")
 

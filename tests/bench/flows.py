@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpmid.testing.bench.rig import (
+from tests.bench.rig import (
     BASIC_LABEL,
     BASIC_USER,
     ENV_BASIC_PASSWORD,

@@ -3,7 +3,7 @@
 * :func:`measure_startup` times ``tpmid --help`` (and a bare ``python -c pass``
   for reference) as a user starts it, and, when asked, lists the imports that
   dominate from ``python -X importtime``.
-* :func:`measure_handshake` runs :func:`tpmid.tls.bench.measure_handshakes`
+* :func:`measure_handshake` runs :func:`tests.bench.handshakes.measure_handshakes`
   with a device's persistent IDevID opened through the counting proxy.
 * :class:`DaemonProbe` starts ``tpmid daemon`` for an enrolled device and
   samples ``/proc/PID/status`` (VmRSS) and ``/proc/PID/stat`` (utime + stime)
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tpmid.testing.bench.rig import Device
+from tests.bench.rig import Device
 from tpmid.testing.tpmproxy import TpmProxy
 
 # ----------------------------------------------------------------------------- start-up
@@ -128,11 +128,11 @@ def measure_handshake(tcti: str, proxy: TpmProxy, *, n: int, handle: int,
     """mTLS handshakes with the persistent key at ``handle`` (via ``tcti``) vs a software key.
 
     ``tcti`` must point at ``proxy`` so that the TPM commands per handshake are
-    counted. Returns :meth:`tpmid.tls.bench.HandshakeBench.as_dict` plus the
+    counted. Returns :meth:`tests.bench.handshakes.HandshakeBench.as_dict` plus the
     proxy's delay. The key is a persistent handle (nothing is loaded), so the
     only TPM command per handshake should be TPM2_Sign.
     """
-    from tpmid.tls.bench import measure_handshakes
+    from tests.bench.handshakes import measure_handshakes
     from tpmid.tpm.connection import TpmConnection
     from tpmid.tpm.keys import open_persistent
 

@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.support.loopback import LoopbackTlsServer, request_once
 from tpmid.tls.context import ClientTls, client_tls
 from tpmid.tls.keys import SoftwareSigningKey, TlsSigningKey, profile_for
-from tpmid.tls.loopback import LoopbackTlsServer, request_once
 
 _SERVER_NAME = "bench.tpmid.invalid"
 

@@ -1,4 +1,4 @@
-"""Run the whole benchmark: ``scripts/bench`` / ``python -m tpmid.testing.bench``.
+"""Run the whole benchmark: ``scripts/bench`` / ``python -m tests.bench``.
 
 Order of a run (each part on factory-fresh simulated TPMs):
 
@@ -27,9 +27,9 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tpmid.testing.bench import flows, probes, report, sysinfo
-from tpmid.testing.bench.model import BenchOptions, BenchResult, FlowColumn
-from tpmid.testing.bench.rig import BenchFailure, Rig
+from tests.bench import flows, probes, report, sysinfo
+from tests.bench.model import BenchOptions, BenchResult, FlowColumn
+from tests.bench.rig import BenchFailure, Rig
 
 REPO = Path(__file__).resolve().parents[3]
 QUICK = BenchOptions(devices=1, handshakes=3, idle_seconds=3.0, startup_runs=3, quick=True)

@@ -1,6 +1,6 @@
 """Small, pure statistics for the benchmark: medians, nearest-rank percentiles, ratios.
 
-No I/O here; :mod:`tpmid.testing.bench.report` formats what these return.
+No I/O here; :mod:`tests.bench.report` formats what these return.
 """
 
 from __future__ import annotations
