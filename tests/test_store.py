@@ -1,7 +1,7 @@
 """The durable store on a real filesystem, with real processes and real SIGKILLs.
 
 Crash tests fork a child (``multiprocessing`` with the fork start method) that
-sets :data:`tpmid.store.step_hook` to SIGKILL itself at one named step, then
+sets :data:`tpmid.store.fsio.step_hook` to SIGKILL itself at one named step, then
 check what a fresh :class:`Store` finds on disk. Lock tests run a second Python
 interpreter that holds the lock.
 """
@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -31,18 +32,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tpmid import store as store_mod
 from tpmid.errors import ConfigError, StoreError, TpmError
-from tpmid.lifecycle.policy import AttemptState, Decision
+from tpmid.policy import AttemptState, Decision
 from tpmid.store import (
     STEPS,
     JournalEntry,
     Store,
     atomic_write,
     check_private_path,
+    fsio,
+    recover,
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def recover_lines(store: Store, **kw: Any) -> list[str]:
+    """Start-up recovery, one log line per action."""
+    return [str(a) for a in recover(store, **kw)]
 FORK = multiprocessing.get_context("fork")
 
 
@@ -465,7 +472,7 @@ def _killed_at(step: str, work: Callable[[], object]) -> int:
             if s == step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        store_mod.step_hook = hook
+        fsio.step_hook = hook
         work()
         os._exit(0)
 
@@ -492,7 +499,7 @@ def test_atomic_write_killed_at_any_step_leaves_old_or_new_content(
     assert content == (new if step == "write:replaced" else old)
     leftovers = [n for n in os.listdir(target.parent) if n != "ldevid.json"]
     # recover() removes the temp file an interrupted write left behind.
-    actions = Store(root).recover()
+    actions = recover_lines(Store(root))
     assert os.listdir(target.parent) == ["ldevid.json"]
     if leftovers:
         assert any("temporary" in a for a in actions), actions
@@ -546,7 +553,7 @@ def test_commit_killed_at_any_step_leaves_a_complete_current_pair_and_recovery_f
     swapped = step in ("commit:current-swapped", "commit:journal-cleared")
     assert after_crash.version == (v if swapped else old_versions[-1])
 
-    actions = Store(root).recover_actions()
+    actions = recover(Store(root))
     cur = Store(root).current("ldevid")
     assert cur is not None
     if step == "commit:temp-version":
@@ -683,7 +690,7 @@ def test_recover_rolls_back_a_staged_key_that_no_journal_refers_to(
 ) -> None:
     enroll(store, pki)
     staged = store.stage_key("ldevid", key_blob("orphan"))
-    actions = store.recover()
+    actions = recover_lines(store)
     assert not staged.exists()
     assert any("orphaned key" in a for a in actions), actions
     assert store.current("ldevid") is not None
@@ -697,7 +704,7 @@ def test_recover_keeps_a_pending_journal_entry_with_its_key_and_csr(
     entry = JournalEntry(operation="renew", phase="pending", version=Store.key_version(staged),
                          csr_pem=pki.csr_pem(), retry_after=120.0)
     store.journal_begin("ldevid", entry)
-    actions = store.recover_actions()
+    actions = recover(store)
     assert [(a.name, a.action) for a in actions] == [("ldevid", "resume")]
     assert "retry after 120s" in str(actions[0])
     assert staged.read_bytes() == key_blob("pending")
@@ -721,7 +728,7 @@ def test_recover_rolls_back_work_that_cannot_be_resumed(
         version=Store.key_version(staged), csr_pem=pki.csr_pem() if csr else None))
     if delete_key:
         staged.unlink()
-    actions = store.recover_actions()
+    actions = recover(store)
     assert [a.action for a in actions] == ["rollback"]
     assert why in actions[0].detail
     assert not staged.exists()
@@ -736,7 +743,7 @@ def test_recover_releases_a_tpm_object_of_rolled_back_work_through_the_callback(
     store.journal_begin("ldevid", JournalEntry(operation="enroll", phase="staged",
                                                key_ref="persistent:0x81000010"))
     released: list[tuple[str, str]] = []
-    actions = store.recover(release_key_ref=lambda n, ref: released.append((n, ref)))
+    actions = recover_lines(store, release_key_ref=lambda n, ref: released.append((n, ref)))
     assert released == [("ldevid", "persistent:0x81000010")]
     assert store.journal_get("ldevid") is None
     assert any("released persistent:0x81000010" in a for a in actions), actions
@@ -750,11 +757,11 @@ def test_recover_keeps_the_journal_when_a_tpm_object_cannot_be_released(store: S
         # Fault injection: a real swtpm that is down would fail the same way.
         raise TpmError("cannot reach the TPM")
 
-    actions = store.recover_actions(release_key_ref=tpm_down)
+    actions = recover(store, release_key_ref=tpm_down)
     assert [a.action for a in actions] == ["error"]
     assert store.journal_get("ldevid") == entry
     # Without a callback the entry also stays, for the next start-up.
-    assert [a.action for a in store.recover_actions()] == ["error"]
+    assert [a.action for a in recover(store)] == ["error"]
     assert store.journal_get("ldevid") == entry
 
 
@@ -764,7 +771,7 @@ def test_recover_discards_an_unreadable_journal_and_its_staged_key(
     enroll(store, pki)
     staged = store.stage_key("ldevid", key_blob("x"))
     atomic_write(root / "journal/ldevid.json", b"{torn", 0o600)
-    actions = store.recover()
+    actions = recover_lines(store)
     assert store.journal_get("ldevid") is None
     assert not staged.exists()
     assert any("unreadable journal" in a for a in actions), actions
@@ -782,7 +789,7 @@ def test_recover_removes_temp_files_but_not_files_it_does_not_know(
         j.write_text("partial")
     foreign = root / "certs/ldevid/README"
     foreign.write_text("operator notes")
-    store.recover()
+    recover_lines(store)
     assert not any(os.path.lexists(j) for j in junk)
     assert foreign.read_text() == "operator notes"
 
@@ -795,8 +802,8 @@ def test_recover_never_touches_the_current_version(store: Store, pki: Pki, root:
     before = {f: (f.read_bytes(), os.stat(f).st_mtime_ns) for f in files}
     store.stage_key("ldevid", key_blob("orphan"))
     (root / "certs/ldevid/.tmp-current.deadbeef").symlink_to("0001")
-    store.recover()
-    store.recover()
+    recover_lines(store)
+    recover_lines(store)
     assert {f: (f.read_bytes(), os.stat(f).st_mtime_ns) for f in files} == before
     assert store.versions("ldevid") == versions
     assert os.readlink(store.current_dir("ldevid")) == versions[-1]
@@ -810,14 +817,14 @@ def test_recover_removes_a_version_that_never_became_current(store: Store, pki: 
     (root / "certs/ldevid" / v2).mkdir()
     (root / "certs/ldevid" / v2 / "cert.pem").write_bytes(pki.issue().public_bytes(
         serialization.Encoding.PEM))
-    actions = store.recover()
+    actions = recover_lines(store)
     assert store.versions("ldevid") == [v1]
     assert any("never became current" in a for a in actions), actions
 
 
 def test_recover_prunes_versions_beyond_the_retention(root: Path, pki: Pki) -> None:
     versions = enroll(Store(root, retention=5), pki, n=5)
-    actions = Store(root, retention=1).recover()
+    actions = recover_lines(Store(root, retention=1))
     assert Store(root).versions("ldevid") == versions[-2:]
     assert sum("beyond the retention" in a for a in actions) == 3
 
@@ -828,7 +835,7 @@ def test_recover_refuses_to_judge_an_identity_whose_current_pointer_is_broken(
     v1, v2 = enroll(store, pki, n=2)
     os.rename(root / "certs/ldevid" / v2, root / "certs/ldevid/moved-away")
     staged = store.stage_key("ldevid", key_blob("x"))
-    actions = store.recover_actions()
+    actions = recover(store)
     assert [a.action for a in actions] == ["error"]
     assert "missing version" in actions[0].detail
     assert staged.exists() and (root / "certs/ldevid" / v1).is_dir()
@@ -840,7 +847,7 @@ def test_recover_skips_an_identity_another_process_is_renewing(
     enroll(store, pki)
     staged = store.stage_key("ldevid", key_blob("in-progress"))
     holder("ldevid")
-    actions = store.recover_actions()
+    actions = recover(store)
     assert [(a.name, a.action) for a in actions] == [("ldevid", "skipped")]
     assert staged.exists()
 
@@ -848,7 +855,7 @@ def test_recover_skips_an_identity_another_process_is_renewing(
 def test_recover_on_a_clean_store_does_nothing(store: Store, pki: Pki) -> None:
     enroll(store, pki, "ldevid", n=2)
     enroll(store, pki, "edgeca")
-    assert store.recover() == []
+    assert recover_lines(store) == []
 
 
 # --------------------------------------------------------------------------- durability order
@@ -857,7 +864,7 @@ TRACED = textwrap.dedent("""
     import sys
     from pathlib import Path
     from cryptography import x509
-    from tpmid.lifecycle.policy import AttemptState
+    from tpmid.policy import AttemptState
     from tpmid.store import Store
     root, cert, ca = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     s = Store(root)
@@ -920,7 +927,7 @@ def test_commit_of_a_tpm_resident_key_killed_before_the_swap_is_rolled_forward(
     assert code == -signal.SIGKILL
     cur = Store(root).current("ldevid")
     assert cur is not None and cur.version == old
-    actions = Store(root).recover_actions()
+    actions = recover(Store(root))
     assert [a.action for a in actions] == ["completed"]
     cur = Store(root).current("ldevid")
     assert cur is not None and cur.cert == new_cert and cur.key_file is None

@@ -5,11 +5,11 @@ provision`` run to a shared file that the factory's systems ingest. The format
 is documented field by field in ``docs/manufacturing.md``; ``schema`` is bumped
 whenever a field changes meaning.
 
-:func:`append_record` is the only disk write of tpmid outside :mod:`tpmid.store`.
-Many devices may append to one file at the same time (a station share), so a
-record is written as a single ``write(2)`` on an ``O_APPEND`` descriptor under
-an exclusive ``flock(2)`` and then ``fsync``ed: lines never interleave and a
-record that was reported as written survives a power loss.
+:func:`append_record` writes through the durable writer
+(:func:`tpmid.store.fsio.append_line`). Many devices may append to one file at the
+same time (a station share), so a record is written as a single ``write(2)`` on an
+``O_APPEND`` descriptor under an exclusive ``flock(2)`` and then ``fsync``ed: lines
+never interleave and a record that was reported as written survives a power loss.
 
 No secret ever goes into a record: records are built from names, fingerprints
 and error messages, and tpmid's error messages never contain credential values.
@@ -17,8 +17,6 @@ and error messages, and tpmid's error messages never contain credential values.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tpmid.errors import StoreError
+from tpmid.store.fsio import append_line
 
 SCHEMA = 1
 Outcome = Literal["provisioned", "already-provisioned", "adopted", "fail"]
@@ -176,39 +175,22 @@ def open_manifest(path: Path) -> int:
 def append_record(path: Path, record: ProvisionRecord, fd: int | None = None) -> None:
     """Append ``record`` as one line to the manifest at ``path``, durably.
 
-    One ``write(2)`` of the whole line on an ``O_APPEND`` descriptor under an
-    exclusive ``flock(2)``, then ``fsync``: concurrent appenders (other devices
-    on the same share) never interleave and never overwrite each other. ``fd``
-    is a descriptor from :func:`open_manifest` (closed here); without it the
-    file is opened now.
+    :func:`tpmid.store.fsio.append_line`: one ``write(2)`` of the whole line on an
+    ``O_APPEND`` descriptor under an exclusive ``flock(2)``, then ``fsync``, so
+    concurrent appenders (other devices on the same share) never interleave and
+    never overwrite each other. ``fd`` is a descriptor from :func:`open_manifest`
+    (closed here); without it the file is opened now.
     """
     data = (record.to_json() + "\n").encode("utf-8")
     if fd is None:
         fd = open_manifest(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            n = os.write(fd, data)
-            if n != len(data):
-                # Only a full disk or a quota stops a regular-file write early; a
-                # partial line would corrupt the file for every reader.
-                os.ftruncate(fd, os.fstat(fd).st_size - n)
-                raise StoreError(f"the manifest {path} is full: wrote {n} of {len(data)} bytes",
-                                 hint="free space on the station share")
-            os.fsync(fd)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    except OSError as e:
-        raise StoreError(f"cannot append to the manifest {path}: {e.strerror}") from e
+        append_line(fd, data, Path(path))
+    except StoreError as e:
+        raise StoreError(f"the manifest: {e.message}",
+                         hint=e.hint or "check the path given with --manifest") from e
     finally:
         os.close(fd)
-    # A new file's directory entry must be durable too (STYLE.md §10).
-    with contextlib.suppress(OSError):
-        dfd = os.open(Path(path).parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def read_manifest(path: Path) -> list[ProvisionRecord]:

@@ -26,7 +26,7 @@ from tests.lifecycle.test_status_support import (  # noqa: F401  (pytest fixture
 )
 from tests.tpm.helpers import run_tool
 from tpmid.lifecycle.check import CheckResult, all_passed, run_checks
-from tpmid.lifecycle.policy import RELEASE_DATE
+from tpmid.policy import RELEASE_DATE
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.keys import evict_persistent
 

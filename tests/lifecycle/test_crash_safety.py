@@ -2,7 +2,7 @@
 
 `tpmid renew ldevid --force` runs as a real process against a real swtpm and the
 reference EST server and is SIGKILLed (1) at each durable step of the store,
-through the store's test hook (``tpmid.store.step_hook``), and (2) at random
+through the store's test hook (``tpmid.store.fsio.step_hook``), and (2) at random
 moments. Afterwards the next start (`tpmid renew ldevid`, which runs the store's
 journal recovery first) leaves exactly one current identity whose certificate
 matches its TPM key, no orphaned key files or temp files, no journal, and no
@@ -31,7 +31,7 @@ from tpmid.tpm.keys import load_key_file
 
 HOOKED = """
 import os, signal, sys
-import tpmid.store as store
+from tpmid.store import fsio as store
 count = {{"n": 0}}
 def hook(step, path):
     count["n"] += 1

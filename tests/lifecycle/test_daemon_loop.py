@@ -17,7 +17,7 @@ import pytest
 from tpmid.config import RenewConfig
 from tpmid.errors import ConfigError, EstTransportError
 from tpmid.lifecycle.daemon import Daemon
-from tpmid.lifecycle.policy import AttemptState, Decision, decide
+from tpmid.policy import AttemptState, Decision, decide
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 

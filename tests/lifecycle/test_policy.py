@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tpmid.config import RenewConfig, parse_amount
-from tpmid.lifecycle.policy import (
+from tpmid.policy import (
     CLOCK_SKEW,
     RELEASE_DATE,
     AttemptState,

@@ -24,8 +24,8 @@ from tests.lifecycle.test_status_support import (  # noqa: F401  (pytest fixture
     own_server_device_fixture,
 )
 from tpmid.errors import EstRetryLater
-from tpmid.lifecycle.policy import AttemptState
 from tpmid.lifecycle.status import collect_status, iso
+from tpmid.policy import AttemptState
 
 
 def _spki_sha256(dev: Device, name: str) -> str:

@@ -57,12 +57,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cmd_init(ctx: Ctx) -> int | None:
     """Create a server directory and show its trust anchors and the secret (once)."""
-    from tpmid.server.state import init_server_dir, write_file
+    from tpmid.server.state import init_server_dir
+    from tpmid.store.fsio import atomic_write
 
     args = ctx.args
     res = init_server_dir(args.dir, alg=args.alg)
     if args.secret_out:
-        write_file(args.secret_out.resolve(), (res.secret + "\n").encode(), 0o600)
+        out = args.secret_out.resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, (res.secret + "\n").encode(), 0o600)
     data: dict[str, Any] = {
         "dir": str(res.dir),
         "alg": res.alg,

@@ -67,9 +67,9 @@ def _recover(ctx: Ctx, engine: RenewalEngine, tpm: TpmConnection | None = None) 
     import contextlib
 
     from tpmid._cli.tpm import open_tpm
+    from tpmid.store import recover
 
-    for action in engine.store.recover():
-        log.info("recovery: %s", action)
+    recover(engine.store)  # logs each action itself
     with (contextlib.nullcontext(tpm) if tpm is not None
           else open_tpm(ctx, config_required=True)) as conn:
         for handle in conn.flush_stale_transients():
@@ -86,7 +86,7 @@ def cmd_renew(ctx: Ctx) -> int:
     from datetime import UTC, datetime
 
     from tpmid._cli.tpm import open_tpm
-    from tpmid.lifecycle.policy import describe
+    from tpmid.policy import describe
 
     name = ctx.args.name
     ctx.config().identity(name)  # a clear error for an unknown name

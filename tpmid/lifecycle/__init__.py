@@ -1,6 +1,6 @@
 """Identity lifecycle: the renewal policy, enrollment, renewal and the daemon.
 
-* :mod:`tpmid.lifecycle.policy` — the pure renewal decision (no I/O, no clock).
+* :mod:`tpmid.policy` — the pure renewal decision (no I/O, no clock).
 * ``enroll`` / ``renew`` / ``daemon`` — orchestration built on the policy, the
   TPM layer, the EST client and :mod:`tpmid.store`.
 

@@ -6,8 +6,8 @@
    every ``{file: ...}`` secret is a 0600 file;
 2. **store permissions** — the store directory, its subdirectories, every key
    directory and key file are not writable by group or others;
-3. **clock** — not before tpmid's release (:data:`~tpmid.lifecycle.policy.RELEASE_DATE`)
-   and not more than :data:`~tpmid.lifecycle.policy.CLOCK_SKEW` before any stored
+3. **clock** — not before tpmid's release (:data:`~tpmid.policy.RELEASE_DATE`)
+   and not more than :data:`~tpmid.policy.CLOCK_SKEW` before any stored
    certificate's notBefore (a device without RTC that has no NTP time yet);
 4. **TPM** — reachable through the configured TCTI, and not in dictionary-attack
    lockout (IDevID keys are DA-protected: in lockout they cannot sign);
@@ -52,8 +52,8 @@ from tpmid.errors import (
     TpmidError,
     VerificationError,
 )
-from tpmid.lifecycle.policy import CLOCK_SKEW, RELEASE_DATE
 from tpmid.lifecycle.status import iso, open_store, spki_sha256
+from tpmid.policy import CLOCK_SKEW, RELEASE_DATE
 
 if TYPE_CHECKING:
     from tpmid.lifecycle.enroll import FetchResult

@@ -1,7 +1,7 @@
 """The renewal daemon: sleep until the earliest renewal event, renew, repeat.
 
 The loop owns no policy and no I/O of its own. It asks a :class:`Planner` for the
-next :class:`~tpmid.lifecycle.policy.Decision` of every identity, sleeps until the
+next :class:`~tpmid.policy.Decision` of every identity, sleeps until the
 earliest one on an interruptible :class:`threading.Event` (no polling: the only
 wake-ups are events, signals and a long safety cap that catches wall-clock jumps),
 and calls :meth:`Planner.renew` for identities that are due. Clock, waiting and the
@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Protocol
 
 from tpmid.errors import ConfigError, TpmidError
-from tpmid.lifecycle.policy import Decision, describe
+from tpmid.policy import Decision, describe
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :class:`RenewalEngine` is the :class:`~tpmid.lifecycle.daemon.Planner` of the
 daemon and what ``tpmid renew`` calls. It combines the pure policy
-(:func:`~tpmid.lifecycle.policy.decide`), the store (certificate, attempt state,
+(:func:`~tpmid.policy.decide`), the store (certificate, attempt state,
 journal) and :func:`~tpmid.lifecycle.enroll.enroll_identity`, which does the
 work: new TPM key (``rotate_key``), CSR, EST, verification, commit.
 
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 from tpmid.config import Config, IdentityConfig
 from tpmid.errors import EstRetryLater, StoreError, TpmidError
-from tpmid.lifecycle.policy import AttemptState, Decision, decide, jitter_rng
+from tpmid.policy import AttemptState, Decision, decide, jitter_rng
 
 if TYPE_CHECKING:
     from tpmid.lifecycle.enroll import EnrollResult, SecretResolver

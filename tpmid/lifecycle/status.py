@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from tpmid.config import Config, IdentityConfig
 from tpmid.errors import StoreError, TpmError, TpmidError
 from tpmid.est.verify import spki_der
-from tpmid.lifecycle.policy import AttemptState, Decision, format_duration
+from tpmid.policy import AttemptState, Decision, format_duration
 
 if TYPE_CHECKING:
     from cryptography import x509

@@ -10,8 +10,7 @@ Layout (``DIR``)::
     private/               0700  manufacturer-ca.key, operator-ca.key, tls-ca.key, server.key (0600)
     issued.jsonl           0644  one JSON line per issued certificate
 
-Writes are durable (STYLE.md §10): temp file in the same directory, fsync,
-rename, fsync the directory.
+Writes go through tpmid's one durable writer (:func:`tpmid.store.fsio.atomic_write`).
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from tpmid.server.ca import (
     loopback_san,
 )
 from tpmid.server.config import ALGS, YEAR, ServerConfig, load_server_config
+from tpmid.store.fsio import atomic_write
 
 DEFAULT_PORT = 8443
 CA_LIFETIME = 25 * YEAR
@@ -110,25 +110,6 @@ def est_url(host: str, port: int, label: str | None = None, operation: str | Non
     if operation:
         url += f"/{operation}"
     return url
-
-
-def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Durably replace ``path`` with ``data`` and ``mode`` (temp, fsync, rename, fsync dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _config_text(alg: str, secret_hash: str) -> str:
@@ -232,6 +213,7 @@ def init_server_dir(dir: Path, alg: str = "ecc-p256") -> InitResult:
         paths.dir.mkdir(mode=0o755, parents=True)
     paths.private.mkdir(mode=0o700, exist_ok=True)
     os.chmod(paths.private, 0o700)
+    paths.tls_cert.parent.mkdir(mode=0o755, exist_ok=True)
 
     cas = {
         "manufacturer": create_root_ca("manufacturer", CA_TITLES["manufacturer"], alg,
@@ -242,8 +224,8 @@ def init_server_dir(dir: Path, alg: str = "ecc-p256") -> InitResult:
         "tls": create_root_ca("tls", CA_TITLES["tls"], alg, CA_LIFETIME, path_length=0),
     }
     for name, ca in cas.items():
-        write_file(paths.ca_key(name), key_pem(ca.key), 0o600)
-        write_file(paths.ca_cert(name), cert_pem(ca.cert), 0o644)
+        atomic_write(paths.ca_key(name), key_pem(ca.key), 0o600)
+        atomic_write(paths.ca_cert(name), cert_pem(ca.cert), 0o644)
 
     server_key = generate_key(alg)
     server_cert = cas["tls"].issue(
@@ -253,11 +235,11 @@ def init_server_dir(dir: Path, alg: str = "ecc-p256") -> InitResult:
         lifetime=TLS_CERT_LIFETIME,
         san=loopback_san(),
     )
-    write_file(paths.tls_key, key_pem(server_key), 0o600)
-    write_file(paths.tls_cert, cert_pem(server_cert), 0o644)
+    atomic_write(paths.tls_key, key_pem(server_key), 0o600)
+    atomic_write(paths.tls_cert, cert_pem(server_cert), 0o644)
 
     secret = generate_secret()
-    write_file(paths.config, _config_text(alg, hash_secret(secret)).encode(), 0o600)
+    atomic_write(paths.config, _config_text(alg, hash_secret(secret)).encode(), 0o600)
     paths.issued_log.touch(mode=0o644)
     return InitResult(
         dir=paths.dir,
