@@ -23,7 +23,7 @@ from tests.bench.rig import STRACE_EXECVE, parse_strace_execs
 from tests.bench.stats import percentile
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import derive_idevid
+from tpmid.tpm.idevid import derive_idevid
 
 REPO = Path(__file__).resolve().parent.parent
 NOT_MEASURED = ("not measured", "—")

@@ -27,7 +27,7 @@ from tpmid.csr import (
 )
 from tpmid.errors import ConfigError, TpmError
 from tpmid.testing.swtpm import Swtpm
-from tpmid.tpm import keys
+from tpmid.tpm import idevid, keyfile, loaded
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.ek import primary_ek, read_eks
 
@@ -57,10 +57,10 @@ def _hw(tpm: TpmConnection) -> tuple[str, bytes]:
     return hardware_module_name(ek.cert_der, ek.public_key_der)
 
 
-def _open(tpm: TpmConnection, source: str) -> keys.LoadedKey:
+def _open(tpm: TpmConnection, source: str) -> loaded.LoadedKey:
     if source.startswith("H-"):
-        return keys.derive_idevid(tpm, source)
-    return keys.load_key_file(tpm, keys.create_key_file(tpm, source))
+        return idevid.derive_idevid(tpm, source)
+    return keyfile.load_key_file(tpm, keyfile.create_key_file(tpm, source))
 
 
 @pytest.mark.parametrize("source", ["H-1", "H-2", "H-3", "ecc-p256", "ecc-p384", "rsa-2048"])
@@ -91,19 +91,19 @@ def test_csr_signed_in_the_tpm_verifies_with_openssl_and_cryptography(
 
 
 def test_csr_without_sans_has_no_san_extension(tpm: TpmConnection) -> None:
-    with keys.derive_idevid(tpm, "H-2") as key:
+    with idevid.derive_idevid(tpm, "H-2") as key:
         csr = build_csr(key.private_key(), SubjectConfig(cn="bare"), SanConfig(),
                         hash_name="sha256")
     assert csr.is_signature_valid and list(csr.extensions) == []
 
 
 def test_csr_with_the_wrong_hash_for_the_tpm_key_is_refused(tpm: TpmConnection) -> None:
-    with keys.derive_idevid(tpm, "H-3") as key, pytest.raises(TpmError, match="SHA384"):
+    with idevid.derive_idevid(tpm, "H-3") as key, pytest.raises(TpmError, match="SHA384"):
         build_csr(key.private_key(), SUBJECT, SanConfig(), hash_name="sha256")
 
 
 def test_challenge_password_becomes_a_pkcs9_attribute(tpm: TpmConnection) -> None:
-    with keys.derive_idevid(tpm, "H-2") as key:
+    with idevid.derive_idevid(tpm, "H-2") as key:
         csr = build_csr(key.private_key(), SUBJECT, SanConfig(), hash_name="sha256",
                         challenge_password="dGxzLXVuaXF1ZQ==")
     assert csr.is_signature_valid

@@ -161,13 +161,6 @@ class KeyConfig:
     handle: int = DEFAULT_IDEVID_HANDLE  # persistent
     alg: FileAlg = "ecc-p256"  # file
 
-    def describe(self) -> str:
-        if self.kind == "persistent":
-            return f"persistent {self.template} at {self.handle:#010x}"
-        if self.kind == "ek-derived":
-            return f"ek-derived {self.template}"
-        return f"file {self.alg}"
-
 
 @dataclass(frozen=True)
 class SubjectConfig:

@@ -1,7 +1,7 @@
 """PKCS#10 certification requests (RFC 2986) for device identities — model layer, no I/O.
 
 ``build_csr`` takes any ``cryptography`` private-key object; with a TPM key that
-is :meth:`tpmid.tpm.keys.LoadedKey.private_key`, so the one signature a CSR
+is :meth:`tpmid.tpm.loaded.LoadedKey.private_key`, so the one signature a CSR
 needs is one TPM2_Sign. Nothing here imports the TPM layer.
 
 The subjectAltName can carry a hardwareModuleName (RFC 4108 §5, used by

@@ -97,3 +97,16 @@ def oid_of_der(der: bytes) -> str | None:
         return oid_from_content(der[start:end])
     except ValueError:
         return None
+
+
+def der_prefix(data: bytes) -> bytes:
+    """The DER SEQUENCE at the start of ``data`` (NV indices may be padded beyond it)."""
+    if len(data) < 2 or data[0] != 0x30:
+        return data
+    first = data[1]
+    if first < 0x80:
+        return data[:2 + first]
+    n = first & 0x7F
+    if n == 0 or n > 4 or len(data) < 2 + n:
+        return data
+    return data[:2 + n + int.from_bytes(data[2:2 + n], "big")]

@@ -51,6 +51,16 @@ class KeyMismatchError(TpmError):
     """A key in the TPM is not the one that was expected (template or certificate)."""
 
 
+class KeyUnavailableError(TpmError):
+    """An identity's key is gone from the TPM for good.
+
+    A persistent key that is no longer at its handle, or a key file that no
+    longer loads (both happen after TPM2_Clear, or with another TPM): retrying
+    cannot help; the key must be re-created (an IDevID re-derives from its
+    template) or the identity enrolled again with a new key.
+    """
+
+
 class TlsShimError(TpmidError):
     """The TPM-backed TLS signing shim cannot work in this process."""
 

@@ -43,7 +43,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+from tpmid.clock import as_utc
 from tpmid.config import Amount, RenewConfig
+from tpmid.render import format_duration
 
 # No certificate this version of tpmid handles can be renewed before tpmid existed:
 # a clock earlier than this is a device that booted without RTC and has no NTP yet.
@@ -120,28 +122,6 @@ class Decision:
 # --------------------------------------------------------------------------- helpers
 
 
-def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-
-
-def format_duration(seconds: float) -> str:
-    """``90`` → ``1min30s``, ``86400`` → ``1d``, ``0.6`` → ``0.6s`` (units as in the config)."""
-    s = abs(seconds)
-    if s < 10:
-        return f"{s:.1f}".rstrip("0").rstrip(".") + "s"
-    whole = round(s)
-    units = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
-    counts = []
-    for _, size in units:
-        counts.append(whole // size)
-        whole %= size
-    first = next(i for i, c in enumerate(counts) if c)
-    # The leading unit and the one below it are precise enough for a log line
-    # ("4d3h", not "4d3h12min7s"; "3h", not "3h5s").
-    return "".join(f"{counts[i]}{units[i][0]}" for i in (first, first + 1)
-                   if i < len(units) and counts[i])
-
-
 def _amount(a: Amount) -> str:
     return str(a) if a.fraction is not None else format_duration(a.seconds or 0.0)
 
@@ -157,7 +137,7 @@ def _retry_due(attempt: AttemptState, policy: RenewConfig, lifetime_s: float,
                now: datetime) -> tuple[datetime, str]:
     """When the next attempt after a failed or pending one is due, and why."""
     assert attempt.last_attempt is not None
-    last = _utc(attempt.last_attempt)
+    last = as_utc(attempt.last_attempt)
     if last > now + CLOCK_SKEW:
         # The clock went back past our own last attempt: its time tells us nothing.
         # One attempt now records a fresh last_attempt, so this cannot repeat.
@@ -188,11 +168,11 @@ def decide(
     Draws exactly one value from ``rng`` on every call, so a freshly seeded
     generator (:func:`jitter_rng`) gives the same answer each time.
     """
-    nb, na, now = _utc(not_before), _utc(not_after), _utc(now)
+    nb, na, now = as_utc(not_before), as_utc(not_after), as_utc(now)
     u = rng.random()
 
     # 1. A clock we cannot believe decides nothing (devices without RTC at boot).
-    plausible = _utc(earliest_plausible)
+    plausible = as_utc(earliest_plausible)
     if now < plausible or now < nb - CLOCK_SKEW:
         reason = ("clock before tpmid's release" if now < plausible
                   else "clock before notBefore")
@@ -230,7 +210,7 @@ def decide(
                 last_chance = na - timedelta(
                     seconds=min(LAST_CHANCE_MAX_S, LAST_CHANCE_FRACTION * lifetime_s))
                 assert attempt.last_attempt is not None
-                if _utc(attempt.last_attempt) < last_chance:
+                if as_utc(attempt.last_attempt) < last_chance:
                     due, why = max(now, last_chance), f"{why}; last attempt before expiry"
                 # else: the last chance was taken; the next attempt is an expired renewal.
             if due <= now:
@@ -253,26 +233,3 @@ def jitter_rng(identity: str, serial: int, salt: bytes = b"") -> random.Random:
     for part in (b"tpmid-jitter", identity.encode("utf-8"), str(serial).encode("ascii"), salt):
         h.update(len(part).to_bytes(4, "big") + part)
     return random.Random(int.from_bytes(h.digest(), "big"))
-
-
-def _iso(t: datetime) -> str:
-    return _utc(t).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def describe(decision: Decision, identity: str) -> str:
-    """One log line for the daemon.
-
-    ``ldevid: next renewal 2026-12-01T10:00:00Z (80% of lifetime), jitter -3min``
-    """
-    d = decision
-    if d.action == "renew-now":
-        return f"{identity}: renew now ({d.reason})"
-    if d.action == "retry-at":
-        return f"{identity}: next retry {_iso(d.when)} ({d.reason})"
-    if d.action == "wait-for-clock":
-        return (f"{identity}: clock looks wrong ({d.reason}); waiting for a plausible clock "
-                f"(not before {_iso(d.when)}), keeping the current certificate")
-    line = f"{identity}: next renewal {_iso(d.when)} ({d.reason})"
-    if d.jitter_s:
-        line += f", jitter -{format_duration(d.jitter_s)}"
-    return line

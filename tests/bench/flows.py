@@ -281,7 +281,7 @@ def unique_ecc_file(unique: bytes) -> bytes:
 
 def write_manual_kit(directory: Path) -> Path:
     """Write the manual path's scripts and template inputs to ``directory`` (a station kit)."""
-    from tpmid.tpm.keys import IDEVID_POLICY, IDEVID_UNIQUE
+    from tpmid.tpm.specs import IDEVID_POLICY, IDEVID_UNIQUE
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "lib.sh").write_text(LIB_SH)

@@ -134,7 +134,7 @@ def measure_handshake(tcti: str, proxy: TpmProxy, *, n: int, handle: int,
     """
     from tests.bench.handshakes import measure_handshakes
     from tpmid.tpm.connection import TpmConnection
-    from tpmid.tpm.keys import open_persistent
+    from tpmid.tpm.idevid import open_persistent
 
     with TpmConnection(tcti) as conn:
         key = open_persistent(conn, handle, expect_template=template)

@@ -155,7 +155,7 @@ def _handshakes(rig: Rig, options: BenchOptions, result: BenchResult,
     from tpmid.errors import TpmidError
     from tpmid.testing.tpmproxy import TpmProxy
     from tpmid.tpm.connection import TpmConnection
-    from tpmid.tpm.keys import create_persistent_idevid
+    from tpmid.tpm.idevid import create_persistent_idevid
 
     dev = rig.device("handshake")
     try:

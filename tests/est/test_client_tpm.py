@@ -27,7 +27,8 @@ from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
 from tpmid.tls import client_tls
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import LoadedKey, create_persistent_idevid, open_persistent
+from tpmid.tpm.idevid import create_persistent_idevid, open_persistent
+from tpmid.tpm.loaded import LoadedKey
 
 
 @dataclass

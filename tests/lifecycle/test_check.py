@@ -27,8 +27,10 @@ from tests.lifecycle.test_status_support import (  # noqa: F401  (pytest fixture
 from tests.tpm.helpers import run_tool
 from tpmid.lifecycle.check import CheckResult, all_passed, run_checks
 from tpmid.policy import RELEASE_DATE
+from tpmid.store import Store
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import evict_persistent
+from tpmid.tpm.idevid import evict_persistent
+from tpmid.wiring.est import fetch_cacerts
 
 EXPECTED_CHECKS = [
     "config file permissions", "store permissions", "clock plausible", "TPM reachable",
@@ -41,8 +43,10 @@ EXPECTED_CHECKS = [
 
 def checks(dev: Device, now: datetime | None = None) -> dict[str, CheckResult]:
     """Run every check through the library with the device's TPM; by name."""
-    results = run_checks(dev.config, open_tpm=lambda: TpmConnection(dev.sim.tcti),
-                         now=now or datetime.now(UTC), config_path=dev.config_path)
+    results = run_checks(dev.config, open_store=lambda: Store(dev.config.store.dir, create=False),
+                         open_tpm=lambda: TpmConnection(dev.sim.tcti),
+                         now=now or datetime.now(UTC), config_path=dev.config_path,
+                         fetch_cacerts=fetch_cacerts)
     by_name = {r.name: r for r in results}
     assert len(by_name) == len(results), "check names must be unique"
     return by_name

@@ -27,7 +27,7 @@ from tests.lifecycle.test_daemon_process import Field, tpmid
 from tpmid.store import Store
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import load_key_file
+from tpmid.tpm.keyfile import load_key_file
 
 HOOKED = """
 import os, signal, sys

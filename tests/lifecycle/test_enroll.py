@@ -32,6 +32,7 @@ from tests.est.test_client_support import (
     transient_handles,
 )
 from tests.server_fixtures import RunningEstServer, start_est_server
+from tests.support.wiring import enroll
 from tpmid.config import Config
 from tpmid.errors import (
     ConfigError,
@@ -43,12 +44,13 @@ from tpmid.errors import (
     StoreError,
     VerificationError,
 )
-from tpmid.lifecycle.enroll import EnrollResult, enroll_identity
+from tpmid.lifecycle.enroll import EnrollResult
 from tpmid.store import Store
 from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import create_persistent_idevid, load_key_file, open_persistent
+from tpmid.tpm.idevid import create_persistent_idevid, open_persistent
+from tpmid.tpm.keyfile import load_key_file
 
 
 @dataclass
@@ -64,7 +66,7 @@ class Rig:
 
     def enroll(self, name: str, *, config: Config | None = None, **kw: Any) -> EnrollResult:
         kw.setdefault("secrets", {SECRET_ENV: self.server.secret})
-        return enroll_identity(config or self.config, name, tpm=self.tpm, **kw)
+        return enroll(config or self.config, name, tpm=self.tpm, **kw)
 
     def reconfigure(self, **kw: Any) -> Config:
         self.config = identity_config(self.server, self.store_dir, self.tcti, **kw)
@@ -428,7 +430,7 @@ def test_pinned_bootstrap_enrolls_without_a_configured_trust_anchor(
                               idevid_est={"pin": _pin(res.manufacturer_ca_path)})
         with TpmConnection(swtpm.tcti) as tpm:
             create_persistent_idevid(tpm, "H-2")
-            result = enroll_identity(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})
+            result = enroll(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})
         assert result.chain == tuple(load(res.manufacturer_ca_path))
     finally:
         server.stop()
@@ -604,10 +606,10 @@ def test_est_accept_cmc_ra_admits_an_ra_certificate_that_does_not_name_the_host(
         with TpmConnection(swtpm.tcti) as tpm:
             create_persistent_idevid(tpm, "H-2", 0x81020000)
             if accept_cmc_ra:
-                result = enroll_identity(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})
+                result = enroll(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})
                 assert result.certificate.subject.rfc4514_string() == "CN=IDevID"
             else:
                 with pytest.raises(EstTransportError, match="IP address mismatch"):
-                    enroll_identity(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})
+                    enroll(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})
     finally:
         srv.stop()

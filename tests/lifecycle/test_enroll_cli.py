@@ -15,7 +15,7 @@ from tests.server_fixtures import RunningEstServer
 from tpmid.cli import main
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import create_persistent_idevid
+from tpmid.tpm.idevid import create_persistent_idevid
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from tpm2_pytss.constants import ESYS_TR
 from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 
 from tests.server_fixtures import RunningEstServer
+from tests.support.wiring import clients
 from tests.tpm.helpers import run_tool
 from tpmid.config import parse_config
 from tpmid.lifecycle.provision import provision
@@ -38,12 +39,8 @@ from tpmid.server.ca import load_ca
 from tpmid.store import Store
 from tpmid.testing.swtpm import Swtpm, manufacture
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import (
-    create_persistent_idevid,
-    evict_persistent,
-    idevid_template,
-    public_key_from_tpm,
-)
+from tpmid.tpm.idevid import create_persistent_idevid, evict_persistent
+from tpmid.tpm.templates import idevid_template, public_key_from_tpm
 
 REPO = Path(__file__).resolve().parents[2]
 HANDLE = 0x81020000
@@ -472,12 +469,13 @@ def test_expired_idevid_certificate_fails_the_check_instead_of_passing(
     """The clock is the injected ``now`` seam; the certificate is real."""
     cfg = parse_config(_config_data(tmp_path, swtpm, server), "test")
     with TpmConnection(swtpm.tcti) as tpm:
-        ok = provision(cfg, tpm=tpm, secrets={SECRET_ENV: server.secret}, serial="SN-X1",
+        ok = provision(cfg, store=Store(cfg.store.dir), tpm=tpm,
+                       clients=clients(cfg, {SECRET_ENV: server.secret}), serial="SN-X1",
                        station_id=STATION, manifest_path=manifest)
         assert ok.outcome == "provisioned" and ok.idevid_cert_not_after
         later = datetime.fromisoformat(ok.idevid_cert_not_after).replace(year=2099)
-        rec = provision(cfg, tpm=tpm, secrets={}, station_id=STATION, manifest_path=manifest,
-                        now=lambda: later)
+        rec = provision(cfg, store=Store(cfg.store.dir), tpm=tpm, clients=clients(cfg, {}),
+                        station_id=STATION, manifest_path=manifest, now=lambda: later)
     assert (rec.outcome, rec.error_code, rec.exit_code) == ("fail", "VerificationError", 6)
     assert rec.failed_step == "proving the identity"
     assert len(server.issued()) == 1
@@ -511,7 +509,8 @@ def test_ek_derived_idevid_is_provisioned_without_persisting_anything(
     lines: list[str] = []
     before = tpm_state(swtpm)
     with TpmConnection(swtpm.tcti) as tpm:
-        rec = provision(cfg, tpm=tpm, secrets={SECRET_ENV: server.secret}, serial="SN-E1",
+        rec = provision(cfg, store=Store(cfg.store.dir), tpm=tpm,
+                        clients=clients(cfg, {SECRET_ENV: server.secret}), serial="SN-E1",
                         station_id=STATION, manifest_path=manifest, progress=lines.append)
         assert tpm.transient_handles() == []
     assert (rec.outcome, rec.idevid_kind, rec.idevid_handle) == ("provisioned", "ek-derived", None)

@@ -20,16 +20,16 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.est.test_client_support import SECRET_ENV, identity_config, transient_handles
 from tests.server_fixtures import RunningEstServer, start_est_server
+from tests.support.wiring import clients, enroll
 from tpmid.config import Config, parse_config
 from tpmid.errors import EstTransportError
 from tpmid.lifecycle.daemon import Daemon
-from tpmid.lifecycle.enroll import enroll_identity
 from tpmid.lifecycle.renew import RenewalEngine, managed_identities
 from tpmid.server import EstServer
 from tpmid.store import Store
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import create_persistent_idevid
+from tpmid.tpm.idevid import create_persistent_idevid
 
 DAY = timedelta(days=1)
 
@@ -113,9 +113,9 @@ class Device:
 
         return RecordingEngine(
             config=config or self.config, store=Store(self.store_dir), open_tpm=open_tpm,
-            secrets=lambda ref: self.server.secret,
-            now=self.clock.now, sleep=lambda s: self.clock.advance(s), hook_runner=record_hook,
-            attempts=self.attempts,
+            clients=clients(config or self.config, lambda ref: self.server.secret,
+                            now=self.clock.now, sleep=lambda s: self.clock.advance(s)),
+            now=self.clock.now, hook_runner=record_hook, attempts=self.attempts,
         )
 
     def daemon(self, until: datetime, config_holder: list[Config] | None = None
@@ -159,8 +159,7 @@ def device(swtpm: Swtpm, tmp_path: Path) -> Iterator[Device]:
     config = identity_config(server, store_dir, swtpm.tcti)
     with TpmConnection(swtpm.tcti) as tpm:
         create_persistent_idevid(tpm, "H-2", 0x81020000)
-        enroll_identity(config, "idevid", tpm=tpm, secrets={SECRET_ENV: server.secret},
-                        now=clock.now)
+        enroll(config, "idevid", tpm=tpm, secrets={SECRET_ENV: server.secret}, now=clock.now)
     try:
         yield Device(swtpm, server, clock, store_dir, config)
     finally:

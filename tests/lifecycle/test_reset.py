@@ -15,10 +15,10 @@ from tests.lifecycle.test_status_support import (  # noqa: F401  (pytest fixture
     enrolled_fixture,
 )
 from tpmid.errors import StoreError
-from tpmid.lifecycle.status import apply_reset, plan_reset
+from tpmid.lifecycle.reset import apply_reset, plan_reset
 from tpmid.store import JournalEntry
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import create_persistent_idevid
+from tpmid.tpm.idevid import create_persistent_idevid
 
 
 def persistent_handles(dev: Device) -> list[int]:
@@ -130,7 +130,7 @@ def test_reset_releases_the_tpm_object_of_work_in_flight(enrolled: Device) -> No
 def test_reset_waits_for_the_identity_lock_and_then_gives_up(enrolled: Device) -> None:
     """The lock is held by another thread (flock excludes threads of one process too)."""
     store = enrolled.store
-    items = plan_reset(enrolled.config, ["ldevid"])
+    items = plan_reset(enrolled.config, enrolled.store, ["ldevid"])
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -143,12 +143,12 @@ def test_reset_waits_for_the_identity_lock_and_then_gives_up(enrolled: Device) -
     try:
         assert held.wait(10)
         with pytest.raises(StoreError, match="ldevid is being renewed by another tpmid process"):
-            apply_reset(enrolled.config, items, lock_timeout=0.2)
+            apply_reset(enrolled.config, enrolled.store, items, lock_timeout=0.2)
         assert enrolled.store.current("ldevid") is not None
     finally:
         release.set()
         t.join()
-    done = apply_reset(enrolled.config, items, lock_timeout=5)
+    done = apply_reset(enrolled.config, enrolled.store, items, lock_timeout=5)
     assert done[0].done and enrolled.store.current("ldevid") is None
 
 

@@ -24,8 +24,9 @@ from tests.lifecycle.test_status_support import (  # noqa: F401  (pytest fixture
     own_server_device_fixture,
 )
 from tpmid.errors import EstRetryLater
-from tpmid.lifecycle.status import collect_status, iso
+from tpmid.lifecycle.status import collect_status
 from tpmid.policy import AttemptState
+from tpmid.render import iso
 
 
 def _spki_sha256(dev: Device, name: str) -> str:
@@ -120,7 +121,7 @@ def test_ldevid_state_follows_the_clock(enrolled: Device, base: str, offset: tim
                                         state: str, action: str) -> None:
     cur = enrolled.current("ldevid")
     now = (cur.not_before if base == "nb" else cur.not_after) + offset
-    records = {r.name: r for r in collect_status(enrolled.config, now=now)}
+    records = {r.name: r for r in collect_status(enrolled.config, enrolled.store, now=now)}
     ld = records["ldevid"]
     assert ld.state == state
     assert ld.next_renewal is not None and ld.next_renewal.action == action
@@ -162,7 +163,7 @@ def test_status_shows_the_last_failed_attempt_and_schedules_the_retry(enrolled: 
         store.save_state("ldevid", AttemptState().failed(
             failed_at, "https://127.0.0.1/.well-known/est/ldevid/simplereenroll: 503"))
     now = failed_at + timedelta(minutes=5)
-    (ld,) = collect_status(enrolled.config, now=now, names=["ldevid"])
+    (ld,) = collect_status(enrolled.config, enrolled.store, now=now, names=["ldevid"])
     assert ld.state == "renew-due"
     assert ld.next_renewal is not None and ld.next_renewal.action == "retry-at"
     assert ld.attempt is not None and ld.attempt.failures == 1

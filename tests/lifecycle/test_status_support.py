@@ -27,13 +27,14 @@ import yaml
 
 from tests.est.test_client_support import SECRET_ENV, transient_handles
 from tests.server_fixtures import RunningEstServer
+from tests.support.wiring import enroll
 from tpmid.cli import main
 from tpmid.config import Config, parse_config
-from tpmid.lifecycle.enroll import EnrollResult, enroll_identity
+from tpmid.lifecycle.enroll import EnrollResult
 from tpmid.store import Store, StoredIdentity
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import create_persistent_idevid
+from tpmid.tpm.idevid import create_persistent_idevid
 
 IDEVID_HANDLE = 0x81020000
 NAMES = ("idevid", "ldevid", "edgeca")
@@ -82,8 +83,7 @@ class Device:
 
     def enroll(self, name: str) -> EnrollResult:
         with TpmConnection(self.sim.tcti) as tpm:
-            result = enroll_identity(self.config, name, tpm=tpm,
-                                     secrets={SECRET_ENV: self.server.secret})
+            result = enroll(self.config, name, tpm=tpm, secrets={SECRET_ENV: self.server.secret})
         self.enrolled[name] = result
         return result
 

@@ -1,6 +1,6 @@
 """Fixtures for the TLS shim tests: TPM keys in a per-test swtpm, a test CA, mTLS servers.
 
-TPM keys are real ``tpmid.tpm.keys.LoadedKey`` objects: the ek-derived IDevID
+TPM keys are real ``tpmid.tpm.loaded.LoadedKey`` objects: the ek-derived IDevID
 of the TCG H-1/H-2/H-3 template in the test's own swtpm (one TPM2_Sign per
 signature), usually opened through a counting :class:`TpmProxy`.
 """
@@ -23,7 +23,8 @@ from tpmid.errors import TpmError
 from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import LoadedKey, derive_idevid
+from tpmid.tpm.idevid import derive_idevid
+from tpmid.tpm.loaded import LoadedKey
 
 SERVER_NAME = "est.tpmid.test"
 

@@ -22,7 +22,7 @@ from tpmid.errors import ConfigError, KeyMismatchError, TlsShimError, TpmError
 from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
 from tpmid.tls import ClientTls, SoftwareSigningKey, _shim, client_tls
-from tpmid.tpm.keys import LoadedKey
+from tpmid.tpm.loaded import LoadedKey
 
 V12, V13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
 

@@ -134,7 +134,7 @@ def _commit_file_key(cli: Cli, name: str, alg: str = "ecc-p256") -> Path:
     from cryptography.x509.oid import NameOID
 
     from tpmid.store import Store
-    from tpmid.tpm.keys import create_key_file, load_key_file
+    from tpmid.tpm.keyfile import create_key_file, load_key_file
 
     with TpmConnection(cli.sim.tcti) as tpm:
         pem = create_key_file(tpm, alg)

@@ -14,7 +14,7 @@ from tpmid.errors import TpmError
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm import ek as ekmod
 from tpmid.tpm.connection import TpmConnection
-from tpmid.tpm.keys import read_persistent_public
+from tpmid.tpm.idevid import read_persistent_public
 
 
 def _by_template(eks: list[ekmod.EkInfo]) -> dict[str, ekmod.EkInfo]:

@@ -6,7 +6,7 @@ from tpm2_pytss.constants import ESYS_TR
 from tpm2_pytss.types import TPM2B_AUTH, TPM2B_SENSITIVE_CREATE, TPMS_SENSITIVE_CREATE
 
 from tpmid.errors import TpmError
-from tpmid.tpm import keys
+from tpmid.tpm import loaded, templates
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.info import tpm_info
 
@@ -32,9 +32,9 @@ def test_info_shows_passwords_set_and_the_lockout_state(tpm: TpmConnection) -> N
     esapi = tpm.esapi
     esapi.dictionary_attack_parameters(1, 300, 400, ESYS_TR.LOCKOUT)
     sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=TPM2B_AUTH(b"pw")))
-    handle, public, _, _, _ = esapi.create_primary(sensitive, keys.idevid_template("H-2"),
+    handle, public, _, _, _ = esapi.create_primary(sensitive, templates.idevid_template("H-2"),
                                                    ESYS_TR.OWNER)
-    with keys.LoadedKey(tpm, handle, public, transient=True, description="test key") as key:
+    with loaded.LoadedKey(tpm, handle, public, transient=True, description="test key") as key:
         esapi.tr_set_auth(handle, b"wrong")
         for _ in range(2):
             try:

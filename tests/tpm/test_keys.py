@@ -14,11 +14,12 @@ from cryptography.x509.oid import NameOID
 from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
 
 from tests.tpm.helpers import run_tool, transient_objects
-from tpmid.config import KeyConfig
+from tpmid.config import IdentityConfig, KeyConfig, SubjectConfig
 from tpmid.errors import KeyMismatchError, StoreError, TpmError
 from tpmid.testing.swtpm import Swtpm
-from tpmid.tpm import keys
+from tpmid.tpm import idevid, keyfile, loaded, specs, templates
 from tpmid.tpm.connection import TpmConnection
+from tpmid.tpm.identity import IdentityKey, identity_key
 
 HANDLE = 0x81020000
 TEMPLATES = ["H-1", "H-2", "H-3"]
@@ -30,11 +31,11 @@ EXPECTED = {  # template -> (alg, hash, authPolicy hex per TCG DevID §7.3.6.6 T
 }
 
 
-def _spki(key: keys.LoadedKey) -> bytes:
+def _spki(key: loaded.LoadedKey) -> bytes:
     return key.public_key_der()
 
 
-def _issue_cert(key: keys.LoadedKey) -> x509.Certificate:
+def _issue_cert(key: loaded.LoadedKey) -> x509.Certificate:
     """A certificate for the TPM key from a software test CA."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -52,7 +53,7 @@ def _issue_cert(key: keys.LoadedKey) -> x509.Certificate:
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_idevid_template_is_a_signing_key_that_can_never_decrypt(name: str) -> None:
-    area = keys.idevid_template(name).publicArea
+    area = templates.idevid_template(name).publicArea
     attrs = area.objectAttributes
     wanted = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
               | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.ADMINWITHPOLICY | TPMA_OBJECT.SIGN_ENCRYPT)
@@ -61,14 +62,14 @@ def test_idevid_template_is_a_signing_key_that_can_never_decrypt(name: str) -> N
 
 
 def test_idevid_template_is_a_fresh_object_every_call() -> None:
-    a = keys.idevid_template("H-2")
+    a = templates.idevid_template("H-2")
     a.publicArea.parameters.eccDetail.curveID = 0x30
-    assert keys.idevid_template("H-2").publicArea.parameters.eccDetail.curveID == 0x0003
+    assert templates.idevid_template("H-2").publicArea.parameters.eccDetail.curveID == 0x0003
 
 
 def test_unknown_template_is_refused() -> None:
     with pytest.raises(TpmError, match="H-1, H-2 or H-3"):
-        keys.idevid_template("H-9")
+        templates.idevid_template("H-9")
 
 
 # --------------------------------------------------------------------------- persistent IDevIDs
@@ -78,7 +79,7 @@ def test_unknown_template_is_refused() -> None:
 def test_tpm2_tools_see_the_tcg_attributes_and_policy_of_a_persistent_idevid(
         swtpm: Swtpm, name: str) -> None:
     with TpmConnection(swtpm.tcti) as tpm:
-        assert keys.create_persistent_idevid(tpm, name, HANDLE).created
+        assert idevid.create_persistent_idevid(tpm, name, HANDLE).created
     out = run_tool(swtpm, "tpm2_readpublic", "-c", hex(HANDLE)).stdout
     value = out.split("attributes:")[1].split("value:")[1].splitlines()[0].strip()
     assert value == "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|adminwithpolicy|sign"
@@ -89,12 +90,12 @@ def test_tpm2_tools_see_the_tcg_attributes_and_policy_of_a_persistent_idevid(
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_persistent_idevid_creation_is_idempotent(swtpm: Swtpm, name: str) -> None:
     with TpmConnection(swtpm.tcti) as tpm:
-        first = keys.create_persistent_idevid(tpm, name, HANDLE)
-        second = keys.create_persistent_idevid(tpm, name, HANDLE)
+        first = idevid.create_persistent_idevid(tpm, name, HANDLE)
+        second = idevid.create_persistent_idevid(tpm, name, HANDLE)
         assert (first.created, second.created) == (True, False)
         assert bytes(first.public.marshal()) == bytes(second.public.marshal())
-        with keys.open_persistent(tpm, HANDLE, expect_template=name) as key, \
-                keys.derive_idevid(tpm, name) as derived:
+        with idevid.open_persistent(tpm, HANDLE, expect_template=name) as key, \
+                idevid.derive_idevid(tpm, name) as derived:
             assert (key.alg, key.hash_name) == EXPECTED[name][:2]
             assert _spki(key) == _spki(derived)
             assert not key.transient
@@ -102,14 +103,14 @@ def test_persistent_idevid_creation_is_idempotent(swtpm: Swtpm, name: str) -> No
 
 
 def test_persistent_idevid_refuses_another_template_at_its_handle(tpm: TpmConnection) -> None:
-    keys.create_persistent_idevid(tpm, "H-2", HANDLE)
+    idevid.create_persistent_idevid(tpm, "H-2", HANDLE)
     with pytest.raises(KeyMismatchError) as err:
-        keys.create_persistent_idevid(tpm, "H-3", HANDLE)
+        idevid.create_persistent_idevid(tpm, "H-3", HANDLE)
     assert "0x81020000" in err.value.message and "H-2" in err.value.message
     assert "H-3" in err.value.message
     assert err.value.hint and "--force" in err.value.hint
     with pytest.raises(KeyMismatchError, match="not an IDevID from template H-3"):
-        keys.open_persistent(tpm, HANDLE, expect_template="H-3")
+        idevid.open_persistent(tpm, HANDLE, expect_template="H-3")
     assert tpm.transient_handles() == []
 
 
@@ -117,50 +118,50 @@ def test_persistent_idevid_refuses_an_unrelated_key_at_its_handle(tpm: TpmConnec
     from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 
     handle, _, _, _, _ = tpm.esapi.create_primary(
-        TPM2B_SENSITIVE_CREATE(), keys.storage_parent_template(), ESYS_TR.OWNER)
+        TPM2B_SENSITIVE_CREATE(), templates.storage_parent_template(), ESYS_TR.OWNER)
     tpm.esapi.evict_control(ESYS_TR.OWNER, handle, HANDLE)
     tpm.esapi.flush_context(handle)
     with pytest.raises(KeyMismatchError, match="restricted non-signing/decryption key"):
-        keys.create_persistent_idevid(tpm, "H-2", HANDLE)
+        idevid.create_persistent_idevid(tpm, "H-2", HANDLE)
     with pytest.raises(KeyMismatchError):
-        keys.open_persistent(tpm, HANDLE)  # not a signing key at all
+        idevid.open_persistent(tpm, HANDLE)  # not a signing key at all
     assert tpm.transient_handles() == []
 
 
 def test_force_replaces_a_mismatching_persistent_key(tpm: TpmConnection) -> None:
-    keys.create_persistent_idevid(tpm, "H-2", HANDLE)
-    result = keys.create_persistent_idevid(tpm, "H-3", HANDLE, force=True)
+    idevid.create_persistent_idevid(tpm, "H-2", HANDLE)
+    result = idevid.create_persistent_idevid(tpm, "H-3", HANDLE, force=True)
     assert result.created
-    with keys.open_persistent(tpm, HANDLE, expect_template="H-3") as key:
+    with idevid.open_persistent(tpm, HANDLE, expect_template="H-3") as key:
         assert key.alg == "ecc-p384"
     assert tpm.transient_handles() == []
 
 
 def test_persistent_handle_outside_the_owner_range_is_refused(tpm: TpmConnection) -> None:
     with pytest.raises(TpmError, match="not a persistent handle the owner may use"):
-        keys.create_persistent_idevid(tpm, "H-2", 0x81800000)
+        idevid.create_persistent_idevid(tpm, "H-2", 0x81800000)
 
 
 def test_evict_removes_the_key_and_a_second_evict_says_there_is_none(tpm: TpmConnection) -> None:
-    keys.create_persistent_idevid(tpm, "H-2", HANDLE)
-    keys.evict_persistent(tpm, HANDLE)
+    idevid.create_persistent_idevid(tpm, "H-2", HANDLE)
+    idevid.evict_persistent(tpm, HANDLE)
     assert HANDLE not in tpm.persistent_handles()
     with pytest.raises(TpmError, match="no key at 0x81020000"):
-        keys.evict_persistent(tpm, HANDLE)
+        idevid.evict_persistent(tpm, HANDLE)
 
 
 def test_after_tpm_clear_the_persistent_idevid_is_gone_and_can_be_recreated(
         tpm: TpmConnection) -> None:
-    keys.create_persistent_idevid(tpm, "H-2", HANDLE)
-    with keys.open_persistent(tpm, HANDLE) as key:
+    idevid.create_persistent_idevid(tpm, "H-2", HANDLE)
+    with idevid.open_persistent(tpm, HANDLE) as key:
         before = _spki(key)
     tpm.esapi.clear(ESYS_TR.LOCKOUT)
     with pytest.raises(TpmError) as err:
-        keys.open_persistent(tpm, HANDLE, expect_template="H-2")
+        idevid.open_persistent(tpm, HANDLE, expect_template="H-2")
     assert "no key at 0x81020000" in err.value.message
     assert err.value.hint and "tpmid key create" in err.value.hint
-    assert keys.create_persistent_idevid(tpm, "H-2", HANDLE).created
-    with keys.open_persistent(tpm, HANDLE) as key:
+    assert idevid.create_persistent_idevid(tpm, "H-2", HANDLE).created
+    with idevid.open_persistent(tpm, HANDLE) as key:
         # TPM2_Clear changes the owner seed, not the endorsement seed the IDevID comes from.
         assert _spki(key) == before
 
@@ -171,17 +172,17 @@ def test_after_tpm_clear_the_persistent_idevid_is_gone_and_can_be_recreated(
 def test_ek_derived_key_is_identical_across_calls_power_cycles_and_tpm_clear(
         swtpm: Swtpm) -> None:
     with TpmConnection(swtpm.tcti) as tpm:
-        with keys.derive_idevid(tpm, "H-2") as key:
+        with idevid.derive_idevid(tpm, "H-2") as key:
             first = _spki(key)
             assert key.transient
-        with keys.derive_idevid(tpm, "H-2") as key:
+        with idevid.derive_idevid(tpm, "H-2") as key:
             assert _spki(key) == first
     swtpm.power_cycle()
     with TpmConnection(swtpm.tcti) as tpm:
-        with keys.derive_idevid(tpm, "H-2") as key:
+        with idevid.derive_idevid(tpm, "H-2") as key:
             assert _spki(key) == first
         tpm.esapi.clear(ESYS_TR.LOCKOUT)
-        with keys.derive_idevid(tpm, "H-2") as key:
+        with idevid.derive_idevid(tpm, "H-2") as key:
             assert _spki(key) == first
     assert transient_objects(swtpm) == []
 
@@ -189,19 +190,19 @@ def test_ek_derived_key_is_identical_across_calls_power_cycles_and_tpm_clear(
 def test_ek_derived_keys_of_different_templates_differ(tpm: TpmConnection) -> None:
     derived = {}
     for name in TEMPLATES:
-        with keys.derive_idevid(tpm, name) as key:
+        with idevid.derive_idevid(tpm, name) as key:
             derived[name] = _spki(key)
     assert len(set(derived.values())) == 3
 
 
 def test_change_eps_yields_a_new_key_that_no_longer_matches_its_certificate(
         tpm: TpmConnection) -> None:
-    with keys.derive_idevid(tpm, "H-2") as key:
+    with idevid.derive_idevid(tpm, "H-2") as key:
         cert = _issue_cert(key)
-        assert keys.key_matches_certificate(key, cert)
+        assert loaded.key_matches_certificate(key, cert)
     tpm.esapi.change_eps(ESYS_TR.PLATFORM)
-    with keys.derive_idevid(tpm, "H-2") as key:
-        assert not keys.key_matches_certificate(key, cert)
+    with idevid.derive_idevid(tpm, "H-2") as key:
+        assert not loaded.key_matches_certificate(key, cert)
 
 
 # --------------------------------------------------------------------------- signing
@@ -210,7 +211,7 @@ def test_change_eps_yields_a_new_key_that_no_longer_matches_its_certificate(
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_sign_digest_makes_a_signature_the_public_key_verifies(tpm: TpmConnection,
                                                                name: str) -> None:
-    with keys.derive_idevid(tpm, name) as key:
+    with idevid.derive_idevid(tpm, name) as key:
         h = hashes.SHA256() if key.hash_name == "sha256" else hashes.SHA384()
         digester = hashes.Hash(h)
         digester.update(b"message")
@@ -225,7 +226,7 @@ def test_sign_digest_makes_a_signature_the_public_key_verifies(tpm: TpmConnectio
 
 
 def test_sign_digest_refuses_a_digest_of_the_wrong_size(tpm: TpmConnection) -> None:
-    with keys.derive_idevid(tpm, "H-3") as key, pytest.raises(TpmError, match="SHA384"):
+    with idevid.derive_idevid(tpm, "H-3") as key, pytest.raises(TpmError, match="SHA384"):
         key.sign_digest(b"\0" * 32)
 
 
@@ -236,14 +237,14 @@ def test_sign_digest_refuses_a_digest_of_the_wrong_size(tpm: TpmConnection) -> N
 )
 def test_private_key_refuses_a_hash_the_key_cannot_use(tpm: TpmConnection, name: str,
                                                        algorithm: ec.ECDSA) -> None:
-    with keys.derive_idevid(tpm, name) as key:
+    with idevid.derive_idevid(tpm, name) as key:
         with pytest.raises(TpmError) as err:
             key.private_key().sign(b"data", algorithm)
         assert f"signs only with {key.hash_name.upper()}" in err.value.message
 
 
 def test_rsa_private_key_refuses_pss_and_export(tpm: TpmConnection) -> None:
-    with keys.derive_idevid(tpm, "H-1") as key:
+    with idevid.derive_idevid(tpm, "H-1") as key:
         pk = key.private_key()
         with pytest.raises(TpmError, match="PKCS#1 v1.5"):
             pk.sign(b"data", padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
@@ -261,8 +262,8 @@ def test_rsa_private_key_refuses_pss_and_export(tpm: TpmConnection) -> None:
 def test_key_file_signs_through_the_openssl_tpm2_provider(swtpm: Swtpm, tmp_path: Path,
                                                           alg: str) -> None:
     with TpmConnection(swtpm.tcti) as tpm:
-        pem = keys.create_key_file(tpm, alg)
-        with keys.load_key_file(tpm, pem) as key:
+        pem = keyfile.create_key_file(tpm, alg)
+        with keyfile.load_key_file(tpm, pem) as key:
             public = key.public_key()
             hash_name = key.hash_name
             assert key.alg == alg
@@ -292,17 +293,17 @@ def test_key_file_signs_through_the_openssl_tpm2_provider(swtpm: Swtpm, tmp_path
 def test_key_file_templates_never_allow_decrypt(tpm: TpmConnection) -> None:
     from tpm2_pytss.tsskey import TSSPrivKey
 
-    pem = keys.create_key_file(tpm, "ecc-p256")
+    pem = keyfile.create_key_file(tpm, "ecc-p256")
     attrs = TSSPrivKey.from_pem(pem).public.publicArea.objectAttributes
     assert attrs & TPMA_OBJECT.SIGN_ENCRYPT and not attrs & TPMA_OBJECT.DECRYPT
     assert tpm.transient_handles() == []
 
 
 def test_key_file_from_before_a_tpm_clear_says_re_enroll(tpm: TpmConnection) -> None:
-    pem = keys.create_key_file(tpm, "ecc-p256")
+    pem = keyfile.create_key_file(tpm, "ecc-p256")
     tpm.esapi.clear(ESYS_TR.LOCKOUT)
     with pytest.raises(TpmError) as err:
-        keys.load_key_file(tpm, pem)
+        keyfile.load_key_file(tpm, pem)
     assert "before a TPM clear" in err.value.message
     assert err.value.hint and "re-enrolled" in err.value.hint
     assert tpm.transient_handles() == []
@@ -312,19 +313,19 @@ def test_key_file_loads_under_a_persistent_srk_of_the_standard_template(
         tpm: TpmConnection) -> None:
     from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 
-    pem = keys.create_key_file(tpm, "ecc-p256")
+    pem = keyfile.create_key_file(tpm, "ecc-p256")
     handle, _, _, _, _ = tpm.esapi.create_primary(
-        TPM2B_SENSITIVE_CREATE(), keys.storage_parent_template(), ESYS_TR.OWNER)
-    tpm.esapi.evict_control(ESYS_TR.OWNER, handle, keys.SRK_HANDLE)
+        TPM2B_SENSITIVE_CREATE(), templates.storage_parent_template(), ESYS_TR.OWNER)
+    tpm.esapi.evict_control(ESYS_TR.OWNER, handle, specs.SRK_HANDLE)
     tpm.esapi.flush_context(handle)
-    with keys.load_key_file(tpm, pem) as key:
+    with keyfile.load_key_file(tpm, pem) as key:
         assert len(key.sign_digest(b"\x02" * 32)) > 64
     assert tpm.transient_handles() == []
 
 
 def test_garbage_key_file_is_a_store_error(tpm: TpmConnection) -> None:
     with pytest.raises(StoreError, match="TSS2 PRIVATE KEY"):
-        keys.load_key_file(tpm, b"-----BEGIN TSS2 PRIVATE KEY-----\nAAAA\n"
+        keyfile.load_key_file(tpm, b"-----BEGIN TSS2 PRIVATE KEY-----\nAAAA\n"
                                 b"-----END TSS2 PRIVATE KEY-----\n")
 
 
@@ -338,28 +339,37 @@ def test_garbage_key_file_is_a_store_error(tpm: TpmConnection) -> None:
      KeyConfig(kind="file", alg="ecc-p384")],
     ids=["persistent", "ek-derived", "file"],
 )
-def test_load_identity_key_opens_each_kind_of_key(tpm: TpmConnection,
-                                                  key_config: KeyConfig) -> None:
+def test_identity_key_opens_each_kind_of_key(tpm: TpmConnection, key_config: KeyConfig,
+                                             tmp_path: Path) -> None:
     key_file = None
     if key_config.kind == "persistent":
-        keys.create_persistent_idevid(tpm, key_config.template, key_config.handle)
+        idevid.create_persistent_idevid(tpm, key_config.template, key_config.handle)
     if key_config.kind == "file":
-        key_file = keys.create_key_file(tpm, key_config.alg)
-    with keys.load_identity_key(tpm, key_config, key_file) as key:
+        key_file = tmp_path / "key.tss2.pem"
+        key_file.write_bytes(keyfile.create_key_file(tpm, key_config.alg))
+    with _identity(key_config).open(tpm, key_file) as key:
         expected_alg = (key_config.alg if key_config.kind == "file"
-                        else keys.IDEVID_TEMPLATE_ALGS[key_config.template])
+                        else specs.IDEVID_TEMPLATE_ALGS[key_config.template])
         assert key.alg == expected_alg
         assert key.sign_digest(b"\x03" * (32 if key.hash_name == "sha256" else 48))
     assert tpm.transient_handles() == []
 
 
-def test_load_identity_key_rejects_a_key_file_of_another_algorithm(tpm: TpmConnection) -> None:
-    pem = keys.create_key_file(tpm, "ecc-p256")
+def test_identity_key_rejects_a_key_file_of_another_algorithm(tpm: TpmConnection,
+                                                              tmp_path: Path) -> None:
+    key_file = tmp_path / "key.tss2.pem"
+    key_file.write_bytes(keyfile.create_key_file(tpm, "ecc-p256"))
+    key = _identity(KeyConfig(kind="file", alg="ecc-p384"))
     with pytest.raises(KeyMismatchError, match="config says ecc-p384"):
-        keys.load_identity_key(tpm, KeyConfig(kind="file", alg="ecc-p384"), pem)
-    with pytest.raises(StoreError, match="does not exist"):
-        keys.load_identity_key(tpm, KeyConfig(kind="file", alg="ecc-p384"), None)
+        key.open(tpm, key_file)
+    with pytest.raises(StoreError, match="no key file"):
+        key.open(tpm, None)
     assert tpm.transient_handles() == []
+
+
+def _identity(key_config: KeyConfig) -> IdentityKey:
+    return identity_key(IdentityConfig(name="dut", key=key_config,
+                                       subject=SubjectConfig(cn="dut")))
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -375,7 +385,7 @@ def test_sign_digest_and_a_csr_cost_exactly_one_tpm2_sign(swtpm: Swtpm, name: st
     from tpmid.testing.tpmproxy import TpmProxy
 
     with TpmProxy(swtpm.host, swtpm.port, swtpm.ctrl_port) as proxy, \
-            TpmConnection(proxy.tcti) as tpm, keys.derive_idevid(tpm, name) as key:
+            TpmConnection(proxy.tcti) as tpm, idevid.derive_idevid(tpm, name) as key:
         size = 32 if key.hash_name == "sha256" else 48
         key.sign_digest(b"\x04" * size)
         proxy.reset()
@@ -403,14 +413,14 @@ def test_new_key_file_is_created_loaded_and_reloadable(
                 raise TSS2_Exception(0x143)
 
             monkeypatch.setattr(tpm.esapi, "create_loaded", no_create_loaded)
-        pem, key = keys.create_loaded_key_file(tpm, "ecc-p256")
+        pem, key = keyfile.create_loaded_key_file(tpm, "ecc-p256")
         with key:
             first = _spki(key)
             digest = hashes.Hash(hashes.SHA256())
             digest.update(b"tpmid")
             sig = key.sign_digest(digest.finalize())
         key.public_key().verify(sig, b"tpmid", ec.ECDSA(hashes.SHA256()))
-        with keys.load_key_file(tpm, pem) as again:
+        with keyfile.load_key_file(tpm, pem) as again:
             assert _spki(again) == first
     assert refused == ([] if create_loaded_supported else [1])
     assert transient_objects(swtpm) == []

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tpmid._cli import add_json_flag
-
-if TYPE_CHECKING:
-    from cryptography import x509
-
-    from tpmid.cli import Ctx
+from tpmid._cli.context import Ctx
+from tpmid.est.verify import fingerprint_sha256
+from tpmid.store import atomic_write
 
 # Short names for the OIDs a CSR-attributes answer usually holds (RFC 7030 §4.5.2).
 _OID_NAMES = {
@@ -89,10 +90,6 @@ def _trust_args(ctx: Ctx) -> dict[str, Any]:
 
 
 def _cert_info(c: x509.Certificate) -> dict[str, Any]:
-    from cryptography.hazmat.primitives import serialization
-
-    from tpmid.est.verify import fingerprint_sha256
-
     return {
         "subject": c.subject.rfc4514_string(),
         "issuer": c.issuer.rfc4514_string(),
@@ -106,13 +103,11 @@ def _cert_info(c: x509.Certificate) -> dict[str, Any]:
 
 def cmd_cacerts(ctx: Ctx) -> int:
     """``tpmid est cacerts URL``."""
-    from tpmid.lifecycle.enroll import fetch_cacerts
+    from tpmid.wiring.est import fetch_cacerts
 
     result = fetch_cacerts(ctx.args.url, **_trust_args(ctx))
     infos = [_cert_info(c) for c in result.certificates]
     if ctx.args.out is not None:
-        from tpmid.store import atomic_write
-
         atomic_write(ctx.args.out, "".join(i["pem"] for i in infos).encode(), 0o644)
         ctx.progress(f"wrote {len(infos)} certificate(s) to {ctx.args.out}")
 
@@ -133,7 +128,7 @@ def cmd_cacerts(ctx: Ctx) -> int:
 
 def cmd_csrattrs(ctx: Ctx) -> int:
     """``tpmid est csrattrs URL``."""
-    from tpmid.lifecycle.enroll import fetch_csrattrs
+    from tpmid.wiring.est import fetch_csrattrs
 
     result = fetch_csrattrs(ctx.args.url, **_trust_args(ctx))
     attrs = []
@@ -168,19 +163,18 @@ def cmd_csrattrs(ctx: Ctx) -> int:
 
 def cmd_enroll(ctx: Ctx) -> int:
     """``tpmid enroll NAME``."""
-    from tpmid._cli.tpm import open_tpm
     from tpmid.lifecycle.enroll import enroll_identity
-    from tpmid.secrets import resolve_secret
+    from tpmid.wiring.est import EstClients
+    from tpmid.wiring.tpm import tpm_opener
 
-    cfg = ctx.config()
+    rt = ctx.runtime()
     name = ctx.args.name
-    ident = cfg.identity(name)
-    ctx.progress(f"enrolling {name} ({ident.key.describe()}) at "
+    ident = rt.config.identity(name)
+    ctx.progress(f"enrolling {name} ({rt.key(name).describe()}) at "
                  f"{ident.est.url if ident.est else '(no est.url)'}")
-    with open_tpm(ctx, config_required=True) as tpm:
-        result = enroll_identity(cfg, name, tpm=tpm,
-                                 secrets=lambda ref: resolve_secret(ref, ctx.environ,
-                                                                    ctx.read_stdin),
+    with tpm_opener(rt)() as tpm:
+        result = enroll_identity(rt.config, name, store=rt.store(), tpm=tpm,
+                                 clients=EstClients(rt.config, rt.secret),
                                  reenroll=bool(ctx.args.reenroll))
 
     def human(d: dict[str, Any]) -> str:

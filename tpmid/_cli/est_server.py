@@ -12,10 +12,11 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from tpmid.cli import Ctx
+from tpmid._cli.context import Ctx
+from tpmid.errors import ConfigError
+from tpmid.store.fsio import atomic_write
 
 _AUTH_NOTES = {
     "idevid": "Secret-Value header",
@@ -58,8 +59,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_init(ctx: Ctx) -> int | None:
     """Create a server directory and show its trust anchors and the secret (once)."""
     from tpmid.server.state import init_server_dir
-    from tpmid.store.fsio import atomic_write
-
     args = ctx.args
     res = init_server_dir(args.dir, alg=args.alg)
     if args.secret_out:
@@ -102,9 +101,7 @@ def cmd_init(ctx: Ctx) -> int | None:
 
 def cmd_run(ctx: Ctx) -> int | None:
     """Serve until SIGTERM/SIGINT; SIGHUP re-reads the config file."""
-    from tpmid.errors import ConfigError
     from tpmid.server.server import EstServer
-
     args = ctx.args
     logging.getLogger("tpmid.server").setLevel(logging.DEBUG if args.verbose >= 2
                                                else logging.INFO)
@@ -163,9 +160,7 @@ def cmd_run(ctx: Ctx) -> int | None:
 
 def cmd_hash_secret(ctx: Ctx) -> int | None:
     """Print the salted hash of the secret read from stdin (for secret_value/basic ``hash``)."""
-    from tpmid.errors import ConfigError
     from tpmid.server.auth import hash_secret
-
     secret = ctx.read_stdin().strip()
     if not secret:
         raise ConfigError("expected the secret on standard input, got an empty line")

@@ -1,89 +1,57 @@
 """``tpmid key create|show|delete NAME`` and ``tpmid csr NAME``.
 
-NAME is an identity of the config; its ``key`` section says which kind of key
-it uses. ``kind: file`` keys (LDevID, Edge CA) are TSS2 key files in the store,
-one per certificate version (``<store.dir>/keys/<NAME>/<version>.tss2.pem``): they
-are created by ``tpmid enroll`` / ``tpmid renew`` together with their certificate,
-and these commands act on the current one.
+NAME is an identity of the config; its ``key`` section says how its key is
+kept (:class:`tpmid.tpm.identity.IdentityKey`). File keys (LDevID, Edge CA) are
+TSS2 key files in the store, one per certificate version
+(``<store.dir>/keys/<NAME>/<version>.tss2.pem``): they are created by ``tpmid
+enroll`` / ``tpmid renew`` together with their certificate, and these commands
+act on the current one.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cryptography.hazmat.primitives import serialization
+
 from tpmid._cli import add_json_flag
-from tpmid._cli.tpm import open_tpm
+from tpmid._cli.context import Ctx
+from tpmid.csr import build_csr
+from tpmid.errors import ConfigError, StoreError
+from tpmid.tpm.identity import IdentityKey
 
 if TYPE_CHECKING:
-    from tpmid.cli import Ctx
-    from tpmid.config import Config, IdentityConfig
-    from tpmid.tpm.connection import TpmConnection
-    from tpmid.tpm.keys import LoadedKey
+    from tpmid.tpm.loaded import LoadedKey
 
 
-# --------------------------------------------------------------------------- helpers
+def _current_key_file(ctx: Ctx, name: str) -> Path | None:
+    """The key file of ``name``'s current certificate version, if the store has one."""
+    store = ctx.runtime().existing_store()
+    current = store.current(name) if store is not None else None
+    return current.key_file if current is not None else None
 
 
-def _identity(ctx: Ctx) -> tuple[Config, IdentityConfig]:
-    cfg = ctx.config()
-    return cfg, cfg.identity(ctx.args.name)
-
-
-def current_key_file(cfg: Config, ident: IdentityConfig) -> Path:
-    """The key file of identity ``ident``'s current certificate in the store."""
-    from tpmid.errors import StoreError
-    from tpmid.store import Store
-
-    current = Store(cfg.store.dir, create=False).current(ident.name) \
-        if Path(cfg.store.dir).is_dir() else None
-    if current is None or current.key_file is None or not current.key_file.exists():
-        raise StoreError(
-            f"identity {ident.name!r} is not enrolled, so it has no key file yet",
-            hint=f"file keys are created together with their certificate: "
-            f"`tpmid enroll {ident.name}`",
-        )
-    return current.key_file
-
-
-def load_key(tpm: TpmConnection, cfg: Config, ident: IdentityConfig) -> LoadedKey:
-    """Open identity ``ident``'s key, reading its key file from the store if it has one."""
-    from tpmid.errors import TpmidError
-    from tpmid.tpm.keys import load_identity_key
-
-    key_file = None
-    if ident.key.kind == "file":
-        key_file = current_key_file(cfg, ident).read_bytes()
-    try:
-        return load_identity_key(tpm, ident.key, key_file)
-    except TpmidError as e:
-        if e.hint:  # name the identity in the suggested command
-            e.hint = e.hint.replace("<identity>", ident.name)
-        raise
-
-
-def _key_data(ident: IdentityConfig, key: LoadedKey) -> dict[str, Any]:
-    import hashlib
-
-    from cryptography.hazmat.primitives import serialization
-
-    der = key.public_key_der()
+def _key_data(key: IdentityKey, loaded: LoadedKey) -> dict[str, Any]:
+    der = loaded.public_key_der()
+    facts = key.facts()
     data: dict[str, Any] = {
-        "identity": ident.name,
-        "kind": ident.key.kind,
-        "key": ident.key.describe(),
-        "alg": key.alg,
-        "hash": key.hash_name,
+        "identity": key.name,
+        "kind": facts["kind"],
+        "key": facts["description"],
+        "alg": loaded.alg,
+        "hash": loaded.hash_name,
         "public_key_sha256": hashlib.sha256(der).hexdigest(),
-        "public_key_pem": key.public_key().public_bytes(
+        "public_key_pem": loaded.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode(),
     }
-    if ident.key.kind == "persistent":
-        data["handle"] = f"{ident.key.handle:#010x}"
-    if ident.key.kind in ("persistent", "ek-derived"):
-        data["template"] = ident.key.template
+    if facts["handle"] is not None:
+        data["handle"] = facts["handle"]
+    if facts["template"] is not None:
+        data["template"] = facts["template"]
     return data
 
 
@@ -103,52 +71,39 @@ def _key_text(data: dict[str, Any]) -> str:
 
 def cmd_create(ctx: Ctx) -> int | None:
     """``tpmid key create NAME [--force]``: make the identity's key (idempotent)."""
-    from tpmid.tpm.keys import create_persistent_idevid, derive_idevid
+    from tpmid.wiring.tpm import tpm_opener
 
-    cfg, ident = _identity(ctx)
-    kind = ident.key.kind
-    with open_tpm(ctx, config_required=True) as tpm:
-        if kind == "persistent":
-            result = create_persistent_idevid(tpm, ident.key.template, ident.key.handle,
-                                              force=ctx.args.force)
-            status = (f"created {ident.key.template} IDevID at {result.handle:#010x}"
-                      if result.created else
-                      f"kept the existing {ident.key.template} IDevID at {result.handle:#010x}")
-            created = result.created
-        elif kind == "ek-derived":
-            status = ("ek-derived keys are re-created from the endorsement hierarchy whenever "
-                      "they are needed; nothing to store")
-            created = False
-        else:
-            # A file key belongs to one certificate version; enrollment makes both.
-            path = current_key_file(cfg, ident)
-            status = f"kept the key of the current certificate ({path})"
-            created = False
-        with (derive_idevid(tpm, ident.key.template) if kind == "ek-derived"
-              else load_key(tpm, cfg, ident)) as key:
-            data = _key_data(ident, key)
-    data["status"] = status
-    data["created"] = created
-    if kind == "file":
-        data["path"] = str(current_key_file(cfg, ident))
+    rt = ctx.runtime()
+    key = rt.key(ctx.args.name)
+    key_file = _current_key_file(ctx, key.name)
+    with tpm_opener(rt)() as tpm:
+        ensured = key.ensure(tpm, force=ctx.args.force, current_file=key_file)
+        with key.open(tpm, key_file) as loaded:
+            data = _key_data(key, loaded)
+    data["status"] = ensured.status
+    data["created"] = ensured.created
+    if key_file is not None:
+        data["path"] = str(key_file)
     ctx.emit(data, _key_text)
     return None
 
 
 def cmd_show(ctx: Ctx) -> int | None:
     """``tpmid key show NAME``: the identity's public key and where its key lives."""
-    cfg, ident = _identity(ctx)
-    with open_tpm(ctx, config_required=True) as tpm, load_key(tpm, cfg, ident) as key:
-        data = _key_data(ident, key)
-    if ident.key.kind == "file":
-        data["path"] = str(current_key_file(cfg, ident))
+    from tpmid.wiring.tpm import tpm_opener
+
+    rt = ctx.runtime()
+    key = rt.key(ctx.args.name)
+    key_file = _current_key_file(ctx, key.name)
+    with tpm_opener(rt)() as tpm, key.open(tpm, key_file) as loaded:
+        data = _key_data(key, loaded)
+    if key_file is not None:
+        data["path"] = str(key_file)
     ctx.emit(data, _key_text)
     return None
 
 
 def _confirm(ctx: Ctx, what: str) -> None:
-    from tpmid.errors import ConfigError
-
     if ctx.args.yes:
         return
     if sys.stdin is None or not sys.stdin.isatty():
@@ -161,59 +116,42 @@ def _confirm(ctx: Ctx, what: str) -> None:
 
 def cmd_delete(ctx: Ctx) -> int | None:
     """``tpmid key delete NAME [--yes]``: evict the persistent key (file keys: see reset)."""
-    from tpmid.tpm.keys import evict_persistent
+    from tpmid.wiring.tpm import tpm_opener
 
-    cfg, ident = _identity(ctx)
-    kind = ident.key.kind
-    if kind == "ek-derived":
-        ctx.emit({"identity": ident.name, "deleted": False,
-                  "status": "ek-derived keys are not stored; there is nothing to delete"},
+    rt = ctx.runtime()
+    key = rt.key(ctx.args.name)
+    what = key.removal()
+    if what is None:
+        ctx.emit({"identity": key.name, "deleted": False,
+                  "status": f"{key.describe()} keys are not stored; there is nothing to delete"},
                  lambda d: d["status"])
         return None
-    if kind == "persistent":
-        _confirm(ctx, f"the persistent key {ident.key.handle:#010x} of {ident.name}")
-        with open_tpm(ctx, config_required=True) as tpm:
-            evict_persistent(tpm, ident.key.handle)
-        status = f"deleted the persistent key at {ident.key.handle:#010x}"
-    else:
-        from tpmid.errors import ConfigError
-
-        raise ConfigError(
-            f"{ident.name} uses a key file that belongs to its certificate; deleting the key "
-            "alone would leave a certificate without a key",
-            hint=f"`tpmid reset {ident.name}` removes the identity with its keys",
-        )
-    ctx.emit({"identity": ident.name, "deleted": True, "status": status},
+    _confirm(ctx, what)
+    with tpm_opener(rt)() as tpm:
+        status = key.remove(tpm)
+    ctx.emit({"identity": key.name, "deleted": True, "status": status},
              lambda d: d["status"])
     return None
 
 
 def cmd_csr(ctx: Ctx) -> int | None:
     """``tpmid csr NAME [--out FILE] [--challenge-password-stdin]``: a PKCS#10 request."""
-    from cryptography.hazmat.primitives import serialization
+    from tpmid.wiring.tpm import tpm_opener
 
-    from tpmid.csr import build_csr, hardware_module_name
-    from tpmid.errors import ConfigError, StoreError
-
-    cfg, ident = _identity(ctx)
+    rt = ctx.runtime()
+    ident = rt.config.identity(ctx.args.name)
+    key = rt.key(ident.name)
     challenge = None
     if ctx.args.challenge_password_stdin:
         challenge = ctx.read_stdin().rstrip("\r\n")
         if not challenge:
             raise ConfigError("--challenge-password-stdin: standard input was empty")
-    with open_tpm(ctx, config_required=True) as tpm:
-        hw = None
-        if ident.san.hardware_module_name:
-            from tpmid.tpm.connection import PT_MANUFACTURER
-            from tpmid.tpm.ek import primary_ek, read_eks
-
-            ek = primary_ek(read_eks(tpm))
-            hw = hardware_module_name(
-                ek.cert_der, ek.public_key_der,
-                tpm_manufacturer=tpm.properties(PT_MANUFACTURER, 1).get(PT_MANUFACTURER))
-        with load_key(tpm, cfg, ident) as key:
-            csr = build_csr(key.private_key(), ident.subject, ident.san,
-                            hash_name=key.hash_name, hw_module=hw,
+    key_file = _current_key_file(ctx, key.name)
+    with tpm_opener(rt)() as tpm:
+        hw = tpm.hardware_module_name() if ident.san.hardware_module_name else None
+        with key.open(tpm, key_file) as loaded:
+            csr = build_csr(loaded.private_key(), ident.subject, ident.san,
+                            hash_name=loaded.hash_name, hw_module=hw,
                             challenge_password=challenge)
     pem = csr.public_bytes(serialization.Encoding.PEM)
     if ctx.args.out:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -10,11 +11,15 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from tpmid._cli import add_json_flag
-from tpmid.cli import Ctx
+from tpmid._cli.context import Ctx
+from tpmid.clock import utcnow
+from tpmid.errors import ConfigError, TpmidError
+from tpmid.render import describe_decision
+from tpmid.store import recover
 
 if TYPE_CHECKING:
     from tpmid.lifecycle.renew import RenewalEngine
-    from tpmid.tpm.connection import TpmConnection
+    from tpmid.tpm.connection import TpmOpener
 
 log = logging.getLogger("tpmid.daemon")
 
@@ -43,36 +48,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d.set_defaults(func=cmd_daemon)
 
 
-def _engine(ctx: Ctx, tpm: TpmConnection | None = None) -> RenewalEngine:
-    """The renewal engine; with ``tpm`` every renewal reuses that open connection."""
-    import contextlib
-
-    from tpmid._cli.tpm import open_tpm
+def _engine(ctx: Ctx, open_tpm: TpmOpener) -> RenewalEngine:
+    """The renewal engine of the current config, renewing through ``open_tpm``."""
     from tpmid.lifecycle.renew import RenewalEngine
-    from tpmid.secrets import resolve_secret
-    from tpmid.store import Store
+    from tpmid.wiring.est import EstClients
 
-    cfg = ctx.config()
-    return RenewalEngine(
-        config=cfg,
-        store=Store(cfg.store.dir),
-        open_tpm=((lambda: contextlib.nullcontext(tpm)) if tpm is not None
-                  else (lambda: open_tpm(ctx, config_required=True))),
-        secrets=lambda ref: resolve_secret(ref, ctx.environ, ctx.read_stdin),
-    )
+    rt = ctx.runtime()
+    return RenewalEngine(config=rt.config, store=rt.store(), open_tpm=open_tpm,
+                         clients=EstClients(rt.config, rt.secret),
+                         hook_environment=rt.hook_environment({}))
 
 
-def _recover(ctx: Ctx, engine: RenewalEngine, tpm: TpmConnection | None = None) -> None:
+def _recover(engine: RenewalEngine) -> None:
     """Start-up recovery: settle the journal, then free TPM slots that dead runs left."""
-    import contextlib
-
-    from tpmid._cli.tpm import open_tpm
-    from tpmid.store import recover
-
     recover(engine.store)  # logs each action itself
-    with (contextlib.nullcontext(tpm) if tpm is not None
-          else open_tpm(ctx, config_required=True)) as conn:
-        for handle in conn.flush_stale_transients():
+    with engine.open_tpm() as tpm:
+        for handle in tpm.flush_stale_transients():
             log.warning("recovery: flushed transient object %#x left in the TPM by an "
                         "interrupted process", handle)
 
@@ -83,23 +74,20 @@ def _summary(results: list[Any]) -> list[dict[str, Any]]:
 
 def cmd_renew(ctx: Ctx) -> int:
     """``tpmid renew NAME [--force] [--chain]``."""
-    from datetime import UTC, datetime
-
-    from tpmid._cli.tpm import open_tpm
-    from tpmid.policy import describe
+    from tpmid.wiring.tpm import tpm_opener
 
     name = ctx.args.name
     ctx.config().identity(name)  # a clear error for an unknown name
     # One TPM connection (and one turn at the host TPM lock) for the whole command.
-    with open_tpm(ctx, config_required=True) as tpm:
-        engine = _engine(ctx, tpm)
-        now = datetime.now(UTC)
-        _recover(ctx, engine, tpm)
+    with tpm_opener(ctx.runtime())() as tpm:
+        engine = _engine(ctx, lambda: contextlib.nullcontext(tpm))
+        now = utcnow()
+        _recover(engine)
         decision = engine.plan(name, now)
         if not ctx.args.force and decision.when > now:
             ctx.emit({"identity": name, "renewed": False, "next": decision.when.isoformat(),
                       "reason": decision.reason},
-                     f"{describe(decision, name)}; not due (use --force to renew now)")
+                     f"{describe_decision(decision, name)}; not due (use --force to renew now)")
             return 0
         ctx.progress(f"renewing {name} ...")
         results = engine.renew_chain(name, now) if ctx.args.chain else [engine.renew(name, now)]
@@ -130,18 +118,16 @@ def _notify(message: str) -> None:
 
 def cmd_daemon(ctx: Ctx) -> int:
     """``tpmid daemon``: the renewal loop with signal handling."""
-    from datetime import UTC, datetime
-
     from tpmid.lifecycle.daemon import Daemon
     from tpmid.lifecycle.renew import managed_identities
+    from tpmid.wiring.tpm import tpm_opener
 
     if ctx.args.verbose == 0:
         logging.getLogger("tpmid").setLevel(logging.INFO)  # a daemon logs its decisions
-    from tpmid.errors import ConfigError, TpmidError
-
-    engine = _engine(ctx)  # a bad config fails here, before anything else
+    open_tpm = tpm_opener(ctx.runtime())  # a bad config fails here, before anything else
+    engine = _engine(ctx, open_tpm)
     try:
-        _recover(ctx, engine)
+        _recover(engine)
     except ConfigError:
         raise
     except TpmidError as e:
@@ -153,12 +139,12 @@ def cmd_daemon(ctx: Ctx) -> int:
 
     def make_planner() -> RenewalEngine:
         ctx.forget_config()  # re-read the file on every (re)load
-        new = _engine(ctx)
+        new = _engine(ctx, tpm_opener(ctx.runtime()))
         new.follow_chains = True
         new.retire_due_keys()
         return new
 
-    daemon = Daemon(make_planner=make_planner, now=lambda: datetime.now(UTC))
+    daemon = Daemon(make_planner=make_planner, now=utcnow)
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())

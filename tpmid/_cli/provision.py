@@ -10,15 +10,14 @@ provisioned, 2 config, 3 TPM, 4 EST server, 5 EST auth, 6 verification, 7 store.
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tpmid._cli import add_json_flag
-
-if TYPE_CHECKING:
-    from tpmid.cli import Ctx
-    from tpmid.manifest import ProvisionRecord
+from tpmid._cli.context import Ctx
+from tpmid.errors import ConfigError, StoreError
+from tpmid.manifest import ProvisionRecord
 
 ENV_STATION = "TPMID_STATION"
 ENV_MANIFEST = "TPMID_MANIFEST"
@@ -114,12 +113,9 @@ def _finish(ctx: Ctx, record: ProvisionRecord, manifest: Path | None) -> int:
 
 def cmd_provision(ctx: Ctx) -> int:
     """``tpmid provision``: see the module docstring."""
-    import socket
-
-    from tpmid._cli.tpm import open_tpm
-    from tpmid.errors import ConfigError
     from tpmid.lifecycle.provision import provision, record_failure
-    from tpmid.secrets import resolve_secret
+    from tpmid.wiring.est import EstClients
+    from tpmid.wiring.tpm import tpm_opener
 
     args = ctx.args
     station = args.station or ctx.environ.get(ENV_STATION) or socket.gethostname()
@@ -134,13 +130,15 @@ def cmd_provision(ctx: Ctx) -> int:
         if args.adopt and args.write_nv is not None:
             raise ConfigError("--adopt reads the certificate from NV (--cert-nv); it cannot be "
                               "combined with --write-nv")
-        cfg = ctx.config()
-    except ConfigError as e:
+        rt = ctx.runtime()
+        store = rt.store()
+    except (ConfigError, StoreError) as e:
         return _finish(ctx, record_failure(e, **common), manifest)
     record = provision(
-        cfg,
-        tpm=lambda: open_tpm(ctx, config_required=True),
-        secrets=lambda ref: resolve_secret(ref, ctx.environ, ctx.read_stdin),
+        rt.config,
+        store=store,
+        tpm=tpm_opener(rt),
+        clients=EstClients(rt.config, rt.secret),
         force=bool(args.force),
         nv_index=args.cert_nv if args.adopt else args.write_nv,
         adopt=bool(args.adopt),

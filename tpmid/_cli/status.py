@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any
 
 from tpmid._cli import add_json_flag
+from tpmid._cli.context import Ctx
+from tpmid.clock import utcnow
+from tpmid.lifecycle.check import CheckResult, all_passed, run_checks
+from tpmid.lifecycle.reset import ResetItem, apply_reset, plan_reset
+from tpmid.lifecycle.status import IdentityStatus, collect_status
+from tpmid.render import describe_age, iso
 
-if TYPE_CHECKING:
-    from tpmid.cli import Ctx
-    from tpmid.lifecycle.check import CheckResult
-    from tpmid.lifecycle.status import IdentityStatus, ResetItem
-
-# tpmid.cli.EXIT_FAILED_CHECK; not imported from there to keep this module free of cycles.
-EXIT_FAILED_CHECK = 1
+EXIT_FAILED_CHECK = 1  # a check failed, or reset has something to do and no --yes
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,16 +60,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_reset)
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 # --------------------------------------------------------------------------- status
 
 
 def _status_block(s: IdentityStatus, now: datetime) -> str:
-    from tpmid.lifecycle.status import describe_age, iso
-
     rows: list[tuple[str, str]] = []
     if s.subject is not None:
         rows += [("subject", s.subject), ("issuer", s.issuer or "?"),
@@ -118,11 +112,10 @@ def _status_block(s: IdentityStatus, now: datetime) -> str:
 
 def cmd_status(ctx: Ctx) -> int:
     """``tpmid status [NAME ...]``."""
-    from tpmid.lifecycle.status import collect_status, iso
-
-    cfg = ctx.config()
-    now = _now()
-    records = collect_status(cfg, now=now, names=ctx.args.names)
+    rt = ctx.runtime()
+    cfg = rt.config
+    now = utcnow()
+    records = collect_status(cfg, rt.existing_store(), now=now, names=ctx.args.names)
     data = {"now": iso(now), "store": str(cfg.store.dir),
             "identities": [r.to_json() for r in records]}
 
@@ -158,14 +151,16 @@ def render_checks(results: Sequence[CheckResult]) -> str:
 
 def cmd_check(ctx: Ctx) -> int:
     """``tpmid check``: exit 0 when everything passes, 1 otherwise."""
-    from tpmid._cli.tpm import open_tpm
-    from tpmid.lifecycle.check import all_passed, run_checks
+    from tpmid.wiring.est import fetch_cacerts
+    from tpmid.wiring.tpm import tpm_opener
 
     # Required (the file exists, so its permissions can be checked), and loaded even
     # when insecure: check reports that as a failed check instead of refusing.
     cfg = ctx.config(refuse_insecure=False)
-    results = run_checks(cfg, open_tpm=lambda: open_tpm(ctx, config_required=True),
-                         now=_now(), config_path=ctx.config_path, est=not ctx.args.no_est)
+    rt = ctx.runtime()
+    results = run_checks(cfg, open_store=rt.existing_store, open_tpm=tpm_opener(rt),
+                         now=utcnow(), config_path=ctx.config_path,
+                         fetch_cacerts=None if ctx.args.no_est else fetch_cacerts)
     ctx.emit([r.to_json() for r in results], lambda _: render_checks(results))
     return 0 if all_passed(results) else EXIT_FAILED_CHECK
 
@@ -212,17 +207,18 @@ def _reset_text(items: Sequence[ResetItem], applied: bool) -> str:
 
 def cmd_reset(ctx: Ctx) -> int:
     """``tpmid reset [--yes] [--include-idevid] [NAME ...]``."""
-    from tpmid._cli.tpm import open_tpm
-    from tpmid.lifecycle.status import apply_reset, plan_reset
+    from tpmid.wiring.tpm import tpm_opener
 
-    cfg = ctx.config()
-    items = plan_reset(cfg, ctx.args.names, include_idevid=ctx.args.include_idevid)
+    rt = ctx.runtime()
+    cfg = rt.config
+    store = rt.existing_store()
+    items = plan_reset(cfg, store, ctx.args.names, include_idevid=ctx.args.include_idevid)
     to_remove = any(i.action == "remove" for i in items)
     if not ctx.args.yes or not to_remove:
         ctx.emit({"applied": False, "identities": [i.to_json() for i in items]},
                  lambda _: _reset_text(items, applied=False))
         return EXIT_FAILED_CHECK if to_remove else 0
-    done = apply_reset(cfg, items, open_tpm=lambda: open_tpm(ctx, config_required=True))
+    done = apply_reset(cfg, store, items, open_tpm=tpm_opener(rt))
     ctx.emit({"applied": True, "identities": [i.to_json() for i in done]},
              lambda _: _reset_text(done, applied=True))
     return 0

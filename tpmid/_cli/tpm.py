@@ -1,62 +1,18 @@
-"""``tpmid tpm info`` and ``tpmid tpm ek``; also the CLI's one way to open the TPM.
-
-:func:`open_tpm` is the production wiring of the TPM seam: it reads the TCTI
-and the hierarchy passwords (SecretRefs resolved with the injected
-environment) from the config and, when ``tpm.lock_file`` is set, holds an
-exclusive lock on it so that tpmid processes sharing a TPM without a resource
-manager take turns.
-"""
+"""``tpmid tpm info`` and ``tpmid tpm ek``: what the TPM says about itself."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from tpmid._cli import add_json_flag
+from tpmid._cli.context import Ctx
 
 if TYPE_CHECKING:
-    from tpmid.cli import Ctx
-    from tpmid.tpm.connection import TpmConnection
     from tpmid.tpm.ek import EkInfo
-
-
-@contextlib.contextmanager
-def open_tpm(ctx: Ctx, *, config_required: bool = False) -> Iterator[TpmConnection]:
-    """Connect to the configured TPM with the configured hierarchy passwords."""
-    from tpmid.secrets import resolve_secret
-    from tpmid.tpm.connection import HierarchyPasswords, TpmConnection
-
-    cfg = ctx.config(required=config_required)
-    values: dict[str, bytes] = {}
-    for name in ("owner", "endorsement", "lockout"):
-        ref = getattr(cfg.tpm.auth, name)
-        if ref is not None:
-            values[name] = resolve_secret(ref, ctx.environ, ctx.read_stdin).encode("utf-8")
-    from tpmid.store import host_tpm_lock
-
-    lock = host_lock_path(cfg)
-    with (host_tpm_lock(Path(lock)) if lock is not None else contextlib.nullcontext()), \
-            TpmConnection(cfg.tpm.tcti, HierarchyPasswords(**values)) as tpm:
-        yield tpm
-
-
-def host_lock_path(cfg: Any) -> Any:
-    """``tpm.lock_file``, else the store's TPM lock once the store exists.
-
-    Every tpmid process of one store (CLI and daemon) then takes turns at a TPM
-    that has no resource manager; without a store there is nobody to collide with.
-    """
-    from pathlib import Path
-
-    from tpmid.store import TPM_LOCK_NAME
-
-    if cfg.tpm.lock_file is not None:
-        return cfg.tpm.lock_file
-    locks = Path(cfg.store.dir) / "locks"
-    return locks / TPM_LOCK_NAME if locks.is_dir() else None
 
 
 # --------------------------------------------------------------------------- tpm info
@@ -88,10 +44,10 @@ def _info_text(info: dict[str, Any]) -> str:
 
 def cmd_info(ctx: Ctx) -> int | None:
     """``tpmid tpm info``: manufacturer, versions, algorithms, handles, lockout state."""
-    from tpmid.tpm.info import tpm_info
+    from tpmid.wiring.tpm import tpm_opener
 
-    with open_tpm(ctx) as tpm:
-        info = tpm_info(tpm)
+    with tpm_opener(ctx.runtime(required=False))() as tpm:
+        info = tpm.info()
     ctx.emit(info, _info_text)
     return None
 
@@ -101,9 +57,6 @@ def cmd_info(ctx: Ctx) -> int | None:
 
 def ek_json(ek: EkInfo) -> dict[str, Any]:
     """An EK as JSON-ready data (public key and certificate as PEM)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
     pub = serialization.load_der_public_key(ek.public_key_der)
     data: dict[str, Any] = {
         "alg": ek.alg,
@@ -153,11 +106,11 @@ def _ek_text(data: dict[str, Any]) -> str:
 
 def cmd_ek(ctx: Ctx) -> int | None:
     """``tpmid tpm ek``: endorsement keys, their certificates and the device fingerprint."""
-    from tpmid.tpm.ek import primary_ek, read_eks
+    from tpmid.wiring.tpm import tpm_opener
 
-    with open_tpm(ctx) as tpm:
-        eks = read_eks(tpm)
-    main = primary_ek(eks)
+    with tpm_opener(ctx.runtime(required=False))() as tpm:
+        eks = tpm.eks()
+        main = tpm.primary_ek()
     data = {
         "device_fingerprint": main.fingerprint,
         "device_fingerprint_ek": f"{main.alg} {main.template}",

@@ -36,12 +36,14 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal, Protocol
+from datetime import datetime
+from typing import Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+import requests
 from cryptography import x509
 
+from tpmid.clock import utcnow
 from tpmid.errors import (
     ConfigError,
     EstAuthError,
@@ -52,9 +54,8 @@ from tpmid.errors import (
 )
 from tpmid.est import messages
 from tpmid.est.verify import check_pinned_root, spki_der, verify_server_certificate
-
-if TYPE_CHECKING:
-    import requests
+from tpmid.tls.adapter import SSLContextAdapter
+from tpmid.tls.context import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,6 @@ class _Response:
     reason: str
     headers: Mapping[str, str]  # lower-case names
     body: bytes
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def est_base_url(url: str) -> str:
@@ -248,7 +245,7 @@ class EstClient:
         max_body: int = DEFAULT_MAX_BODY,
         max_wait: float = 300.0,
         sleep: Callable[[float], None] = time.sleep,
-        now: Callable[[], datetime] = _utcnow,
+        now: Callable[[], datetime] = utcnow,
     ) -> None:
         self.base_url = est_base_url(base_url)
         parts = urlsplit(self.base_url)
@@ -518,8 +515,6 @@ class EstClient:
 
     def _via_session(self, method: str, url: str, body: bytes | None,
                      headers: Mapping[str, str]) -> _Response:
-        import requests
-
         try:
             r = self.session.request(method, url, data=body, headers=dict(headers),
                                      timeout=self.timeout, stream=True, allow_redirects=False)
@@ -657,14 +652,9 @@ def make_session(tls: TlsHandle | None) -> requests.Session:
     The session ignores the environment (no proxies, no ``.netrc`` credentials:
     library code never reads ``os.environ``) and carries no default auth.
     """
-    import requests
-
     s = requests.Session()
     s.trust_env = False
     if tls is not None:
-        from tpmid.tls.adapter import SSLContextAdapter
-        from tpmid.tls.context import ClientTls
-
         # Given the ClientTls itself, the adapter re-raises a TPM failure inside
         # the handshake as the TPM's own error.
         s.mount("https://", SSLContextAdapter(tls if isinstance(tls, ClientTls)

@@ -33,6 +33,7 @@ services often carry only a CN (the Web PKI rule "SAN required" is relaxed).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,14 +41,17 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.verification import (
     Criticality,
+    DNSName,
     ExtensionPolicy,
+    IPAddress,
     Policy,
     PolicyBuilder,
     Store,
+    Subject,
 )
 from cryptography.x509.verification import VerificationError as _X509VerificationError
 
@@ -82,6 +86,11 @@ def spki_der(key: CertificatePublicKeyTypes) -> bytes:
     """The DER SubjectPublicKeyInfo of ``key`` (the form compared for "same key")."""
     return key.public_bytes(serialization.Encoding.DER,
                             serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def spki_sha256(key: CertificatePublicKeyTypes) -> str:
+    """SHA-256 (lower-case hex) of the key's SubjectPublicKeyInfo: the public-key fingerprint."""
+    return hashlib.sha256(spki_der(key)).hexdigest()
 
 
 def _short_fp(data: bytes) -> str:
@@ -268,8 +277,6 @@ def verify_enrollment(
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:
     """Colon-separated upper-case SHA-256 fingerprint (as ``openssl x509 -fingerprint``)."""
-    from cryptography.hazmat.primitives import hashes
-
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
@@ -285,8 +292,6 @@ def check_pinned_root(certs: Sequence[x509.Certificate], pin: str) -> x509.Certi
     the pinned certificate must be self-signed (a root), otherwise the pin does
     not anchor anything. Raises VerificationError naming what the server offered.
     """
-    from cryptography.hazmat.primitives import hashes
-
     want = normalize_pin(pin)
     if len(want) != 64 or any(c not in "0123456789abcdef" for c in want):
         raise VerificationError(f"{pin!r} is not a SHA-256 fingerprint (64 hex digits)")
@@ -331,10 +336,6 @@ def verify_server_certificate(
     pinned root (with the returned CA certificates as intermediates) and pass
     the RFC 6125 host or IP check, or the answer is refused.
     """
-    import ipaddress
-
-    from cryptography.x509.verification import DNSName, IPAddress, Subject
-
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     subject: Subject

@@ -38,12 +38,13 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tpmid.certfiles import load_pem_certificates
+from tpmid.clock import as_utc
 from tpmid.config import Config, IdentityConfig, SecretRef
 from tpmid.errors import (
     ConfigError,
@@ -52,19 +53,21 @@ from tpmid.errors import (
     TpmidError,
     VerificationError,
 )
-from tpmid.lifecycle.status import iso, open_store, spki_sha256
+from tpmid.est.verify import check_validity as verify_validity
+from tpmid.est.verify import spki_der, spki_sha256, verify_chain
 from tpmid.policy import CLOCK_SKEW, RELEASE_DATE
+from tpmid.render import iso
+from tpmid.secrets import check_private_file
+from tpmid.store import Store, StoredIdentity, check_private_path
+from tpmid.tpm.identity import identity_key
 
 if TYPE_CHECKING:
-    from tpmid.lifecycle.enroll import FetchResult
-    from tpmid.store import Store, StoredIdentity
-    from tpmid.tpm.connection import TpmConnection
-    from tpmid.tpm.keys import LoadedKey
+    from tpmid.tpm.connection import TpmConnection, TpmOpener
 
 log = logging.getLogger(__name__)
 
-TpmOpener = Callable[[], AbstractContextManager["TpmConnection"]]
-CacertsFetcher = Callable[..., "FetchResult"]
+# GET /cacerts with the given server trust (tpmid.wiring.est.fetch_cacerts).
+CacertsFetcher = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -99,10 +102,6 @@ def _skip(name: str, why: str) -> CheckResult:
     return CheckResult(name, False, f"not checked: {why}", skipped=True)
 
 
-def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-
-
 # --------------------------------------------------------------------------- files
 
 
@@ -122,9 +121,6 @@ def _secret_refs(config: Config) -> list[tuple[str, SecretRef]]:
 
 def check_config_file(config: Config, config_path: Path | None) -> CheckResult:
     """The config file (and secret files) cannot be changed or read by other users."""
-    from tpmid.secrets import check_private_file
-    from tpmid.store import check_private_path
-
     name = "config file permissions"
     checked: list[str] = []
     try:
@@ -158,8 +154,6 @@ def _store_paths(root: Path) -> list[Path]:
 
 def check_store_permissions(config: Config) -> CheckResult:
     """The store and every key directory / key file are safe from other users."""
-    from tpmid.store import check_private_path
-
     name = "store permissions"
     root = Path(config.store.dir)
     if not root.is_dir():
@@ -185,7 +179,7 @@ def check_store_permissions(config: Config) -> CheckResult:
 def check_clock(now: datetime, certs: Sequence[StoredIdentity]) -> CheckResult:
     """The clock is plausible: after tpmid's release and not before any certificate's notBefore."""
     name = "clock plausible"
-    now = _utc(now)
+    now = as_utc(now)
     hint = ("set the time: enable NTP (timedatectl set-ntp true) or check the RTC; tpmid "
             "renews nothing while the clock is implausible")
     if now < RELEASE_DATE:
@@ -206,10 +200,8 @@ def check_clock(now: datetime, certs: Sequence[StoredIdentity]) -> CheckResult:
 
 def check_tpm(tpm: TpmConnection) -> list[CheckResult]:
     """The TPM answers and is not in dictionary-attack lockout."""
-    from tpmid.tpm.info import tpm_info
-
     try:
-        info = tpm_info(tpm)
+        info = tpm.info()
     except TpmidError as e:
         return [_from_error("TPM reachable", e)]
     vendor = " ".join(f"{info['manufacturer']} {info['vendor_string']}".split())
@@ -229,86 +221,32 @@ def check_tpm(tpm: TpmConnection) -> list[CheckResult]:
     return out
 
 
-def _open_key(tpm: TpmConnection, ident: IdentityConfig,
-              stored: StoredIdentity | None) -> tuple[LoadedKey, str]:
-    """Open ``ident``'s key and describe it; KeyMismatchError/TpmError/StoreError if unusable."""
-    from tpm2_pytss.constants import TPMA_OBJECT
-
-    from tpmid.errors import KeyMismatchError
-    from tpmid.tpm.keys import (
-        derive_idevid,
-        describe_public,
-        identify_template,
-        load_identity_key,
-        open_persistent,
-    )
-
-    kind = ident.key.kind
-    if kind == "persistent":
-        # Opened without expect_template so that the message can say what is there.
-        key = open_persistent(tpm, ident.key.handle)
-    elif kind == "ek-derived":
-        key = derive_idevid(tpm, ident.key.template)
-    else:
-        if stored is None or stored.key_file is None:
-            raise StoreError(f"{ident.name} has no key file in the store (not enrolled)",
-                             hint=f"enroll it: tpmid enroll {ident.name}")
-        try:
-            pem = stored.key_file.read_bytes()
-        except OSError as e:
-            raise StoreError(f"cannot read the key file {stored.key_file}: {e.strerror}") from e
-        key = load_identity_key(tpm, ident.key, pem)
-    try:
-        attrs = key.public.publicArea.objectAttributes
-        # TCG DevID v1.00 §7.3.4.1 Table 3: identity keys sign and never decrypt.
-        if attrs & TPMA_OBJECT.DECRYPT:
-            raise KeyMismatchError(f"{key.description} is {describe_public(key.public)}: it has "
-                                   "the decrypt attribute, which an identity key must not have",
-                                   hint=f"recreate the key: tpmid key create {ident.name} --force "
-                                   "and enroll again")
-        if kind in ("persistent", "ek-derived"):
-            found = identify_template(key.public)
-            if found != ident.key.template:
-                raise KeyMismatchError(
-                    f"{key.description} is {describe_public(key.public)}, not an IDevID from "
-                    f"template {ident.key.template}",
-                    hint="fix key.template in the config, or re-provision the device")
-            return key, f"{ident.key.describe()}: {describe_public(key.public)}, sign only"
-        where = f" ({stored.key_file})" if stored is not None and stored.key_file else ""
-        return key, f"key file{where} loads: {describe_public(key.public)}, sign only"
-    except BaseException:
-        key.close()
-        raise
-
-
 def _key_checks(tpm: TpmConnection, ident: IdentityConfig,
                 stored: StoredIdentity | None) -> tuple[CheckResult, CheckResult]:
     """(key present, certificate matches key) for one identity; flushes what it loads."""
-    from tpmid.tpm.keys import key_matches_certificate
-
     n = ident.name
     key_name, match_name = f"{n}: key", f"{n}: certificate matches key"
+    ikey = identity_key(ident)
     try:
-        key, detail = _open_key(tpm, ident, stored)
+        key, detail = ikey.inspect(tpm, stored.key_file if stored is not None else None)
     except TpmidError as e:
-        hint = e.hint.replace("<identity>", n) if e.hint else None
-        return (CheckResult(key_name, False, e.message, hint),
+        return (CheckResult(key_name, False, e.message, e.hint),
                 _skip(match_name, "the key is not usable"))
     try:
         if stored is None:
             return _ok(key_name, detail), _skip(match_name, "no certificate stored")
-        if key_matches_certificate(key, stored.cert):
+        cert_fp = spki_sha256(stored.cert.public_key())
+        if key.public_key_der() == spki_der(stored.cert.public_key()):
             return _ok(key_name, detail), _ok(
                 match_name, f"the TPM key is the certificate's (public key SHA-256 "
-                            f"{spki_sha256(stored.cert)[:16]}…)")
+                            f"{cert_fp[:16]}…)")
         tpm_fp = hashlib.sha256(key.public_key_der()).hexdigest()[:16]
         return _ok(key_name, detail), _fail(
             match_name,
             f"the stored certificate (serial {stored.cert.serial_number:x}) certifies another "
-            f"key: certificate public key SHA-256 {spki_sha256(stored.cert)[:16]}…, "
-            f"TPM key {tpm_fp}…",
+            f"key: certificate public key SHA-256 {cert_fp[:16]}…, TPM key {tpm_fp}…",
             f"the certificate cannot be used with this key; re-enroll: tpmid reset {n} --yes "
-            f"&& tpmid enroll {n}" if ident.est is not None and ident.key.kind == "file" else
+            f"&& tpmid enroll {n}" if _reenrollable(ident) else
             "do not use this certificate; re-provision the device (tpmid provision --force) or "
             "restore the IDevID certificate that belongs to this TPM")
     except TpmidError as e:
@@ -317,34 +255,34 @@ def _key_checks(tpm: TpmConnection, ident: IdentityConfig,
         key.close()
 
 
+def _reenrollable(ident: IdentityConfig) -> bool:
+    """tpmid can enroll this identity again by itself (an EST section and a renewable key)."""
+    return ident.est is not None and identity_key(ident).renewable
+
+
 # --------------------------------------------------------------------------- certificates
 
 
 def check_validity(ident: IdentityConfig, stored: StoredIdentity, now: datetime) -> CheckResult:
     """The certificate is valid at ``now``."""
-    from tpmid.est.verify import check_validity as _check
-
     name = f"{ident.name}: certificate valid now"
     try:
-        _check(stored.cert, _utc(now))
+        verify_validity(stored.cert, as_utc(now))
     except VerificationError as e:
         hint = "check the clock (NTP)"
-        if _utc(now) > stored.not_after:
+        if as_utc(now) > stored.not_after:
             hint = (f"the daemon renews it (systemctl status tpmid); by hand: tpmid enroll "
-                    f"{ident.name}" if ident.est is not None and ident.key.kind == "file" else
+                    f"{ident.name}" if _reenrollable(ident) else
                     "this certificate is not renewed by tpmid; re-provision the device")
         message = e.message.replace("the issued certificate", "the certificate")
         return _fail(name, message, hint)
-    left = stored.not_after - _utc(now)
+    left = stored.not_after - as_utc(now)
     return _ok(name, f"valid until {iso(stored.not_after)} ({left.days} d left)")
 
 
 def check_chain(config: Config, ident: IdentityConfig, stored: StoredIdentity,
                 now: datetime) -> CheckResult:
     """The certificate chains to ``est.issuer_anchors`` or, without them, to its stored chain."""
-    from tpmid.est.verify import verify_chain
-    from tpmid.lifecycle.enroll import load_pem_certificates
-
     name = f"{ident.name}: certificate chain"
     try:
         if ident.est is not None and ident.est.issuer_anchors:
@@ -359,7 +297,7 @@ def check_chain(config: Config, ident: IdentityConfig, stored: StoredIdentity,
                          f"set identities.{ident.name}.est.issuer_anchors to the issuing CA")
         # Validity is its own check: judge the chain at a time the certificate is valid,
         # so an expired certificate is one failure, not two.
-        at = min(max(_utc(now), stored.not_before), stored.not_after)
+        at = min(max(as_utc(now), stored.not_before), stored.not_after)
         chain = verify_chain(stored.cert, issuers=anchors, intermediates=stored.chain,
                              profile="ca" if ident.profile == "ca" else "device", now=at)
     except TpmidError as e:
@@ -369,12 +307,6 @@ def check_chain(config: Config, ident: IdentityConfig, stored: StoredIdentity,
 
 
 # --------------------------------------------------------------------------- EST
-
-
-def _default_fetch(*args: Any, **kwargs: Any) -> FetchResult:
-    from tpmid.lifecycle.enroll import fetch_cacerts
-
-    return fetch_cacerts(*args, **kwargs)
 
 
 def check_est(config: Config, ident: IdentityConfig, fetch: CacertsFetcher,
@@ -425,38 +357,67 @@ def _load(store: Store | None, name: str) -> tuple[StoredIdentity | None, TpmidE
 def run_checks(
     config: Config,
     *,
+    open_store: Callable[[], Store | None],
     open_tpm: TpmOpener,
     now: datetime,
     config_path: Path | None = None,
     fetch_cacerts: CacertsFetcher | None = None,
-    est: bool = True,
 ) -> list[CheckResult]:
     """Run every check (see the module docstring); never raises for a failed check.
 
-    ``open_tpm`` opens the TPM once for all key checks (the CLI passes its
-    ``open_tpm``, which honours ``tpm.lock_file``); ``fetch_cacerts`` defaults to
-    :func:`tpmid.lifecycle.enroll.fetch_cacerts`; ``est=False`` skips the network.
+    ``open_store`` gives the store (None if it does not exist yet; StoreError if
+    it is unsafe, which is reported); ``open_tpm`` opens the TPM once for all key
+    checks; ``fetch_cacerts`` (:func:`tpmid.wiring.est.fetch_cacerts`) is used
+    for the EST server checks, which are skipped without it (no network).
     """
-    fetch = fetch_cacerts or _default_fetch
     results: list[CheckResult] = [check_config_file(config, config_path),
                                   check_store_permissions(config)]
+    stored = _Stored.load(config, open_store)
+    results.append(check_clock(now, [c for c in stored.current.values() if c is not None]))
+    key_results = _tpm_checks(config, open_tpm, stored, results)
+    for ident in config.identities.values():
+        results += _identity_checks(config, ident, stored, key_results.get(ident.name), now)
+    if fetch_cacerts is not None:
+        cache: dict[tuple[Any, ...], CheckResult] = {}
+        for ident in config.identities.values():
+            if ident.est is not None:
+                results.append(check_est(config, ident, fetch_cacerts, cache))
+    for r in results:
+        log.debug("check %s: %s %s", r.name, "ok" if r.ok else "FAIL", r.detail)
+    return results
 
-    store: Store | None = None
-    store_error: TpmidError | None = None
-    try:
-        store = open_store(config)
-    except TpmidError as e:
-        store_error = e
-    stored: dict[str, StoredIdentity | None] = {}
-    load_errors: dict[str, TpmidError] = {}
-    for name in config.identities:
-        cur, err = _load(store, name)
-        stored[name] = cur
-        if err is not None:
-            load_errors[name] = err
-    results.append(check_clock(now, [c for c in stored.values() if c is not None]))
 
-    # All TPM work happens in one connection, one object at a time.
+@dataclass
+class _Stored:
+    """What the store holds for each identity, and why it could not be read."""
+
+    current: dict[str, StoredIdentity | None]
+    errors: dict[str, TpmidError]
+
+    @classmethod
+    def load(cls, config: Config, open_store: Callable[[], Store | None]) -> _Stored:
+        store: Store | None = None
+        store_error: TpmidError | None = None
+        try:
+            store = open_store()
+        except TpmidError as e:
+            store_error = e
+        current: dict[str, StoredIdentity | None] = {}
+        errors: dict[str, TpmidError] = {}
+        for name in config.identities:
+            cur, err = _load(store, name)
+            current[name] = cur
+            if err is not None or store_error is not None:
+                errors[name] = err if err is not None else store_error  # type: ignore[assignment]
+        return cls(current, errors)
+
+
+def _tpm_checks(config: Config, open_tpm: TpmOpener, stored: _Stored,
+                results: list[CheckResult]) -> dict[str, tuple[CheckResult, CheckResult]]:
+    """The TPM checks (appended to ``results``) and each identity's two key checks.
+
+    All TPM work happens in one connection, one object at a time.
+    """
     key_results: dict[str, tuple[CheckResult, CheckResult]] = {}
     tpm_ok = False
     try:
@@ -467,55 +428,46 @@ def run_checks(
             if tpm_ok:
                 for ident in config.identities.values():
                     n = ident.name
-                    unreadable = load_errors.get(n) or store_error
-                    if ident.key.kind == "file" and unreadable is not None:
+                    unreadable = stored.errors.get(n)
+                    if identity_key(ident).renewable and unreadable is not None:
                         # The key file is in the store; saying "not enrolled" would mislead.
                         why = f"the store is not usable ({unreadable.message})"
                         key_results[n] = (_skip(f"{n}: key", why),
                                           _skip(f"{n}: certificate matches key", why))
                     else:
-                        key_results[n] = _key_checks(tpm, ident, stored[n])
+                        key_results[n] = _key_checks(tpm, ident, stored.current[n])
     except TpmidError as e:
         if not tpm_ok:
             results.append(_from_error("TPM reachable", e))
         else:  # the TPM went away during the checks (or on close)
             results.append(_from_error("TPM still reachable", e))
+    return key_results
 
-    for ident in config.identities.values():
-        n = ident.name
-        cur = stored[n]
-        if n in key_results:
-            key_res, match_res = key_results[n]
-        else:
-            key_res = _skip(f"{n}: key", "the TPM is not reachable")
-            match_res = _skip(f"{n}: certificate matches key", "the TPM is not reachable")
-        results.append(key_res)
-        if cur is None:
-            err = load_errors.get(n) or store_error
-            if err is not None:
-                results.append(_from_error(f"{n}: certificate", err))
-            elif ident.est is not None:
-                results.append(_fail(f"{n}: certificate",
-                                     f"no certificate in the store ({config.store.dir})",
-                                     f"enroll it: tpmid enroll {n}"))
-            else:
-                results.append(_fail(
-                    f"{n}: certificate", f"no certificate in the store ({config.store.dir}) "
-                    "and no est section to enroll it",
-                    "provision the device (tpmid provision) or remove the identity from the "
-                    "config"))
-        else:
-            results.append(check_validity(ident, cur, now))
-            results.append(check_chain(config, ident, cur, now))
-            results.append(match_res)
-    if est:
-        cache: dict[tuple[Any, ...], CheckResult] = {}
-        for ident in config.identities.values():
-            if ident.est is not None:
-                results.append(check_est(config, ident, fetch, cache))
-    for r in results:
-        log.debug("check %s: %s %s", r.name, "ok" if r.ok else "FAIL", r.detail)
-    return results
+
+def _identity_checks(config: Config, ident: IdentityConfig, stored: _Stored,
+                     key_results: tuple[CheckResult, CheckResult] | None,
+                     now: datetime) -> list[CheckResult]:
+    """Key, certificate validity, chain and key match of one identity."""
+    n = ident.name
+    if key_results is None:
+        key_results = (_skip(f"{n}: key", "the TPM is not reachable"),
+                       _skip(f"{n}: certificate matches key", "the TPM is not reachable"))
+    key_res, match_res = key_results
+    cur = stored.current[n]
+    if cur is not None:
+        return [key_res, check_validity(ident, cur, now), check_chain(config, ident, cur, now),
+                match_res]
+    err = stored.errors.get(n)
+    if err is not None:
+        return [key_res, _from_error(f"{n}: certificate", err)]
+    if ident.est is not None:
+        return [key_res, _fail(f"{n}: certificate",
+                               f"no certificate in the store ({config.store.dir})",
+                               f"enroll it: tpmid enroll {n}")]
+    return [key_res, _fail(
+        f"{n}: certificate", f"no certificate in the store ({config.store.dir}) and no est "
+        "section to enroll it",
+        "provision the device (tpmid provision) or remove the identity from the config")]
 
 
 def all_passed(results: Sequence[CheckResult]) -> bool:

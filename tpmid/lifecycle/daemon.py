@@ -22,7 +22,8 @@ from datetime import datetime
 from typing import Protocol
 
 from tpmid.errors import ConfigError, TpmidError
-from tpmid.policy import Decision, describe
+from tpmid.policy import Decision
+from tpmid.render import describe_decision
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class Daemon:
         if self._last_logged.get(name) == key:
             return
         self._last_logged[name] = key
-        log.info("%s", describe(d, name))
+        log.info("%s", describe_decision(d, name))
 
     def run(self) -> int:
         """Run until :meth:`request_stop`; return 0. A bad config at start raises ConfigError."""

@@ -1,21 +1,19 @@
 """One-shot enrollment of one identity: ``tpmid enroll NAME``.
 
 :func:`enroll_identity` is the orchestration the CLI calls (and the renewal
-engine can reuse with ``reenroll=True``). For identity ``NAME`` of the config it
+engine reuses with ``reenroll=True``). For identity ``NAME`` of the config it
 
 1. takes the identity's store lock;
-2. opens or creates the key (``identities.NAME.key``): a persistent or
-   ek-derived key stays where it is; for ``kind: file`` a new TSS2 key file is
-   created in the TPM and staged in the store (0600, ``keys/NAME/``), with a
-   journal entry so that an interrupted run is rolled back or resumed;
+2. opens or creates the key through its :class:`~tpmid.tpm.identity.IdentityKey`:
+   an IDevID stays where it is; a file key gets a new TSS2 key file, staged in
+   the store (0600, ``keys/NAME/``) with a journal entry, so that an
+   interrupted run is rolled back or resumed;
 3. builds the CSR with the TPM as signer (one TPM2_Sign) and closes the key
    again, unless proof-of-possession linking needs it during the request;
 4. authenticates to the EST server as ``est.auth`` says: ``client: OTHER`` is
    mutual TLS with OTHER's TPM key and stored certificate, ``client: {cert,
-   key}`` a software key file, ``headers``/``basic`` secrets resolved by the
-   caller's resolver; the server is authenticated against ``est.trust_anchors``
-   (or ``trust.est_anchors``), the system store only if ``trust.use_system_store``,
-   or, with ``est.pin`` and no anchor, a pinned ``/cacerts`` bootstrap;
+   key}`` a software key file, ``headers``/``basic`` the credentials the EST
+   client factory resolves; the factory also authenticates the server;
 5. fetches ``/cacerts`` over that authenticated channel (unless
    ``est.issuer_anchors`` are configured), enrolls (``simpleenroll``, or
    ``simplereenroll`` authenticated with the identity's current certificate),
@@ -30,36 +28,57 @@ in phase ``pending`` with the CSR, and the next run resends the same CSR
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
-import ssl
-import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tpmid.config import Config, EstConfig, IdentityConfig, SecretRef
+from tpmid.certfiles import load_pem_certificates
+from tpmid.config import Config, EstConfig, IdentityConfig
+from tpmid.csr import build_csr, build_subject
 from tpmid.errors import ConfigError, EstRetryLater, StoreError
-from tpmid.est.verify import fingerprint_sha256, normalize_pin, verify_enrollment
+from tpmid.est.messages import decode_csr
+from tpmid.est.verify import fingerprint_sha256, verify_enrollment
+from tpmid.secrets import check_private_file
+from tpmid.store import JournalEntry, Store, StoredIdentity
+from tpmid.tpm.identity import IdentityKey, identity_key
 
 if TYPE_CHECKING:
-    import requests
-
-    from tpmid.est.client import CsrFactory, EstClient, ServerCheck, TlsHandle
-    from tpmid.store import JournalEntry, Store
-    from tpmid.tls.context import ClientTls
+    from tpmid.est.client import CsrFactory, EstClient
     from tpmid.tpm.connection import TpmConnection
-    from tpmid.tpm.keys import LoadedKey
+    from tpmid.tpm.loaded import LoadedKey
 
 log = logging.getLogger(__name__)
 
-SecretResolver = Callable[[SecretRef], str]
 Operation = Literal["simpleenroll", "simplereenroll"]
+
+
+class EstClientFactory(Protocol):
+    """What enrollment needs from :class:`tpmid.wiring.est.EstClients`."""
+
+    def trust(self, est: EstConfig, where: str) -> Any:
+        """How to authenticate the server of ``est`` (may bootstrap a pinned root)."""
+        ...
+
+    def credentials(self, est: EstConfig) -> tuple[dict[str, str], tuple[str, str] | None]:
+        """The resolved header and Basic credentials of ``est``."""
+        ...
+
+    def open(self, est: EstConfig, trust: Any, *, key: LoadedKey | None = None,
+             cert: x509.Certificate | None = None, chain: Sequence[x509.Certificate] = (),
+             key_file: Path | None = None,
+             credentials: tuple[Mapping[str, str], tuple[str, str] | None] | None = None,
+             ) -> AbstractContextManager[EstClient]:
+        """An EST client authenticated with that TLS identity and those credentials."""
+        ...
 
 
 def _utcnow() -> datetime:
@@ -105,257 +124,42 @@ class EnrollResult:
         }
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _resolver(secrets: SecretResolver | Mapping[str, str]) -> SecretResolver:
-    if callable(secrets):
-        return secrets
-    from tpmid.secrets import resolve_secret
-
-    env = secrets
-    return lambda ref: resolve_secret(ref, env, None)
-
-
-def load_pem_certificates(paths: Sequence[Path], what: str) -> list[x509.Certificate]:
-    """Read every certificate from the PEM (or DER) files ``paths``; ConfigError if unusable."""
-    out: list[x509.Certificate] = []
-    for p in paths:
-        try:
-            data = Path(p).read_bytes()
-        except OSError as e:
-            raise ConfigError(f"cannot read {what} {p}: {e.strerror}") from e
-        try:
-            if b"-----BEGIN" in data:
-                certs = x509.load_pem_x509_certificates(data)
-            else:
-                certs = [x509.load_der_x509_certificate(data)]
-        except ValueError as e:
-            raise ConfigError(f"{what} {p} holds no readable certificate ({e})") from e
-        out.extend(certs)
-    return out
-
-
-def _tls_chain(cert: x509.Certificate, chain: Sequence[x509.Certificate]) -> list[x509.Certificate]:
-    # RFC 8446 §4.4.2: the root may be omitted; the server has it as its anchor.
-    return [cert, *(c for c in chain if c.issuer != c.subject)]
-
-
-def _pem(certs: Sequence[x509.Certificate]) -> str:
-    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)
-
-
-@dataclass
-class _Trust:
-    anchors: list[x509.Certificate]
-    use_system_store: bool
-    pin: str | None
-    cmc_ra: bool = False  # est.accept_cmc_ra: the client checks name-or-cmcRA itself
-
-
-def _server_trust(config: Config, est: EstConfig) -> _Trust:
-    paths = est.trust_anchors or config.trust.est_anchors
-    anchors = load_pem_certificates(paths, "EST trust anchor file")
-    return _Trust(anchors, config.trust.use_system_store, est.pin, est.accept_cmc_ra)
-
-
-def _client_tls(
-    trust: _Trust,
-    *,
-    key: LoadedKey | None = None,
-    cert_chain: Sequence[x509.Certificate] = (),
-    key_file: Path | None = None,
-    verify_server: bool = True,
-    max_version: ssl.TLSVersion | None = None,
-) -> ClientTls:
-    from tpmid.tls import client_tls
-
-    # With accept_cmc_ra the chain is still verified here; the host name *or* the
-    # id-kp-cmcRA EKU is then checked by EstClient before anything is sent.
-    return client_tls(key=key, key_file=key_file, cert_chain=cert_chain,
-                      trust_anchors=trust.anchors, use_system_store=trust.use_system_store,
-                      verify_server=verify_server, max_version=max_version,
-                      check_hostname=not trust.cmc_ra)
-
-
-def _make_client(url: str, est: EstConfig | None, tls: TlsHandle | None,
-                 session: requests.Session, *, headers: Mapping[str, str] | None = None,
-                 basic: tuple[str, str] | None = None, pin: str | None = None,
-                 allow_http: bool = False, sleep: Callable[[float], None] = time.sleep,
-                 now: Callable[[], datetime] = _utcnow) -> EstClient:
-    from tpmid.est.client import DEFAULT_TIMEOUT, EstClient
-
-    timeout = (est.connect_timeout, est.read_timeout) if est else DEFAULT_TIMEOUT
-    check: ServerCheck = (
-        "pin" if pin else
-        "hostname-or-cmc-ra" if est is not None and est.accept_cmc_ra else "hostname")
-    return EstClient(
-        url, session, tls=tls, server_check=check, pin=pin,
-        basic=basic, headers=headers, allow_http=(est.allow_http if est else allow_http),
-        timeout=timeout, max_wait=est.max_wait if est else 0.0, sleep=sleep, now=now,
-    )
-
-
-def bootstrap_root(url: str, pin: str, *, timeout: tuple[float, float] | None = None,
-                   allow_http: bool = False,
-                   now: Callable[[], datetime] = _utcnow) -> list[x509.Certificate]:
-    """Pinned ``/cacerts`` bootstrap (RFC 7030 §4.1.1); return the CA certificates.
-
-    The connection is made without verification; the answer is accepted only if
-    one certificate is a root whose SHA-256 fingerprint is ``pin`` and the
-    server's TLS certificate chains to that root for this host (see
-    :class:`tpmid.est.client.EstClient`). The pinned root is first in the list.
-    """
-    from tpmid.est.client import DEFAULT_TIMEOUT, EstClient, make_session
-    from tpmid.tls import client_tls
-
-    with contextlib.ExitStack() as stack:
-        tls = stack.enter_context(client_tls(verify_server=False))
-        session = make_session(tls)
-        stack.callback(session.close)
-        client = EstClient(url, session, tls=tls, server_check="pin", pin=pin,
-                           allow_http=allow_http, timeout=timeout or DEFAULT_TIMEOUT, now=now)
-        certs = client.cacerts()
-    want = normalize_pin(pin)
-    from cryptography.hazmat.primitives import hashes
-
-    root = [c for c in certs if c.fingerprint(hashes.SHA256()).hex() == want]
-    return root + [c for c in certs if c not in root]
-
-
-@dataclass(frozen=True)
-class FetchResult:
-    """Certificates or attributes fetched by ``tpmid est cacerts/csrattrs``."""
-
-    url: str
-    certificates: tuple[x509.Certificate, ...] = ()
-    attributes: tuple[Any, ...] = ()
-    server_auth: str = ""
-
-
-def _fetch(op: Literal["cacerts", "csrattrs"], url: str, *,
-           trusted_certs: Sequence[Path], pin: str | None, use_system_store: bool,
-           allow_http: bool, timeout: tuple[float, float] | None) -> FetchResult:
-    from tpmid.est.client import DEFAULT_TIMEOUT, EstClient, est_base_url, make_session
-    from tpmid.tls import client_tls
-
-    base = est_base_url(url)
-    anchors = load_pem_certificates(trusted_certs, "trusted certificate file")
-    how = "explicit trust anchors" if anchors else "system trust store"
-    if not anchors and not use_system_store:
-        if pin is None:
-            raise ConfigError(
-                f"no way to authenticate {base}: give --trusted-certs FILE (the CA of the "
-                "server's TLS certificate) or --pin SHA256 (fingerprint of the EST root)",
-                hint="RFC 7030 §3.6: tpmid never trusts an EST server it cannot authenticate",
-            )
-        roots = bootstrap_root(base, pin, timeout=timeout, allow_http=allow_http)
-        if op == "cacerts":
-            return FetchResult(base, tuple(roots), server_auth=f"pinned root {normalize_pin(pin)}")
-        anchors, how = roots[:1], "pinned root"
-    plain = base.startswith("http://")
-    with contextlib.ExitStack() as stack:
-        tls = None if plain else stack.enter_context(
-            client_tls(trust_anchors=anchors, use_system_store=use_system_store))
-        session = make_session(tls)
-        stack.callback(session.close)
-        client = EstClient(base, session, tls=tls, allow_http=allow_http,
-                           timeout=timeout or DEFAULT_TIMEOUT, max_wait=0.0)
-        if op == "cacerts":
-            return FetchResult(base, tuple(client.cacerts()), server_auth=how)
-        return FetchResult(base, attributes=tuple(client.csrattrs()), server_auth=how)
-
-
-def fetch_cacerts(url: str, *, trusted_certs: Sequence[Path] = (), pin: str | None = None,
-                  use_system_store: bool = False, allow_http: bool = False,
-                  timeout: tuple[float, float] | None = None) -> FetchResult:
-    """``tpmid est cacerts URL``: the label's CA certificates, server authenticated.
-
-    With ``trusted_certs`` the server's TLS certificate must chain to them (and
-    name the host); with only ``pin``, the pinned bootstrap of
-    :func:`bootstrap_root` applies.
-    """
-    return _fetch("cacerts", url, trusted_certs=trusted_certs, pin=pin,
-                  use_system_store=use_system_store, allow_http=allow_http, timeout=timeout)
-
-
-def fetch_csrattrs(url: str, *, trusted_certs: Sequence[Path] = (), pin: str | None = None,
-                   use_system_store: bool = False, allow_http: bool = False,
-                   timeout: tuple[float, float] | None = None) -> FetchResult:
-    """``tpmid est csrattrs URL``: the CSR attributes the label asks for (RFC 7030 §4.5)."""
-    return _fetch("csrattrs", url, trusted_certs=trusted_certs, pin=pin,
-                  use_system_store=use_system_store, allow_http=allow_http, timeout=timeout)
-
-
-# --------------------------------------------------------------------------- enrollment
-
-
 @dataclass
 class _Key:
-    """The identity key for this run and where its file lives."""
+    """The key the new certificate certifies, and where its file lives."""
 
     loaded: LoadedKey | None
     spki: bytes
     key_path: Path | None  # the file committed with the certificate (None: not a file key)
-    staged_version: str | None  # a key file this run staged (rolled back on failure)
-
-
-def _hw_module(tpm: TpmConnection) -> tuple[str, bytes]:
-    """The RFC 4108 hardwareModuleName of this TPM (same inputs as ``tpmid csr``)."""
-    from tpmid.csr import hardware_module_name
-    from tpmid.tpm.connection import PT_MANUFACTURER
-    from tpmid.tpm.ek import primary_ek, read_eks
-
-    ek = primary_ek(read_eks(tpm))
-    return hardware_module_name(
-        ek.cert_der, ek.public_key_der,
-        tpm_manufacturer=tpm.fixed_property(PT_MANUFACTURER))
-
-
-def _open_existing_key(tpm: TpmConnection, ident: IdentityConfig,
-                       key_file: Path | None) -> LoadedKey:
-    from tpmid.tpm.keys import load_identity_key
-
-    pem = None
-    if ident.key.kind == "file":
-        if key_file is None:
-            raise StoreError(f"{ident.name} has no key file in the store",
-                             hint=f"enroll it first: tpmid enroll {ident.name}")
-        try:
-            pem = key_file.read_bytes()
-        except OSError as e:
-            raise StoreError(f"cannot read the key file of {ident.name} ({key_file}): "
-                             f"{e.strerror}") from e
-    return load_identity_key(tpm, ident.key, pem)
 
 
 class _Enrollment:
     """The state of one :func:`enroll_identity` run (kept small and explicit)."""
 
     def __init__(self, config: Config, ident: IdentityConfig, est: EstConfig, *,
-                 tpm: TpmConnection, store: Store, resolve: SecretResolver,
-                 now: Callable[[], datetime], sleep: Callable[[float], None],
-                 operation: Operation, stack: contextlib.ExitStack) -> None:
+                 tpm: TpmConnection, store: Store, clients: EstClientFactory,
+                 now: Callable[[], datetime], operation: Operation,
+                 auth_with_current: bool, hw_module: tuple[str, bytes] | None,
+                 stack: contextlib.ExitStack) -> None:
         self.config = config
         self.ident = ident
         self.name = ident.name
+        self.key: IdentityKey = identity_key(ident)
         self.est = est
         self.tpm = tpm
         self.store = store
-        self.resolve = resolve
+        self.clients = clients
         self.now = now
-        self.sleep = sleep
         self.operation: Operation = operation
+        self.auth_with_current = auth_with_current
+        self.hw_module = hw_module
         self.stack = stack
         self.entry: JournalEntry | None = None
-        self.auth_with_current = operation == "simplereenroll"
-        self.hw_module: tuple[str, bytes] | None = None
 
     # -- journal ---------------------------------------------------------------------
 
     def journal(self, **changes: Any) -> None:
-        from tpmid.store import JournalEntry
-
+        """Record (or update) the work in flight before the next step that can be lost."""
         if self.entry is None:
             fields: dict[str, Any] = {
                 "operation": "renew" if self.operation == "simplereenroll" else "enroll",
@@ -370,6 +174,7 @@ class _Enrollment:
             self.store.journal_update(self.name, self.entry)
 
     def rollback(self) -> None:
+        """Forget the work in flight and the key file it staged."""
         entry, self.entry = self.entry, None
         if entry is None:
             return
@@ -382,6 +187,7 @@ class _Enrollment:
     # -- key and CSR -----------------------------------------------------------------
 
     def resumable(self) -> JournalEntry | None:
+        """The journal entry this run resends (RFC 7030 §4.2.3), if there is one."""
         entry = self.store.journal_get(self.name)
         if entry is None:
             return None
@@ -397,22 +203,15 @@ class _Enrollment:
 
     def new_key(self, current_key_file: Path | None) -> _Key:
         """Open the key the new certificate will certify (staging a new file key)."""
-        from tpmid.tpm.keys import create_loaded_key_file, load_identity_key
-
-        ident = self.ident
-        if ident.key.kind != "file":
-            loaded = load_identity_key(self.tpm, ident.key)
-            self.stack.callback(loaded.close)
-            return _Key(loaded, loaded.public_key_der(), None, None)
-        if self.auth_with_current and not ident.renew.rotate_key:
-            loaded = _open_existing_key(self.tpm, ident, current_key_file)
-            self.stack.callback(loaded.close)
-            return _Key(loaded, loaded.public_key_der(), current_key_file, None)
-        pem, loaded = create_loaded_key_file(self.tpm, ident.key.alg)
-        self.stack.callback(loaded.close)
+        rotate = not (self.auth_with_current and not self.ident.renew.rotate_key)
+        new = self.key.for_new_certificate(self.tpm, rotate=rotate, current_file=current_key_file)
+        self.stack.callback(new.loaded.close)
+        if new.key_file is None:
+            path = current_key_file if not rotate else None
+            return _Key(new.loaded, new.loaded.public_key_der(), path)
         # Durable before it is used: the staged file and the journal entry let a crash
         # from here on be rolled back or resumed.
-        path = self.store.stage_key(self.name, pem)
+        path = self.store.stage_key(self.name, new.key_file)
         version = self.store.key_version(path)
         try:
             self.journal(version=version)
@@ -421,51 +220,37 @@ class _Enrollment:
                 Path(path).unlink()
             raise
         log.info("%s: created a new %s key in the TPM (key file version %s)", self.name,
-                 ident.key.alg, version)
-        return _Key(loaded, loaded.public_key_der(), path, version)
+                 self.key.alg, version)
+        return _Key(new.loaded, new.loaded.public_key_der(), path)
 
     def resumed_key(self, entry: JournalEntry, current_key_file: Path | None) -> _Key:
-        ident = self.ident
-        if ident.key.kind == "file":
-            path = (self.store.key_path(self.name, entry.version) if entry.version
-                    else current_key_file)
-            loaded = _open_existing_key(self.tpm, ident, path)
-            staged = entry.version
-        else:
-            from tpmid.tpm.keys import load_identity_key
-
-            loaded, path, staged = load_identity_key(self.tpm, ident.key), None, None
-        try:
-            spki = loaded.public_key_der()
-        finally:
-            loaded.close()
-        return _Key(None, spki, path, staged)
+        """The key of the request being resent (its staged file, or the current key)."""
+        path = (self.store.key_path(self.name, entry.version) if entry.version
+                else current_key_file)
+        spki = self.key.public_key_der(self.tpm, path)
+        return _Key(None, spki, path)
 
     def csr(self, key: LoadedKey, challenge_password: str | None = None
             ) -> x509.CertificateSigningRequest:
-        from tpmid.csr import build_csr
-
+        """A CSR for ``key`` (one TPM2_Sign), with the hardwareModuleName if configured."""
         hw = None
         if self.ident.san.hardware_module_name:
-            hw = self.hw_module or _hw_module(self.tpm)
+            hw = self.hw_module or self.tpm.hardware_module_name()
         return build_csr(key.private_key(), self.ident.subject, self.ident.san,
                          hash_name=key.hash_name, hw_module=hw,
                          challenge_password=challenge_password)
 
     # -- EST -------------------------------------------------------------------------
 
-    def client_tls_for(self, trust: _Trust, current: Any) -> ClientTls:
-        """The TLS context that authenticates this request (RFC 7030 §3.3.2)."""
+    def client(self, trust: Any, current: StoredIdentity | None,
+               credentials: tuple[dict[str, str], tuple[str, str] | None]) -> EstClient:
+        """The EST client authenticated as this request needs (RFC 7030 §3.3.2)."""
         auth = self.est.auth
-        max_version = ssl.TLSVersion.TLSv1_2 if self.est.pop else None
         if self.auth_with_current:
             # RFC 7030 §4.2.2: re-enrollment is authenticated with the certificate
             # being renewed, i.e. this identity's current key and certificate.
-            loaded = _open_existing_key(self.tpm, self.ident, current.key_file)
-            self.stack.callback(loaded.close)
-            return self.stack.enter_context(_client_tls(
-                trust, key=loaded, cert_chain=_tls_chain(current.cert, current.chain),
-                max_version=max_version))
+            assert current is not None
+            return self._client_as(self.key, current, trust, credentials)
         if auth.client is not None:
             other = self.config.identity(auth.client)
             stored = self.store.current(other.name)
@@ -475,65 +260,42 @@ class _Enrollment:
                     f"{other.name} is not enrolled yet",
                     hint=f"run `tpmid enroll {other.name}` first",
                 )
-            loaded = _open_existing_key(self.tpm, other, stored.key_file)
-            self.stack.callback(loaded.close)
-            return self.stack.enter_context(_client_tls(
-                trust, key=loaded, cert_chain=_tls_chain(stored.cert, stored.chain),
-                max_version=max_version))
+            return self._client_as(identity_key(other), stored, trust, credentials)
         if auth.client_files is not None:
-            from tpmid.secrets import check_private_file
-
             check_private_file(auth.client_files.key, "TLS client key file")
             chain = load_pem_certificates([auth.client_files.cert], "TLS client certificate")
-            return self.stack.enter_context(_client_tls(
-                trust, key_file=auth.client_files.key, cert_chain=chain,
-                max_version=max_version))
-        return self.stack.enter_context(_client_tls(trust, max_version=max_version))
+            return self.stack.enter_context(self.clients.open(
+                self.est, trust, key_file=auth.client_files.key, chain=chain,
+                credentials=credentials))
+        return self.stack.enter_context(self.clients.open(self.est, trust,
+                                                          credentials=credentials))
 
-    def credentials(self) -> tuple[dict[str, str], tuple[str, str] | None]:
-        auth = self.est.auth
-        headers = {name: self.resolve(ref) for name, ref in auth.headers}
-        basic = (auth.basic.username, self.resolve(auth.basic.password)) if auth.basic else None
-        return headers, basic
-
-    def trust(self) -> _Trust:
-        trust = _server_trust(self.config, self.est)
-        if not trust.anchors and not trust.use_system_store:
-            if self.est.pin is None:
-                raise ConfigError(
-                    f"{self.config.source}: identities.{self.name}.est: no trust anchor for the "
-                    "EST server",
-                    hint="set trust.est_anchors (or est.trust_anchors) to the CA of the server's "
-                    "TLS certificate, trust.use_system_store: true, or est.pin for a pinned "
-                    "/cacerts bootstrap (RFC 7030 §3.6, §4.1.1)",
-                )
-            roots = bootstrap_root(self.est.url, self.est.pin,
-                                   timeout=(self.est.connect_timeout, self.est.read_timeout),
-                                   allow_http=self.est.allow_http, now=self.now)
-            trust = _Trust(roots[:1], False, None)
-        return trust
+    def _client_as(self, key: IdentityKey, stored: StoredIdentity, trust: Any,
+                   credentials: tuple[dict[str, str], tuple[str, str] | None]) -> EstClient:
+        loaded = key.open(self.tpm, stored.key_file)
+        self.stack.callback(loaded.close)
+        return self.stack.enter_context(self.clients.open(
+            self.est, trust, key=loaded, cert=stored.cert, chain=stored.chain,
+            credentials=credentials))
 
 
 def enroll_identity(
     config: Config,
     name: str,
     *,
+    store: Store,
     tpm: TpmConnection,
-    secrets: SecretResolver | Mapping[str, str],
+    clients: EstClientFactory,
     now: Callable[[], datetime] = _utcnow,
-    sleep: Callable[[float], None] = time.sleep,
-    store_dir: Path | None = None,
     reenroll: bool = False,
     auth_with_current: bool = False,
     hw_module: tuple[str, bytes] | None = None,
 ) -> EnrollResult:
     """Enroll (or with ``reenroll``, re-enroll) identity ``name``; see the module docstring.
 
-    ``secrets`` resolves the :class:`~tpmid.config.SecretRef`s of ``est.auth``
-    (a callback, or a mapping used as the environment). ``store_dir``
-    overrides ``store.dir``. Raises ConfigError, TpmError, TlsShimError,
-    EstError (EstRetryLater when the server keeps answering 202 beyond
-    ``est.max_wait``), VerificationError or StoreError.
+    Raises ConfigError, TpmError, TlsShimError, EstError (EstRetryLater when the
+    server keeps answering 202 beyond ``est.max_wait``), VerificationError or
+    StoreError.
 
     ``auth_with_current`` makes a simpleenroll authenticate with the identity's
     own current key and certificate instead of ``est.auth`` (renewal with
@@ -541,25 +303,20 @@ def enroll_identity(
     ``hw_module`` is the CSR's hardwareModuleName when the caller already read
     the EKs (provisioning); otherwise they are read when the SAN asks for it.
     """
-    from tpmid.store import Store
-
     ident = config.identity(name)
     est = ident.est
     if est is None:
         raise ConfigError(f"{config.source}: identity {name!r} has no est section",
                           hint=f"add identities.{name}.est.url (see docs/config.md)")
-    store = Store(store_dir or config.store.dir)
     operation: Operation = "simplereenroll" if reenroll else "simpleenroll"
-    from tpmid.tpm.keys import storage_parent_scope
 
     with store.identity_lock(name), contextlib.ExitStack() as stack:
         # Closed last: the storage parent serves every key file this run touches.
-        stack.enter_context(storage_parent_scope(tpm))
-        run = _Enrollment(config, ident, est, tpm=tpm, store=store, resolve=_resolver(secrets),
-                          now=now, sleep=sleep, operation=operation, stack=stack)
+        stack.enter_context(tpm.storage_parent_scope())
+        run = _Enrollment(config, ident, est, tpm=tpm, store=store, clients=clients, now=now,
+                          operation=operation, auth_with_current=auth_with_current or reenroll,
+                          hw_module=hw_module, stack=stack)
         current = store.current(name)
-        run.auth_with_current = auth_with_current or reenroll
-        run.hw_module = hw_module
         if run.auth_with_current and current is None:
             raise StoreError(f"{name} has no current certificate to re-enroll",
                              hint=f"enroll it first: tpmid enroll {name}")
@@ -572,115 +329,111 @@ def enroll_identity(
             raise
 
 
-def _run(run: _Enrollment, current: Any) -> EnrollResult:
-    from tpmid.est.client import make_session
-    from tpmid.est.messages import decode_csr
+def _run(run: _Enrollment, current: StoredIdentity | None) -> EnrollResult:
+    requested = _requested_subject(run, current)
+    credentials = run.clients.credentials(run.est)
+    trust = run.clients.trust(run.est, f"identities.{run.name}.est")
+    key, payload, resumed = _key_and_request(run, current)
+    client = run.client(trust, current, credentials)
+    issuers = _issuers(run, client)
+    response = _send(run, client, payload)
+    return _verify_and_commit(run, key, response, requested, issuers, resumed)
 
-    ident, est = run.ident, run.est
-    requested = None
+
+def _requested_subject(run: _Enrollment, current: StoredIdentity | None) -> x509.Name:
+    """The subject to ask for; simplereenroll must keep the current one (RFC 7030 §4.2.2)."""
+    requested = build_subject(run.ident.subject)
     if run.operation == "simplereenroll":
-        from tpmid.csr import build_subject
-
-        requested = build_subject(ident.subject)
+        assert current is not None
         if requested != current.cert.subject:
             raise ConfigError(
-                f"{ident.name}: the configured subject {requested.rfc4514_string()!r} differs "
+                f"{run.name}: the configured subject {requested.rfc4514_string()!r} differs "
                 f"from the current certificate's {current.cert.subject.rfc4514_string()!r}; "
                 "simplereenroll must keep it (RFC 7030 §4.2.2)",
-                hint=f"use `tpmid enroll {ident.name}` (simpleenroll) for a new subject",
+                hint=f"use `tpmid enroll {run.name}` (simpleenroll) for a new subject",
             )
+    return requested
 
-    headers, basic = run.credentials()
-    trust = run.trust()
+
+def _key_and_request(run: _Enrollment, current: StoredIdentity | None
+                     ) -> tuple[_Key, x509.CertificateSigningRequest | CsrFactory, bool]:
+    """The key and what to send: the journalled CSR, a new CSR, or a PoP CSR factory."""
     current_key_file = current.key_file if current is not None else None
-
     resume = run.resumable()
-    csr: x509.CertificateSigningRequest | None = None
-    factory: CsrFactory | None = None
     if resume is not None:
         run.entry = resume
         assert resume.csr_pem is not None
         csr = decode_csr(resume.csr_pem.encode())
         key = run.resumed_key(resume, current_key_file)
         log.info("%s: resuming the %s in flight (phase %s): resending the same CSR "
-                 "(RFC 7030 §4.2.3)", ident.name, resume.method, resume.phase)
-    else:
-        key = run.new_key(current_key_file)
-        assert key.loaded is not None
-        if est.pop:
-            loaded = key.loaded
-
-            def pop_csr(tls_unique: bytes) -> x509.CertificateSigningRequest:
-                # RFC 7030 §3.5: base64(tls-unique) as challengePassword, signed by the TPM.
-                import base64
-
-                return run.csr(loaded, base64.b64encode(tls_unique).decode("ascii"))
-
-            factory = pop_csr
-        else:
-            csr = run.csr(key.loaded)
-            # The key is no longer needed: free its TPM slot before the TLS key loads.
-            key.loaded.close()
-            key.loaded = None
-    if csr is not None:
-        run.journal(phase="submitted",
-                    csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode())
-    elif run.entry is not None:
+                 "(RFC 7030 §4.2.3)", run.name, resume.method, resume.phase)
         run.journal(phase="submitted")
+        return key, csr, True
+    key = run.new_key(current_key_file)
+    assert key.loaded is not None
+    if run.est.pop:
+        loaded = key.loaded
 
-    tls = run.client_tls_for(trust, current)
-    session = make_session(tls)
-    run.stack.callback(session.close)
-    client = _make_client(est.url, est, tls, session, headers=headers, basic=basic,
-                          sleep=run.sleep, now=run.now)
+        def pop_csr(tls_unique: bytes) -> x509.CertificateSigningRequest:
+            # RFC 7030 §3.5: base64(tls-unique) as challengePassword, signed by the TPM.
+            return run.csr(loaded, base64.b64encode(tls_unique).decode("ascii"))
 
-    if est.issuer_anchors:
-        issuers = load_pem_certificates(est.issuer_anchors, "issuer anchor file")
-    else:
-        # RFC 7030 §4.1.3: the CA certificates of this label, over the channel
-        # whose server was just authenticated.
-        issuers = client.cacerts()
+        if run.entry is not None:
+            run.journal(phase="submitted")
+        return key, pop_csr, False
+    csr = run.csr(key.loaded)
+    # The key is no longer needed: free its TPM slot before the TLS key loads.
+    key.loaded.close()
+    key.loaded = None
+    run.journal(phase="submitted", csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode())
+    return key, csr, False
 
-    payload: x509.CertificateSigningRequest | CsrFactory
-    if csr is not None:
-        payload = csr
-    else:
-        assert factory is not None
-        payload = factory
+
+def _issuers(run: _Enrollment, client: EstClient) -> list[x509.Certificate]:
+    """The CAs the issued certificate must chain to."""
+    if run.est.issuer_anchors:
+        return load_pem_certificates(run.est.issuer_anchors, "issuer anchor file")
+    # RFC 7030 §4.1.3: the CA certificates of this label, over the channel whose
+    # server was just authenticated.
+    return client.cacerts()
+
+
+def _send(run: _Enrollment, client: EstClient,
+          payload: x509.CertificateSigningRequest | CsrFactory) -> Any:
+    """simpleenroll / simplereenroll; a 202 that outlasts est.max_wait keeps the CSR."""
     try:
         if run.operation == "simplereenroll":
-            resp = client.simplereenroll(payload)
-        else:
-            resp = client.simpleenroll(payload)
+            return client.simplereenroll(payload)
+        return client.simpleenroll(payload)
     except EstRetryLater as e:
         if run.entry is not None and run.entry.csr_pem:
             # RFC 7030 §4.2.3: the same request is to be resent later; keep it.
             run.journal(phase="pending", retry_after=e.retry_after)
-            e.hint = (f"the CSR is kept; run `tpmid enroll {ident.name}` again after "
+            e.hint = (f"the CSR is kept; run `tpmid enroll {run.name}` again after "
                       f"{e.retry_after:g} s to resend it")
         else:
             # A PoP-linked CSR is bound to its TLS session and cannot be resent.
             run.rollback()
         raise
 
-    if requested is None:
-        from tpmid.csr import build_subject
 
-        requested = build_subject(ident.subject)
+def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x509.Name,
+                       issuers: list[x509.Certificate], resumed: bool) -> EnrollResult:
+    """Verify the issued certificate (key, chain, subject, validity, EKU) and commit it."""
     verified = verify_enrollment(
-        resp.certificate, key_spki_der=key.spki, requested_subject=requested,
-        issuers=issuers, extra_certs=resp.extra_certs,
-        profile="ca" if ident.profile == "ca" else "device", now=run.now(),
-        accept_rewritten_subject=est.accept_rewritten_subject,
+        response.certificate, key_spki_der=key.spki, requested_subject=requested,
+        issuers=issuers, extra_certs=response.extra_certs,
+        profile="ca" if run.ident.profile == "ca" else "device", now=run.now(),
+        accept_rewritten_subject=run.est.accept_rewritten_subject,
     )
-    stored = run.store.commit(ident.name, verified.certificate, verified.chain, key.key_path)
+    stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path)
     run.entry = None  # commit cleared the journal
-    log.info("%s: enrolled %s (serial %x, until %s) via %s", ident.name,
+    log.info("%s: enrolled %s (serial %x, until %s) via %s", run.name,
              verified.certificate.subject.rfc4514_string(), verified.certificate.serial_number,
              verified.certificate.not_valid_after_utc.isoformat(), run.operation)
     return EnrollResult(
-        name=ident.name, operation=run.operation, certificate=stored.cert, chain=stored.chain,
+        name=run.name, operation=run.operation, certificate=stored.cert, chain=stored.chain,
         version=stored.version, cert_path=stored.cert_path, chain_path=stored.chain_path,
         key_path=stored.key_file, requested_subject=requested.rfc4514_string(),
-        subject_rewritten=verified.subject_rewritten, resumed=resume is not None,
+        subject_rewritten=verified.subject_rewritten, resumed=resumed,
     )

@@ -47,8 +47,6 @@ over the authenticated channel (as ``enroll_identity`` does), later runs use
 the root stored with the chain at enrollment time, and adoption fetches
 ``/cacerts``.
 
-The NV helpers at the end of this module belong in ``tpmid/tpm/`` (no NV write
-exists there yet); they use only :class:`TpmConnection` and :func:`tpm_call`.
 """
 
 from __future__ import annotations
@@ -59,38 +57,53 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 
 from tpmid import __version__
-from tpmid.config import Config, IdentityConfig, SecretRef
+from tpmid.certfiles import load_pem_certificates
+from tpmid.clock import utcnow
+from tpmid.config import Config, IdentityConfig
 from tpmid.errors import (
     ConfigError,
     IdentityMismatchError,
+    KeyMismatchError,
     StoreError,
-    TpmError,
     TpmidError,
     VerificationError,
 )
-from tpmid.est.verify import spki_der
-from tpmid.manifest import EkCertificate, Outcome, ProvisionRecord, append_record, open_manifest
+from tpmid.est.verify import spki_der, verify_chain
+from tpmid.lifecycle.enroll import EstClientFactory, enroll_identity
+from tpmid.manifest import EkCertificate, ProvisionRecord, append_record, open_manifest
+from tpmid.store import Store, StoredIdentity
+from tpmid.tpm.identity import IdentityKey, identity_key
+from tpmid.tpm.specs import check_nv_index
 
 if TYPE_CHECKING:
-    from tpmid.store import Store, StoredIdentity
-    from tpmid.tpm.connection import TpmConnection
+    from pathlib import Path
+
+    from tpmid.tpm.connection import TpmConnection, TpmOpener
 
 log = logging.getLogger(__name__)
 
-SecretResolver = Callable[[SecretRef], str]
 Progress = Callable[[str], None]
+
+
+class ProvisionClients(EstClientFactory, Protocol):
+    """The EST client factory (:class:`tpmid.wiring.est.EstClients`), with ``/cacerts``."""
+
+    def fetch_cacerts(self, est: Any) -> Any:
+        """``GET /cacerts`` of ``est``'s label with the configured server trust."""
+        ...
 
 TOTAL_STEPS = 6
 DEFAULT_IDENTITY = "idevid"
@@ -101,10 +114,6 @@ _SERIAL_RE = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]{1,64}")
 
 # RFC 4514 has no short name for serialNumber; spell it out rather than "2.5.4.5=".
 _NAMES = {NameOID.SERIAL_NUMBER: "serialNumber"}
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _sha256(data: bytes) -> str:
@@ -137,8 +146,6 @@ class _Run:
         self.progress = progress
         self.started = started
         self.t0 = time.monotonic()
-        # The EKs read in the first step; the CSR's hardwareModuleName reuses them.
-        self.eks: list[Any] = []
         self.index = 0
         self.fields: dict[str, Any] = {
             "time": started.astimezone(UTC).isoformat(),
@@ -196,8 +203,9 @@ class _Run:
 def provision(
     config: Config,
     *,
-    tpm: TpmConnection | Callable[[], AbstractContextManager[TpmConnection]],
-    secrets: SecretResolver | Mapping[str, str],
+    store: Store,
+    tpm: TpmConnection | TpmOpener,
+    clients: ProvisionClients,
     serial: str | None = None,
     station_id: str,
     manifest_path: Path | None = None,
@@ -205,15 +213,15 @@ def provision(
     force: bool = False,
     nv_index: int | None = None,
     adopt: bool = False,
-    now: Callable[[], datetime] = _utcnow,
+    now: Callable[[], datetime] = utcnow,
     progress: Progress = lambda line: None,
 ) -> ProvisionRecord:
     """Provision the IDevID of the attached TPM; return (and append) its manifest record.
 
     ``tpm`` is an open connection or a zero-argument callable returning a
     context manager that opens one (so that "TPM not reachable" is recorded
-    like every other failure). ``secrets`` resolves the ``est.auth`` secret
-    references (a callback, or a mapping used as the environment). ``serial``
+    like every other failure). ``clients`` builds the EST clients (bootstrap
+    credentials, server trust). ``serial``
     goes into the subject's serialNumber and replaces ``{serial}`` in its CN
     (default: ``subject.serial_number`` of the config). ``force`` re-enrolls a
     provisioned device. ``nv_index`` is where the certificate is written (or,
@@ -230,7 +238,7 @@ def provision(
         try:
             _check_request(serial, nv_index, adopt)
             with contextlib.ExitStack() as stack:
-                _provision(run, config, tpm, stack, _resolver(secrets), force=force,
+                _provision(run, config, store, tpm, clients, stack, force=force,
                            nv_index=nv_index, adopt=adopt, now=now)
         except TpmidError as e:
             log.info("provisioning failed at %s: %s", run.fields.get("failed_step"), e)
@@ -259,7 +267,7 @@ def record_failure(
     identity: str = DEFAULT_IDENTITY,
     serial: str | None = None,
     step: str = "configuration",
-    now: Callable[[], datetime] = _utcnow,
+    now: Callable[[], datetime] = utcnow,
     progress: Progress = lambda line: None,
 ) -> ProvisionRecord:
     """Record a run that failed before :func:`provision` could start (e.g. no config file)."""
@@ -283,15 +291,6 @@ def _write(run: _Run, record: ProvisionRecord, path: Path | None, fd: int | None
         st.text = f"appended to {path}"
 
 
-def _resolver(secrets: SecretResolver | Mapping[str, str]) -> SecretResolver:
-    if callable(secrets):
-        return secrets
-    from tpmid.secrets import resolve_secret
-
-    env = secrets
-    return lambda ref: resolve_secret(ref, env, None)
-
-
 def _check_serial(serial: str) -> None:
     if not _SERIAL_RE.fullmatch(serial):
         raise ConfigError(
@@ -313,31 +312,29 @@ def _check_request(serial: str | None, nv_index: int | None, adopt: bool) -> Non
 # --------------------------------------------------------------------------- the steps
 
 
-def _provision(run: _Run, config: Config,
-               tpm_source: TpmConnection | Callable[[], AbstractContextManager[TpmConnection]],
-               stack: contextlib.ExitStack, resolve: SecretResolver, *, force: bool,
+def _provision(run: _Run, config: Config, store: Store,
+               tpm_source: TpmConnection | TpmOpener, clients: ProvisionClients,
+               stack: contextlib.ExitStack, *, force: bool,
                nv_index: int | None, adopt: bool, now: Callable[[], datetime]) -> None:
-    from tpmid.store import Store
-
     ident = config.identity(run.fields["identity"])
-    key = ident.key
-    if key.kind == "file":
+    key = identity_key(ident)
+    if not key.birth:
         raise ConfigError(
             f"{config.source}: identities.{ident.name}.key: an IDevID lives in the endorsement "
             "hierarchy (TCG DevID §7.3); use kind persistent or ek-derived, not file"
         )
-    if adopt and key.kind != "persistent":
+    if adopt and not key.adoptable:
         raise ConfigError(f"{config.source}: identities.{ident.name}.key: adopting needs kind "
                           "persistent (the vendor's key at key.handle)")
     if not adopt and ident.est is None:
         raise ConfigError(f"{config.source}: identity {ident.name!r} has no est section",
                           hint=f"add identities.{ident.name}.est (url, auth) — see "
                           "docs/manufacturing.md")
-    run.fields.update(idevid_kind=key.kind, idevid_template=key.template,
-                      idevid_handle=f"{key.handle:#010x}" if key.kind == "persistent" else None)
+    facts = key.facts()
+    run.fields.update(idevid_kind=facts["kind"], idevid_template=facts["template"],
+                      idevid_handle=facts["handle"])
     if nv_index is not None:
         run.fields["nv_index"] = f"{nv_index:#010x}"
-    store = Store(config.store.dir)
 
     with run.step("reading EK") as st:
         tpm = tpm_source if not callable(tpm_source) else stack.enter_context(tpm_source())
@@ -345,19 +342,16 @@ def _provision(run: _Run, config: Config,
 
     current = store.current(ident.name)
     if adopt:
-        _adopt(run, config, ident, tpm, store, current, nv_index, force=force, now=now)
+        _adopt(run, ident, key, tpm, store, clients, current, nv_index, force=force, now=now)
     elif current is not None and not force:
-        _check_existing(run, ident, tpm, current, nv_index, now=now)
+        _check_existing(run, ident, key, tpm, current, nv_index, now=now)
     else:
-        _enroll(run, config, ident, tpm, store, resolve, nv_index, now=now)
+        _enroll(run, config, ident, key, tpm, store, clients, nv_index, now=now)
 
 
 def _read_ek(run: _Run, tpm: TpmConnection) -> str:
-    from tpmid.tpm.ek import primary_ek, read_eks
-
-    eks = read_eks(tpm)
-    run.eks = eks
-    primary = primary_ek(eks)
+    eks = tpm.eks()
+    primary = tpm.primary_ek()
     certs = tuple(
         EkCertificate(template=ek.template, alg=ek.alg, nv_index=f"{ek.cert_index:#010x}",
                       sha256=ek.cert_fingerprint)
@@ -368,34 +362,12 @@ def _read_ek(run: _Run, tpm: TpmConnection) -> str:
             f"{len(certs)} EK certificate{'s' if len(certs) != 1 else ''}")
 
 
-def _open_key_info(run: _Run, tpm: TpmConnection, ident: IdentityConfig,
-                   public: Any = None) -> bytes:
-    """SPKI DER of the IDevID; from ``public`` (TPM2B_PUBLIC) when the caller has it."""
-    from tpmid.tpm.keys import load_identity_key, public_key_from_tpm
-
-    if public is not None:
-        spki = public_key_from_tpm(public).public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    else:
-        with load_identity_key(tpm, ident.key) as loaded:
-            spki = loaded.public_key_der()
+def _key_spki(run: _Run, tpm: TpmConnection, key: IdentityKey,
+              known: bytes | None = None) -> bytes:
+    """SPKI DER of the IDevID (``known`` when creating it already gave it), into the record."""
+    spki = known if known is not None else key.public_key_der(tpm)
     run.fields["idevid_key_sha256"] = _sha256(spki)
     return spki
-
-
-def _hw_module_from(run: _Run, tpm: TpmConnection, ident: IdentityConfig
-                    ) -> tuple[str, bytes] | None:
-    """The CSR's hardwareModuleName from the EKs already read (no second EK pass)."""
-    from tpmid.csr import hardware_module_name
-    from tpmid.tpm.connection import PT_MANUFACTURER
-    from tpmid.tpm.ek import primary_ek
-
-    if not ident.san.hardware_module_name or not run.eks:
-        return None
-    ek = primary_ek(run.eks)
-    return hardware_module_name(
-        ek.cert_der, ek.public_key_der,
-        tpm_manufacturer=tpm.fixed_property(PT_MANUFACTURER))
 
 
 def _with_serial(ident: IdentityConfig, serial: str | None) -> tuple[IdentityConfig, str]:
@@ -412,45 +384,31 @@ def _with_serial(ident: IdentityConfig, serial: str | None) -> tuple[IdentityCon
     return replace(ident, subject=subject), serial
 
 
-def _enroll(run: _Run, config: Config, ident: IdentityConfig, tpm: TpmConnection,
-            store: Store, resolve: SecretResolver, nv_index: int | None, *,
-            now: Callable[[], datetime]) -> None:
-    from tpmid.errors import KeyMismatchError
-    from tpmid.lifecycle.enroll import enroll_identity
-    from tpmid.tpm.keys import create_persistent_idevid, evict_persistent
-
+def _enroll(run: _Run, config: Config, ident: IdentityConfig, key: IdentityKey,
+            tpm: TpmConnection, store: Store, clients: ProvisionClients, nv_index: int | None,
+            *, now: Callable[[], datetime]) -> None:
     ident, serial = _with_serial(ident, run.fields["device_serial"])
     run.fields["device_serial"] = serial
     cfg = replace(config, identities={**config.identities, ident.name: ident})
-    key = ident.key
-    created = False
-    public = None
     with run.step("IDevID key") as st:
-        if key.kind == "persistent":
-            try:
-                # Never force: a different key at the handle is reported, not replaced.
-                res = create_persistent_idevid(tpm, key.template, key.handle)
-            except KeyMismatchError as e:
-                e.hint = ("tpmid provision never replaces a key it did not create: if the TPM "
-                          "vendor provisioned it, use --adopt --cert-nv INDEX; if it is really "
-                          f"unwanted, delete it deliberately (tpmid key delete {ident.name})")
-                raise
-            created, public = res.created, res.public
-            run.fields["idevid_key_action"] = "created" if created else "kept"
-            what = "created" if created else "kept the existing"
-            st.text = f"{what} {key.template} IDevID at {key.handle:#010x}"
-        else:
-            run.fields["idevid_key_action"] = "derived"
-            st.text = f"ek-derived {key.template} IDevID (re-created on use)"
-        spki = _open_key_info(run, tpm, ident, public)
-        st.text += f", public key {_short(_sha256(spki))}"
+        try:
+            # Never force: a different key at the handle is reported, not replaced.
+            ensured = key.ensure(tpm)
+        except KeyMismatchError as e:
+            e.hint = ("tpmid provision never replaces a key it did not create: if the TPM "
+                      "vendor provisioned it, use --adopt --cert-nv INDEX; if it is really "
+                      f"unwanted, delete it deliberately (tpmid key delete {ident.name})")
+            raise
+        run.fields["idevid_key_action"] = ensured.action
+        spki = _key_spki(run, tpm, key, ensured.public_der)
+        st.text = f"{ensured.status}, public key {_short(_sha256(spki))}"
     committed = False
     try:
         assert ident.est is not None
         with run.step("enrolling over EST") as st:
-            result = enroll_identity(cfg, ident.name, tpm=tpm, secrets=resolve, now=now,
-                                     store_dir=store.root,
-                                     hw_module=_hw_module_from(run, tpm, ident))
+            hw = tpm.hardware_module_name() if ident.san.hardware_module_name else None
+            result = enroll_identity(cfg, ident.name, store=store, tpm=tpm, clients=clients,
+                                     now=now, hw_module=hw)
             committed = True
             run.set_certificate(result.certificate)
             st.text = (f"ok  {ident.est.url}: serial {result.certificate.serial_number:x}, "
@@ -459,75 +417,72 @@ def _enroll(run: _Run, config: Config, ident: IdentityConfig, tpm: TpmConnection
         if stored is None:  # enroll_identity just committed it
             raise StoreError(f"{ident.name}: the certificate just stored cannot be read back")
         with run.step("proving the identity") as st:
-            st.text, _ = _prove(tpm, ident, stored.cert, stored.chain, serial, now=now)
+            st.text, _ = _prove(tpm, ident, key, stored.cert, stored.chain, serial, now=now)
         _nv_copy(run, tpm, stored.cert, spki, nv_index)
     except BaseException:
-        if created and not committed:
+        if ensured.created and not committed:
             # This run made the key and no certificate names it: put the TPM back
             # as it was. The template re-derives the same key next time.
             try:
-                evict_persistent(tpm, key.handle)
+                key.remove(tpm)
                 run.fields["idevid_key_action"] = "removed-after-failure"
             except TpmidError as e:
-                log.warning("could not remove the IDevID created by this run at %#010x: %s",
-                            key.handle, e)
+                log.warning("could not remove the IDevID this run created (%s): %s",
+                            key.describe(), e)
                 run.fields["idevid_key_action"] = "created-not-removed"
         raise
     run.fields["outcome"] = "provisioned"
 
 
-def _check_existing(run: _Run, ident: IdentityConfig, tpm: TpmConnection,
+def _check_existing(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: TpmConnection,
                     current: StoredIdentity, nv_index: int | None, *,
                     now: Callable[[], datetime]) -> None:
-    key = ident.key
     run.fields["device_serial"] = run.fields["device_serial"] or _cert_serial(current.cert)
     with run.step("IDevID key") as st:
-        if key.kind == "persistent" and key.handle not in tpm.persistent_handles():
+        if not key.present(tpm):
             run.set_certificate(current.cert)
+            missing = (f"no key at {key.handle:#010x}" if key.handle is not None
+                       else f"no {key.describe()} key")
             raise IdentityMismatchError(
                 f"the store holds an IDevID certificate for {ident.name} (serial "
-                f"{current.cert.serial_number:x}) but the TPM has no key at {key.handle:#010x} "
+                f"{current.cert.serial_number:x}) but the TPM has {missing} "
                 "(was the TPM cleared, or is this disk from another device?)",
                 hint="nothing was changed; `tpmid provision --force` creates the key again "
                 "and enrolls a new certificate",
             )
-        run.fields["idevid_key_action"] = "kept" if key.kind == "persistent" else "derived"
-        spki = _open_key_info(run, tpm, ident)
+        run.fields["idevid_key_action"] = key.reuse_action
+        spki = _key_spki(run, tpm, key)
         st.text = f"found {key.describe()}, public key {_short(_sha256(spki))}"
     with run.step("stored certificate") as st:
         run.set_certificate(current.cert)
         st.text = (f"found version {current.version} (serial {current.cert.serial_number:x}); "
                    "already provisioned, no EST request")
     with run.step("proving the identity") as st:
-        st.text, _ = _prove(tpm, ident, current.cert, current.chain,
+        st.text, _ = _prove(tpm, ident, key, current.cert, current.chain,
                             run.fields["device_serial"], now=now)
     _nv_copy(run, tpm, current.cert, spki, nv_index)
     run.fields["outcome"] = "already-provisioned"
 
 
-def _adopt(run: _Run, config: Config, ident: IdentityConfig, tpm: TpmConnection,
-           store: Store, current: StoredIdentity | None, nv_index: int | None, *, force: bool,
-           now: Callable[[], datetime]) -> None:
-    from tpmid.tpm.keys import open_persistent
-
+def _adopt(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: TpmConnection,
+           store: Store, clients: ProvisionClients, current: StoredIdentity | None,
+           nv_index: int | None, *, force: bool, now: Callable[[], datetime]) -> None:
     assert nv_index is not None
-    key = ident.key
     with run.step("IDevID key") as st:
         # The vendor's key must be the configured template, or every later use of
-        # this identity (load_identity_key) would refuse it.
-        with open_persistent(tpm, key.handle, expect_template=key.template) as loaded:
-            spki = loaded.public_key_der()
+        # this identity would refuse it: opening it checks that.
+        spki = key.public_key_der(tpm)
         run.fields.update(idevid_key_action="adopted", idevid_key_sha256=_sha256(spki))
-        st.text = f"found {key.template} key at {key.handle:#010x}, public key {_short(_sha256(spki))}"
+        st.text = f"found {key.describe()}, public key {_short(_sha256(spki))}"
     with run.step("certificate from NV") as st:
-        cert = read_certificate_nv(tpm, nv_index)
+        cert = tpm.read_certificate_nv(nv_index)
         run.set_certificate(cert)
         run.fields["device_serial"] = run.fields["device_serial"] or _cert_serial(cert)
         st.text = (f"ok  {nv_index:#010x}: serial {cert.serial_number:x}, subject "
                    f"{cert.subject.rfc4514_string(_NAMES)}")
     with run.step("proving the identity") as st:
-        anchors = _adoption_anchors(config, ident)
-        st.text, chain = _prove(tpm, ident, cert, (), run.fields["device_serial"], now=now,
+        anchors = _adoption_anchors(ident, clients)
+        st.text, chain = _prove(tpm, ident, key, cert, (), run.fields["device_serial"], now=now,
                                 anchors=anchors)
     with run.step("storing the certificate") as st:
         if current is not None and current.cert == cert:
@@ -558,8 +513,6 @@ def _cert_serial(cert: x509.Certificate) -> str | None:
 
 def _manufacturer_anchors(ident: IdentityConfig, chain: tuple[x509.Certificate, ...]
                           ) -> tuple[list[x509.Certificate], str]:
-    from tpmid.lifecycle.enroll import load_pem_certificates
-
     if ident.est is not None and ident.est.issuer_anchors:
         return (load_pem_certificates(ident.est.issuer_anchors, "issuer anchor file"),
                 "est.issuer_anchors")
@@ -573,34 +526,26 @@ def _manufacturer_anchors(ident: IdentityConfig, chain: tuple[x509.Certificate, 
     return roots[-1:], "the root stored at enrollment"
 
 
-def _adoption_anchors(config: Config, ident: IdentityConfig) -> tuple[list[x509.Certificate], str]:
-    from tpmid.lifecycle.enroll import fetch_cacerts, load_pem_certificates
-
+def _adoption_anchors(ident: IdentityConfig, clients: ProvisionClients
+                      ) -> tuple[list[x509.Certificate], str]:
     est = ident.est
     if est is not None and est.issuer_anchors:
         return (load_pem_certificates(est.issuer_anchors, "issuer anchor file"),
                 "est.issuer_anchors")
     if est is None:
         raise ConfigError(
-            f"{config.source}: identities.{ident.name}: adopting needs the manufacturer CA to "
+            f"identities.{ident.name}: adopting needs the manufacturer CA to "
             "check the vendor's certificate against",
             hint=f"set identities.{ident.name}.est.issuer_anchors (or est.url to fetch "
             "/cacerts)",
         )
     # RFC 7030 §4.1: the label's CA certificates, from an authenticated server.
-    result = fetch_cacerts(est.url, trusted_certs=est.trust_anchors or config.trust.est_anchors,
-                           pin=est.pin, use_system_store=config.trust.use_system_store,
-                           allow_http=est.allow_http,
-                           timeout=(est.connect_timeout, est.read_timeout))
+    result = clients.fetch_cacerts(est)
     return list(result.certificates), f"/cacerts of {result.url}"
 
 
 def _verify_tpm_signature(cert: x509.Certificate, signature: bytes, digest: bytes,
                           hash_name: str) -> None:
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-
     algorithm = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384(),
                  "sha512": hashes.SHA512()}[hash_name]
     public = cert.public_key()
@@ -618,7 +563,7 @@ def _verify_tpm_signature(cert: x509.Certificate, signature: bytes, digest: byte
         ) from e
 
 
-def _prove(tpm: TpmConnection, ident: IdentityConfig, cert: x509.Certificate,
+def _prove(tpm: TpmConnection, ident: IdentityConfig, ikey: IdentityKey, cert: x509.Certificate,
            chain: tuple[x509.Certificate, ...], serial: str | None, *,
            now: Callable[[], datetime],
            anchors: tuple[list[x509.Certificate], str] | None = None,
@@ -629,15 +574,12 @@ def _prove(tpm: TpmConnection, ident: IdentityConfig, cert: x509.Certificate,
     the manufacturer anchor, the serial. Returns the progress text and the
     validated chain above ``cert``.
     """
-    from tpmid.est.verify import verify_chain
-    from tpmid.tpm.keys import load_identity_key
-
-    with load_identity_key(tpm, ident.key) as key:
+    with ikey.open(tpm) as key:
         spki = key.public_key_der()
         if spki != _spki(cert):
             raise IdentityMismatchError(
                 f"the IDevID certificate (serial {cert.serial_number:x}, public key "
-                f"{_short(_sha256(_spki(cert)))}) does not certify the TPM's {ident.key.describe()} "
+                f"{_short(_sha256(_spki(cert)))}) does not certify the TPM's {ikey.describe()} "
                 f"(public key {_short(_sha256(spki))})",
                 hint="nothing was changed; find out why (another device's disk? a replaced key?) "
                 "before `tpmid provision --force` enrolls a new certificate for the TPM key",
@@ -670,163 +612,15 @@ def _nv_copy(run: _Run, tpm: TpmConnection, cert: x509.Certificate, spki: bytes,
             st.text = "skipped (no --write-nv)"
             return
         der = cert.public_bytes(serialization.Encoding.DER)
-        changed = write_certificate_nv(tpm, nv_index, der, same_key_spki=spki)
+        changed = tpm.write_certificate_nv(nv_index, der, same_key_spki=spki)
         st.text = (f"wrote {len(der)} bytes to {nv_index:#010x}" if changed
                    else f"{nv_index:#010x} already holds this certificate")
 
 
-# --------------------------------------------------------------------------- TPM NV
-# TODO(tpm): move to tpmid/tpm/nv.py; kept here because tpmid/tpm/ has no NV write yet.
-
-# TPMA_NV choice (TPM 2.0 Part 2 §13.4): an ordinary index the owner writes
-# (OWNERWRITE) and anyone reads with its empty authValue (AUTHREAD) or the owner
-# (OWNERREAD); NO_DA because an empty authValue guards nothing worth locking the
-# TPM out for. Not PLATFORMCREATE: TPM2_Clear removes it together with the
-# persistent IDevID it certifies. No WRITEDEFINE/WRITELOCKED, so a re-enrollment
-# (--force) can update it.
-NV_INDEX_FIRST = 0x01000000
-NV_INDEX_LAST = 0x01FFFFFF
-# TCG handle registry: EK certificates and templates, then platform certificates.
-NV_TCG_RESERVED = (0x01C00000, 0x01C0FFFF)
-PT_NV_INDEX_MAX = 0x117  # TPM 2.0 Part 2 §6.13: largest NV index data size
-
-
-def check_nv_index(index: int) -> None:
-    """ConfigError unless ``index`` is an NV index tpmid may define for a certificate."""
-    if not NV_INDEX_FIRST <= index <= NV_INDEX_LAST:
-        raise ConfigError(f"{index:#x} is not an NV index (0x01000000-0x01FFFFFF)",
-                          hint="for example 0x01800100 (TCG handle registry: owner range)")
-    if NV_TCG_RESERVED[0] <= index <= NV_TCG_RESERVED[1]:
-        raise ConfigError(f"{index:#010x} is in the range the TCG reserves for EK and platform "
-                          "certificates (0x01c00000-0x01c0ffff)",
-                          hint="use an index from the owner range, e.g. 0x01800100")
-
-
-def der_prefix(data: bytes) -> bytes:
-    """The DER element at the start of ``data`` (NV indices may be padded beyond it)."""
-    if len(data) < 2 or data[0] != 0x30:
-        return data
-    first = data[1]
-    if first < 0x80:
-        return data[:2 + first]
-    n = first & 0x7F
-    if n == 0 or n > 4 or len(data) < 2 + n:
-        return data
-    return data[:2 + n + int.from_bytes(data[2:2 + n], "big")]
-
-
-def _certifies(data: bytes, spki: bytes) -> bool:
-    try:
-        return _spki(x509.load_der_x509_certificate(der_prefix(data))) == spki
-    except ValueError:
-        return False
-
-
-def write_certificate_nv(tpm: TpmConnection, index: int, der: bytes, *,
-                         same_key_spki: bytes) -> bool:
-    """Keep ``der`` in NV ``index`` (owner authorization); return False if it already was.
-
-    An index that holds another certificate for the same key (``same_key_spki``,
-    an earlier enrollment) is replaced; an index holding anything else is
-    refused with ConfigError, never overwritten. The data is read back and
-    compared after writing; an index this call defined is removed again if
-    writing fails.
-    """
-    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
-    from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
-
-    from tpmid.tpm.connection import NV_INDEX_FIRST as _ANY_NV
-    from tpmid.tpm.connection import PT_NV_BUFFER_MAX, tpm_call
-    from tpmid.tpm.ek import read_nv
-
-    check_nv_index(index)
-    what = f"NV index {index:#010x}"
-    with tpm.lock:
-        esapi = tpm.esapi
-        if index in tpm.handles(_ANY_NV):
-            old = read_nv(tpm, index)
-            if der_prefix(old) == der:
-                return False
-            if not _certifies(old, same_key_spki):
-                raise ConfigError(
-                    f"{what} already holds {len(old)} bytes that are not a certificate for "
-                    "this IDevID; tpmid does not overwrite it",
-                    hint="choose another index with --write-nv, or remove it yourself "
-                    "(tpm2_nvundefine) if it is really unused",
-                )
-            with tpm_call(f"opening {what}", tpm, handles=(what,)):
-                tr = esapi.tr_from_tpmpublic(index)
-            try:
-                with tpm_call(f"removing the old certificate in {what}", tpm,
-                              handles=("the owner hierarchy", what)):
-                    esapi.nv_undefine_space(tr, auth_handle=ESYS_TR.OWNER)
-            except BaseException:
-                esapi.tr_close(tr)
-                raise
-        limit = tpm.properties(PT_NV_INDEX_MAX, 1).get(PT_NV_INDEX_MAX)
-        if limit and len(der) > limit:
-            raise TpmError(f"the certificate ({len(der)} bytes) is larger than this TPM's "
-                           f"largest NV index ({limit} bytes)")
-        attrs = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA
-        public = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
-            nvIndex=index, nameAlg=TPM2_ALG.SHA256, attributes=attrs, authPolicy=b"",
-            dataSize=len(der)))
-        with tpm_call(f"defining {what}", tpm, handles=("the owner hierarchy",)):
-            tr = esapi.nv_define_space(b"", public, auth_handle=ESYS_TR.OWNER)
-        try:
-            chunk = tpm.fixed_property(PT_NV_BUFFER_MAX) or 512
-            with tpm_call(f"writing the certificate to {what}", tpm,
-                          handles=("the owner hierarchy", what)):
-                for offset in range(0, len(der), chunk):
-                    esapi.nv_write(tr, der[offset:offset + chunk], offset,
-                                   auth_handle=ESYS_TR.OWNER)
-        except BaseException:
-            # Leave no half-written index behind (this call defined it).
-            try:
-                esapi.nv_undefine_space(tr, auth_handle=ESYS_TR.OWNER)  # frees tr too
-            except Exception as e:  # the original error matters more
-                log.warning("could not remove the half-written %s: %s", what, e)
-                esapi.tr_close(tr)
-            raise
-        # Close before reading back: read_nv opens (and closes) the same ESYS_TR.
-        esapi.tr_close(tr)
-        if read_nv(tpm, index) != der:
-            raise TpmError(f"{what} does not read back what was written",
-                           hint="the TPM may be failing; run `tpmid provision` again")
-    log.info("wrote the IDevID certificate (%d bytes) to %s", len(der), what)
-    return True
-
-
-def read_certificate_nv(tpm: TpmConnection, index: int) -> x509.Certificate:
-    """The DER certificate kept in NV ``index`` (padding ignored).
-
-    TpmError when the index does not exist, VerificationError when it holds
-    something else.
-    """
-    from tpmid.tpm.ek import read_nv
-
-    if index not in tpm.nv_indices():
-        raise TpmError(f"NV index {index:#010x} does not exist: there is no IDevID "
-                       "certificate to adopt there",
-                       hint="check --cert-nv against where it was written (or the TPM vendor's "
-                       "documentation); `tpm2_getcap handles-nv-index` lists the indices")
-    data = der_prefix(read_nv(tpm, index))
-    try:
-        return x509.load_der_x509_certificate(data)
-    except ValueError as e:
-        raise VerificationError(
-            f"NV index {index:#010x} does not hold a DER X.509 certificate ({e})",
-            hint="check --cert-nv; nothing was stored") from e
-
-
 __all__ = [
     "DEFAULT_IDENTITY",
-    "Outcome",
+    "ProvisionClients",
     "ProvisionRecord",
-    "check_nv_index",
-    "der_prefix",
     "provision",
-    "read_certificate_nv",
     "record_failure",
-    "write_certificate_nv",
 ]

@@ -30,21 +30,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from tpmid.clock import as_utc, utcnow
 from tpmid.config import Config, IdentityConfig
 from tpmid.errors import EstRetryLater, StoreError, TpmidError
+from tpmid.lifecycle.enroll import EnrollResult, EstClientFactory, enroll_identity
 from tpmid.policy import AttemptState, Decision, decide, jitter_rng
+from tpmid.store import Store, StoredIdentity
+from tpmid.tpm.identity import identity_key
 
 if TYPE_CHECKING:
-    from tpmid.lifecycle.enroll import EnrollResult, SecretResolver
-    from tpmid.store import Store, StoredIdentity
-    from tpmid.tpm.connection import TpmConnection
+    from tpmid.tpm.connection import TpmOpener
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,13 @@ log = logging.getLogger(__name__)
 UNENROLLED_RETRY_S = 300.0
 HOOK_TIMEOUT_S = 120.0
 
-TpmOpener = Callable[[], AbstractContextManager["TpmConnection"]]
 HookRunner = Callable[[Sequence[str], Mapping[str, str]], int]
 
 
 def managed_identities(config: Config) -> list[str]:
     """Identities the daemon keeps renewed, each after the one it authenticates with."""
-    names = [n for n, i in config.identities.items() if i.est is not None and i.key.kind == "file"]
+    names = [n for n, i in config.identities.items()
+             if i.est is not None and identity_key(i).renewable]
     ordered: list[str] = []
 
     def visit(name: str, seen: tuple[str, ...]) -> None:
@@ -76,16 +76,68 @@ def managed_identities(config: Config) -> list[str]:
     return ordered
 
 
-def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+def plan_renewal(config: Config, store: Store, name: str, now: datetime) -> Decision:
+    """The next event for ``name``; a missing certificate is due now (spaced by retry).
+
+    Reads the store only (certificate, attempt state, journal): ``tpmid status``
+    calls it too, without a TPM or a network.
+    """
+    ident = config.identity(name)
+    attempt = store.load_state(name)
+    in_flight = _in_flight(store, name, now)
+    if in_flight is not None:
+        return in_flight
+    current = store.current(name)
+    if current is None:
+        return _plan_unenrolled(ident, attempt, now)
+    return decide(
+        not_before=current.not_before, not_after=current.not_after, now=now,
+        policy=ident.renew, attempt=attempt,
+        rng=jitter_rng(name, current.cert.serial_number),
+    )
+
+
+def _in_flight(store: Store, name: str, now: datetime) -> Decision | None:
+    """Work the journal kept (a CSR sent, or answered 202) is finished first.
+
+    RFC 7030 §4.2.3: after 202 the same request is resent after Retry-After. A
+    request whose answer was lost (crash, power loss) is resent at once: the
+    server may or may not have issued, and a second certificate for the same
+    key is harmless while a half-done rotation is not.
+    """
+    entry = store.journal_get(name)
+    if entry is None or not entry.csr_pem or entry.phase == "staged":
+        return None
+    if entry.phase == "pending" and entry.retry_after is not None and entry.updated:
+        when = as_utc(entry.updated) + timedelta(seconds=entry.retry_after)
+        if when > now:
+            return Decision("retry-at", when,
+                            f"request pending at the server, Retry-After {entry.retry_after:g}s")
+    return Decision("renew-now", now,
+                    f"resuming the {entry.method} interrupted in phase {entry.phase}")
+
+
+def _plan_unenrolled(ident: IdentityConfig, attempt: AttemptState, now: datetime) -> Decision:
+    if attempt.last_attempt is None or not attempt.retrying:
+        return Decision("renew-now", now, "not enrolled yet")
+    last = as_utc(attempt.last_attempt)
+    if attempt.retry_after is not None:
+        when = last + timedelta(seconds=attempt.retry_after)
+        reason = f"server Retry-After {attempt.retry_after:g}s"
+    else:
+        r = ident.renew.retry
+        delay = r.seconds if r.seconds is not None else UNENROLLED_RETRY_S
+        when = last + timedelta(seconds=max(1.0, delay))
+        reason = f"retry {delay:g}s after failed first enrollment"
+    if when <= now:
+        return Decision("renew-now", now, reason)
+    return Decision("retry-at", when, reason)
 
 
 def run_hook(argv: Sequence[str], env: Mapping[str, str]) -> int:
-    """Run a post-renew hook; return its exit status (never raises for the hook's failure)."""
-    import os
-
+    """Run a post-renew hook with exactly ``env``; return its exit status (never raises for it)."""
     try:
-        proc = subprocess.run(list(argv), env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+        proc = subprocess.run(list(argv), env=dict(env), stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=HOOK_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         log.error("hook %s failed to run: %s", argv[0], e)
@@ -103,10 +155,11 @@ class RenewalEngine:
     config: Config
     store: Store
     open_tpm: TpmOpener
-    secrets: SecretResolver
-    now: Callable[[], datetime] = field(default_factory=lambda: (lambda: datetime.now(UTC)))
-    sleep: Callable[[float], None] = time.sleep
+    clients: EstClientFactory
+    now: Callable[[], datetime] = utcnow
     hook_runner: HookRunner = run_hook
+    # The environment hooks run with (the composition root decides what goes in).
+    hook_environment: Mapping[str, str] = field(default_factory=dict)
     # The daemon sets this: after a renewal, identities with renew.chain that
     # authenticate with it are renewed too (their failures are recorded, not raised).
     follow_chains: bool = False
@@ -117,56 +170,8 @@ class RenewalEngine:
         return managed_identities(self.config)
 
     def plan(self, name: str, now: datetime) -> Decision:
-        """The next event for ``name``; a missing certificate is due now (spaced by retry)."""
-        ident = self.config.identity(name)
-        attempt = self.store.load_state(name)
-        in_flight = self._in_flight(name, now)
-        if in_flight is not None:
-            return in_flight
-        current = self.store.current(name)
-        if current is None:
-            return self._plan_unenrolled(ident, attempt, now)
-        return decide(
-            not_before=current.not_before, not_after=current.not_after, now=now,
-            policy=ident.renew, attempt=attempt,
-            rng=jitter_rng(name, current.cert.serial_number),
-        )
-
-    def _in_flight(self, name: str, now: datetime) -> Decision | None:
-        """Work the journal kept (a CSR sent, or answered 202) is finished first.
-
-        RFC 7030 §4.2.3: after 202 the same request is resent after Retry-After. A
-        request whose answer was lost (crash, power loss) is resent at once: the
-        server may or may not have issued, and a second certificate for the same
-        key is harmless while a half-done rotation is not.
-        """
-        entry = self.store.journal_get(name)
-        if entry is None or not entry.csr_pem or entry.phase == "staged":
-            return None
-        if entry.phase == "pending" and entry.retry_after is not None and entry.updated:
-            when = _utc(entry.updated) + timedelta(seconds=entry.retry_after)
-            if when > now:
-                return Decision("retry-at", when,
-                                f"request pending at the server, Retry-After {entry.retry_after:g}s")
-        return Decision("renew-now", now,
-                        f"resuming the {entry.method} interrupted in phase {entry.phase}")
-
-    def _plan_unenrolled(self, ident: IdentityConfig, attempt: AttemptState,
-                         now: datetime) -> Decision:
-        if attempt.last_attempt is None or not attempt.retrying:
-            return Decision("renew-now", now, "not enrolled yet")
-        last = _utc(attempt.last_attempt)
-        if attempt.retry_after is not None:
-            when = last + timedelta(seconds=attempt.retry_after)
-            reason = f"server Retry-After {attempt.retry_after:g}s"
-        else:
-            r = ident.renew.retry
-            delay = r.seconds if r.seconds is not None else UNENROLLED_RETRY_S
-            when = last + timedelta(seconds=max(1.0, delay))
-            reason = f"retry {delay:g}s after failed first enrollment"
-        if when <= now:
-            return Decision("renew-now", now, reason)
-        return Decision("retry-at", when, reason)
+        """The next event for ``name`` (see :func:`plan_renewal`)."""
+        return plan_renewal(self.config, self.store, name, now)
 
     # ------------------------------------------------------------------ renewing
 
@@ -176,8 +181,6 @@ class RenewalEngine:
         Raises the attempt's error after recording it (the daemon logs and
         carries on; ``tpmid renew`` reports it).
         """
-        from tpmid.lifecycle.enroll import enroll_identity
-
         ident = self.config.identity(name)
         current = self.store.current(name)
         reenroll, self_auth, why = self._method(ident, current, now)
@@ -188,9 +191,8 @@ class RenewalEngine:
         try:
             with self.open_tpm() as tpm:
                 result = enroll_identity(
-                    self.config, name, tpm=tpm, secrets=self.secrets, now=self.now,
-                    sleep=self.sleep, store_dir=self.store.root, reenroll=reenroll,
-                    auth_with_current=self_auth,
+                    self.config, name, store=self.store, tpm=tpm, clients=self.clients,
+                    now=self.now, reenroll=reenroll, auth_with_current=self_auth,
                 )
         except EstRetryLater as e:
             self.store.save_state(name, attempt.pending(now, e.retry_after))
@@ -239,7 +241,7 @@ class RenewalEngine:
         """(use simplereenroll, authenticate with own certificate, reason)."""
         if current is None:
             return False, False, "not enrolled: first-enrollment authentication"
-        if now >= _utc(current.not_after):
+        if now >= as_utc(current.not_after):
             return False, False, "certificate expired: falling back to first-enrollment authentication"
         if ident.profile == "ca":
             return False, False, "CA certificate cannot be a TLS client: first-enrollment authentication"
@@ -262,7 +264,7 @@ class RenewalEngine:
 
     def _retire_old_keys(self, name: str, ident: IdentityConfig, current: str) -> None:
         """Delete key files of versions older than ``current`` once their grace has passed."""
-        if ident.key.kind != "file" or not ident.renew.rotate_key:
+        if not ident.renew.rotate_key:
             return
         cutoff = self.now() - timedelta(seconds=ident.renew.grace)
         for version in self.store.versions(name):
@@ -299,21 +301,8 @@ class RenewalEngine:
             "TPMID_KEY": str(result.key_path or ""),
             "TPMID_VERSION": result.version,
         }
-        rc = self.hook_runner(argv, env)
+        rc = self.hook_runner(argv, {**self.hook_environment, **env})
         if rc == 0:
             log.info("%s: hook %s ran", ident.name, argv[0])
         else:
             log.error("%s: hook %s failed (exit %d); the renewal stands", ident.name, argv[0], rc)
-
-
-@contextlib.contextmanager
-def tpm_opener_for(config: Config, passwords: object | None = None,
-                   lock: Callable[[], AbstractContextManager[object]] | None = None
-                   ) -> Iterator[TpmConnection]:
-    """Open the configured TPM (holding the host-wide TPM lock when given) for one renewal."""
-    from tpmid.tpm.connection import HierarchyPasswords, TpmConnection
-
-    pw = passwords if isinstance(passwords, HierarchyPasswords) else HierarchyPasswords()
-    with lock() if lock is not None else contextlib.nullcontext(), \
-            TpmConnection(config.tpm.tcti, pw) as tpm:
-        yield tpm

@@ -1,7 +1,7 @@
 """What the TLS shim needs from a key, and a software key that provides it.
 
 The shim signs TLS CertificateVerify digests through :class:`TlsSigningKey`.
-``tpmid.tpm.keys.LoadedKey`` satisfies it structurally (one TPM2_Sign per
+``tpmid.tpm.loaded.LoadedKey`` satisfies it structurally (one TPM2_Sign per
 call); :class:`SoftwareSigningKey` wraps a ``cryptography`` private key so the
 start-up self-test and the benchmarks can drive exactly the same callback path
 without a TPM.

@@ -19,25 +19,36 @@ import hashlib
 import logging
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_ECC, TPMA_OBJECT
+from tpm2_pytss.types import (
+    TPM2B_PUBLIC,
+    TPM2B_PUBLIC_KEY_RSA,
+    TPM2B_SENSITIVE_CREATE,
+    TPMS_ECC_PARMS,
+    TPMS_ECC_POINT,
+    TPMS_RSA_PARMS,
+    TPMT_ECC_SCHEME,
+    TPMT_KDF_SCHEME,
+    TPMT_PUBLIC,
+    TPMT_RSA_SCHEME,
+    TPMT_SYM_DEF_OBJECT,
+    TPMU_PUBLIC_ID,
+    TPMU_PUBLIC_PARMS,
+    TPMU_SYM_KEY_BITS,
+    TPMU_SYM_MODE,
+)
+
+from tpmid.der import der_prefix
 from tpmid.errors import TpmError
-from tpmid.tpm.connection import (
-    PT_NV_BUFFER_MAX,
-    UNSUPPORTED_RCS,
-    TpmConnection,
-    decode_rc,
-    tpm_call,
-)
-from tpmid.tpm.keys import (
-    flush_transient,
-    public_key_from_tpm,
-    read_persistent_public,
-    template_fields,
-)
-
-if TYPE_CHECKING:
-    from tpm2_pytss.types import TPM2B_PUBLIC
+from tpmid.tpm.context import TpmContext
+from tpmid.tpm.idevid import read_persistent_public
+from tpmid.tpm.loaded import flush_transient
+from tpmid.tpm.nv import read_nv
+from tpmid.tpm.rc import UNSUPPORTED_CODES, tpm_call, tpm_code
+from tpmid.tpm.templates import public_key_from_tpm, template_fields
 
 log = logging.getLogger(__name__)
 
@@ -103,24 +114,6 @@ class EkTemplate:
 
     def public(self) -> TPM2B_PUBLIC:
         """A fresh TPM2B_PUBLIC of this EK template."""
-        from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
-        from tpm2_pytss.types import (
-            TPM2B_PUBLIC,
-            TPM2B_PUBLIC_KEY_RSA,
-            TPMS_ECC_PARMS,
-            TPMS_ECC_POINT,
-            TPMS_RSA_PARMS,
-            TPMT_ECC_SCHEME,
-            TPMT_KDF_SCHEME,
-            TPMT_PUBLIC,
-            TPMT_RSA_SCHEME,
-            TPMT_SYM_DEF_OBJECT,
-            TPMU_PUBLIC_ID,
-            TPMU_PUBLIC_PARMS,
-            TPMU_SYM_KEY_BITS,
-            TPMU_SYM_MODE,
-        )
-
         if not self.creatable:
             raise TpmError(f"tpmid cannot build EK template {self.name} ({self.alg})")
         attrs = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
@@ -191,60 +184,8 @@ class EkInfo:
     cert_matches_key: bool | None = None  # None without certificate
 
 
-def _der_length(data: bytes) -> int | None:
-    """Total length of the DER element at the start of ``data`` (NV indices may be padded)."""
-    if len(data) < 2 or data[0] != 0x30:
-        return None
-    first = data[1]
-    if first < 0x80:
-        return 2 + first
-    n = first & 0x7F
-    if n == 0 or n > 4 or len(data) < 2 + n:
-        return None
-    return 2 + n + int.from_bytes(data[2:2 + n], "big")
-
-
-def read_nv(tpm: TpmConnection, index: int) -> bytes:
-    """Read all of NV index ``index``, in chunks of TPM_PT_NV_BUFFER_MAX bytes.
-
-    Authorizes with the index itself when it allows (TPMA_NV_AUTHREAD, empty
-    password, as for EK certificates), else with the owner hierarchy.
-    """
-    from tpm2_pytss.constants import ESYS_TR, TPMA_NV
-
-    with tpm.lock:
-        esapi = tpm.esapi
-        what = f"NV index {index:#010x}"
-        tr = tpm.open_handle(index, what)
-        try:
-            with tpm_call(f"reading the public area of {what}", tpm, handles=(what,)):
-                nv_public, _ = esapi.nv_read_public(tr)
-            size = int(nv_public.nvPublic.dataSize)
-            attrs = nv_public.nvPublic.attributes
-            if attrs & TPMA_NV.AUTHREAD:
-                auth, auth_name = tr, what
-            elif attrs & TPMA_NV.OWNERREAD:
-                auth, auth_name = ESYS_TR.OWNER, "the owner hierarchy"
-            elif attrs & TPMA_NV.PPREAD:
-                auth, auth_name = ESYS_TR.PLATFORM, "the platform hierarchy"
-            else:
-                raise TpmError(f"{what} cannot be read with a password (policy read only)")
-            chunk = tpm.fixed_property(PT_NV_BUFFER_MAX) or 512
-            data = bytearray()
-            with tpm_call(f"reading {what}", tpm, handles=(auth_name, what)):
-                while len(data) < size:
-                    n = min(chunk, size - len(data))
-                    data += bytes(esapi.nv_read(tr, n, len(data), auth_handle=auth))
-            return bytes(data)
-        finally:
-            tpm.close_handle(index, tr)
-
-
-def _create_ek_public(tpm: TpmConnection, template: EkTemplate) -> TPM2B_PUBLIC | None:
+def _create_ek_public(tpm: TpmContext, template: EkTemplate) -> TPM2B_PUBLIC | None:
     """Create the EK from ``template``, read its public area, flush it; None if unsupported."""
-    from tpm2_pytss.constants import ESYS_TR
-    from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
-
 
     esapi = tpm.esapi
     try:
@@ -253,7 +194,7 @@ def _create_ek_public(tpm: TpmConnection, template: EkTemplate) -> TPM2B_PUBLIC 
             handle, public, _, _, _ = esapi.create_primary(
                 TPM2B_SENSITIVE_CREATE(), template.public(), ESYS_TR.ENDORSEMENT)
     except TpmError as e:
-        if e.rc is not None and decode_rc(e.rc).code in UNSUPPORTED_RCS:
+        if tpm_code(e) in UNSUPPORTED_CODES:
             log.info("TPM cannot create EK template %s (%s): %s", template.name, template.alg, e)
             return None
         raise
@@ -262,16 +203,11 @@ def _create_ek_public(tpm: TpmConnection, template: EkTemplate) -> TPM2B_PUBLIC 
 
 
 def _spki(public: TPM2B_PUBLIC) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
     return public_key_from_tpm(public).public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _cert_spki(cert_der: bytes) -> bytes | None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
     try:
         cert = x509.load_der_x509_certificate(cert_der)
         return cert.public_key().public_bytes(serialization.Encoding.DER,
@@ -281,7 +217,7 @@ def _cert_spki(cert_der: bytes) -> bytes | None:
         return None
 
 
-def read_eks(tpm: TpmConnection) -> list[EkInfo]:
+def read_eks(tpm: TpmContext) -> list[EkInfo]:
     """All endorsement keys tpmid can find, in EK-template order (L-1, L-2, H-1 ...)."""
     with tpm.lock:
         nv = set(tpm.nv_indices())
@@ -302,9 +238,7 @@ def read_eks(tpm: TpmConnection) -> list[EkInfo]:
         for t in EK_TEMPLATES:
             cert: bytes | None = None
             if t.cert_index in nv:
-                raw = read_nv(tpm, t.cert_index)
-                length = _der_length(raw)
-                cert = raw[:length] if length else raw
+                cert = der_prefix(read_nv(tpm, t.cert_index))
             spki: bytes | None
             if t.name in persistent:
                 handle, public = persistent[t.name]

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tpmid.tpm.connection import TpmConnection, tpm_call
+from tpm2_pytss.constants import TPM2_ALG, TPM2_CAP
+
+from tpmid.tpm.context import TpmContext
+from tpmid.tpm.rc import tpm_call
 
 PT_FAMILY_INDICATOR = 0x100
 PT_LEVEL = 0x101
@@ -60,8 +63,6 @@ def _ascii(*words: int) -> str:
 
 
 def _alg_name(alg: int) -> str:
-    from tpm2_pytss.constants import TPM2_ALG
-
     try:
         name = str(TPM2_ALG(alg))
     except (ValueError, TypeError):
@@ -69,10 +70,8 @@ def _alg_name(alg: int) -> str:
     return name if name and not name.isdigit() else f"{alg:#06x}"
 
 
-def tpm_info(tpm: TpmConnection) -> dict[str, Any]:
+def tpm_info(tpm: TpmContext) -> dict[str, Any]:
     """A JSON-ready description of the TPM (see ``docs/cli.md``, ``tpmid tpm info``)."""
-    from tpm2_pytss.constants import TPM2_CAP
-
     with tpm.lock:
         fixed = tpm.properties(0x100, 0x100)
         var = tpm.properties(0x200, 0x100)

@@ -2,31 +2,47 @@
 
 ``cryptography``'s builders (CSR, certificate, CRL) call ``key.sign(data, ...)``
 on whatever private-key object they are given. These thin adapters hash the data
-in software and hand the digest to :meth:`LoadedKey.sign_digest` — exactly one
-TPM2_Sign per signature. They refuse any hash or padding the key cannot produce
-instead of silently using another one, and they never expose private material
-(there is none outside the TPM).
+in software and hand the digest to the key's ``sign_digest`` (for
+:class:`tpmid.tpm.loaded.LoadedKey`: exactly one TPM2_Sign per signature). They
+refuse any hash or padding the key cannot produce instead of silently using
+another one, and they never expose private material (there is none outside the
+TPM).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo, Prehashed
 
 from tpmid.errors import TpmError
 
-if TYPE_CHECKING:
-    from tpmid.tpm.keys import LoadedKey
+
+class DigestSigner(Protocol):
+    """What the adapters need from a TPM key (:class:`tpmid.tpm.loaded.LoadedKey` is one)."""
+
+    alg: str
+    hash_name: str
+    description: str
+
+    def public_key(self) -> PublicKeyTypes:
+        """The public half."""
+        ...
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """One TPM2_Sign over ``digest``."""
+        ...
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512,
 }
 
 
-def _digest(key: LoadedKey, data: bytes | bytearray | memoryview,
+def _digest(key: DigestSigner, data: bytes | bytearray | memoryview,
             algorithm: hashes.HashAlgorithm | Prehashed | NoDigestInfo) -> bytes:
     """Hash ``data`` with ``algorithm`` after checking it is the key's one hash."""
     if isinstance(algorithm, NoDigestInfo):
@@ -46,21 +62,21 @@ def _digest(key: LoadedKey, data: bytes | bytearray | memoryview,
     return h.finalize()
 
 
-def _no_private(key: LoadedKey) -> NoReturn:
+def _no_private(key: DigestSigner) -> NoReturn:
     raise TpmError(f"the private part of {key.description} never leaves the TPM")
 
 
 class TpmEcPrivateKey(ec.EllipticCurvePrivateKey):
     """An ECDSA key in the TPM, usable wherever ``cryptography`` wants an EC private key."""
 
-    def __init__(self, key: LoadedKey) -> None:
+    def __init__(self, key: DigestSigner) -> None:
         self._key = key
         self._public = key.public_key()
         assert isinstance(self._public, ec.EllipticCurvePublicKey)
 
     @property
-    def tpm_key(self) -> LoadedKey:
-        """The :class:`LoadedKey` behind this object."""
+    def tpm_key(self) -> DigestSigner:
+        """The :class:`DigestSigner` behind this object."""
         return self._key
 
     def sign(self, data: bytes | bytearray | memoryview,
@@ -106,21 +122,19 @@ class TpmEcPrivateKey(ec.EllipticCurvePrivateKey):
 class TpmRsaPrivateKey(rsa.RSAPrivateKey):
     """An RSA key in the TPM, signing PKCS#1 v1.5 with SHA-256."""
 
-    def __init__(self, key: LoadedKey) -> None:
+    def __init__(self, key: DigestSigner) -> None:
         self._key = key
         self._public = key.public_key()
         assert isinstance(self._public, rsa.RSAPublicKey)
 
     @property
-    def tpm_key(self) -> LoadedKey:
-        """The :class:`LoadedKey` behind this object."""
+    def tpm_key(self) -> DigestSigner:
+        """The :class:`DigestSigner` behind this object."""
         return self._key
 
     def sign(self, data: bytes, padding: padding.AsymmetricPadding,
              algorithm: hashes.HashAlgorithm | Prehashed | NoDigestInfo) -> bytes:
         """RSASSA-PKCS1-v1_5-sign ``data`` in the TPM."""
-        from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
-
         if not isinstance(padding, PKCS1v15):
             raise TpmError(f"{self._key.description} signs with PKCS#1 v1.5 padding only; "
                            f"{padding.name} was requested")
@@ -154,7 +168,7 @@ class TpmRsaPrivateKey(rsa.RSAPrivateKey):
         return self
 
 
-def tpm_private_key(key: LoadedKey) -> TpmEcPrivateKey | TpmRsaPrivateKey:
+def tpm_private_key(key: DigestSigner) -> TpmEcPrivateKey | TpmRsaPrivateKey:
     """The ``cryptography`` private-key adapter for ``key``."""
     if key.alg.startswith("ecc-"):
         return TpmEcPrivateKey(key)

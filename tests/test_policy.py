@@ -20,10 +20,10 @@ from tpmid.policy import (
     AttemptState,
     Decision,
     decide,
-    describe,
-    format_duration,
     jitter_rng,
 )
+from tpmid.render import describe_decision as describe
+from tpmid.render import format_duration
 
 NB = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
 MIN, HOUR, DAY = 60.0, 3600.0, 86400.0

@@ -1,0 +1,274 @@
+"""One ESAPI context on one TCTI: :class:`TpmContext`, the base of every TPM operation.
+
+The context receives its TCTI string (STYLE.md §3): ``device:/dev/tpmrm0``
+(the kernel resource manager, the default), ``device:/dev/tpm0``,
+``swtpm:host=127.0.0.1,port=2321``, ``mssim:...`` or ``tabrmd:...``; the string
+goes to tpm2-tss's TCTI loader unchanged.
+
+After a power loss a TPM answers every command with TPM_RC_INITIALIZE until it
+gets TPM2_Startup (TPM 2.0 Part 3 §9.3). Firmware normally sends it; on
+boards and simulators where nobody did, the context sends TPM2_Startup(CLEAR)
+once and goes on, which is what firmware would have done.
+
+Without a resource manager a TPM holds only a few transient objects (three on
+swtpm). Every function in :mod:`tpmid.tpm` flushes what it loads in a
+``finally``; only a :class:`~tpmid.tpm.loaded.LoadedKey` keeps one until closed.
+
+The modules of :mod:`tpmid.tpm` work on a :class:`TpmContext`; the layers above
+use its subclass :class:`tpmid.tpm.connection.TpmConnection`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_RC, TPM2_SU, TSS2_RC
+
+from tpmid.errors import TpmError
+from tpmid.tpm.rc import LAYER_MASK, TCTI_LAYER, describe_error, is_code, tpm_call
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+
+# TPM 2.0 Part 2 §6.13 (TPM_PT): fixed properties start at 0x100, variable at 0x200.
+PT_MANUFACTURER = 0x105
+PT_NV_BUFFER_MAX = 0x12C
+# TPM_PT_FIXED properties never change for a TPM; the ones up to TPM_PT_NV_BUFFER_MAX
+# are read once, in the context's start-up probe.
+PT_FIXED_FIRST = 0x100
+PT_FIXED_CACHED = PT_NV_BUFFER_MAX - PT_FIXED_FIRST + 1
+
+# TPM 2.0 Part 2 §7.2 (TPM_HT) handle ranges.
+TRANSIENT_FIRST = 0x80000000
+PERSISTENT_FIRST = 0x81000000
+NV_INDEX_FIRST = 0x01000000
+
+
+@dataclass(frozen=True)
+class HierarchyPasswords:
+    """Authorization values of the owner, endorsement and lockout hierarchies.
+
+    Empty by default (a TPM as it leaves the factory). ``repr`` never shows them.
+    """
+
+    owner: bytes = field(default=b"", repr=False)
+    endorsement: bytes = field(default=b"", repr=False)
+    lockout: bytes = field(default=b"", repr=False)
+
+
+NO_PASSWORDS = HierarchyPasswords()
+
+
+def _unreachable(tcti: str, exc: BaseException) -> TpmError:
+    rc = getattr(exc, "rc", None)
+    module = tcti.split(":", 1)[0] or tcti
+    text = str(exc).strip() or type(exc).__name__
+    if (rc is not None and int(rc) & LAYER_MASK == TCTI_LAYER
+            and int(rc) & 0xFFFF == int(TSS2_RC.BASE_RC_NOT_SUPPORTED)):
+        return TpmError(
+            f"cannot load the TCTI module {module!r} for {tcti!r} (is libtss2-tcti-{module} "
+            "installed?)",
+            rc=rc,
+            hint="use device:/dev/tpmrm0, swtpm:host=...,port=..., mssim:... or tabrmd:...",
+        )
+    hint = "check that the TPM or simulator is running and that this user may open it"
+    if module == "device":
+        hint = ("check that the device exists and is readable by this user "
+                "(usually group 'tss'); prefer /dev/tpmrm0, the kernel resource manager")
+    return TpmError(f"TPM not reachable through TCTI {tcti!r}: {text}", rc=rc, hint=hint)
+
+
+class TpmContext:
+    """One ESAPI context on one TCTI, with a lock and the hierarchy passwords.
+
+    Use as a context manager or call :meth:`close`. Every ESAPI call made from
+    more than one thread must hold :attr:`lock` (an ``RLock``; the functions in
+    :mod:`tpmid.tpm` take it themselves).
+    """
+
+    def __init__(self, tcti: str = DEFAULT_TCTI,
+                 passwords: HierarchyPasswords = NO_PASSWORDS) -> None:
+        self.tcti = tcti
+        self.passwords = passwords
+        self.lock = threading.RLock()
+        self._esapi: ESAPI | None = None
+        # ESAPI keeps one ESYS_TR per TPM handle and TR_FromTPMPublic returns the same
+        # one again; closing it for one user would break every other user, so
+        # persistent objects and NV indices are reference-counted here.
+        self._trs: dict[int, tuple[Any, int]] = {}
+        # Set by tpmid.tpm.keyfile.storage_parent_scope: the storage parent kept loaded
+        # across the key-file operations of one enrollment.
+        self.parent_scope: dict[str, Any] | None = None
+        self._fixed: dict[int, int] = {}
+        try:
+            self._esapi = ESAPI(tcti)
+        except TSS2_Exception as e:
+            raise _unreachable(tcti, e) from e
+        except (RuntimeError, ValueError) as e:
+            raise TpmError(
+                f"{tcti!r} is not a TCTI string",
+                hint="use device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321, mssim:... "
+                "or tabrmd:...",
+            ) from e
+        try:
+            esapi = self._esapi
+            # The values go into the ESAPI context only; never logged.
+            esapi.tr_set_auth(ESYS_TR.OWNER, passwords.owner)
+            esapi.tr_set_auth(ESYS_TR.ENDORSEMENT, passwords.endorsement)
+            esapi.tr_set_auth(ESYS_TR.LOCKOUT, passwords.lockout)
+            self._ensure_started()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ lifetime
+
+    @property
+    def esapi(self) -> ESAPI:
+        """The ESAPI context; TpmError once the context is closed."""
+        if self._esapi is None:
+            raise TpmError(f"the TPM connection to {self.tcti} is already closed")
+        return self._esapi
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._esapi is None
+
+    def close(self) -> None:
+        """Finalize the ESAPI context and its TCTI; idempotent."""
+        with self.lock:
+            self._trs.clear()
+            if self._esapi is not None:
+                esapi, self._esapi = self._esapi, None
+                esapi.close()
+
+    def open_handle(self, handle: int, what: str) -> Any:
+        """An ESYS_TR for the persistent object or NV index ``handle``; pair with close_handle."""
+        with self.lock:
+            entry = self._trs.get(handle)
+            if entry is not None:
+                self._trs[handle] = (entry[0], entry[1] + 1)
+                return entry[0]
+            with tpm_call(f"opening {what}", self, handles=(what,)):
+                tr = self.esapi.tr_from_tpmpublic(handle)
+            self._trs[handle] = (tr, 1)
+            return tr
+
+    def close_handle(self, handle: int, tr: Any, *, forget: bool = False) -> None:
+        """Release ``tr`` from :meth:`open_handle`; ``forget`` drops it for every user.
+
+        ``forget`` is for an object that no longer exists (evicted): ESAPI's
+        record of it must go, or the next TR_FromTPMPublic of the handle fails.
+        """
+        with self.lock:
+            entry = self._trs.get(handle)
+            if entry is None or entry[0] != tr:
+                return  # already forgotten (evicted while this user still held it)
+            if entry[1] > 1 and not forget:
+                self._trs[handle] = (tr, entry[1] - 1)
+                return
+            del self._trs[handle]
+            if self._esapi is not None:
+                self._esapi.tr_close(tr)
+
+    def __enter__(self) -> TpmContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._esapi is None else "open"
+        return f"{type(self).__name__}({self.tcti!r}, {state})"
+
+    def _ensure_started(self) -> None:
+        with self.lock:
+            try:
+                self._fixed = self.properties(PT_FIXED_FIRST, PT_FIXED_CACHED)
+                return
+            except TpmError as e:
+                if not is_code(e, TPM2_RC.INITIALIZE):
+                    raise
+            # TPM 2.0 Part 3 §9.3: after _TPM_Init only TPM2_Startup is accepted.
+            log.info("TPM on %s needs TPM2_Startup after a reset; sending Startup(CLEAR)", self.tcti)
+            try:
+                self.esapi.startup(TPM2_SU.CLEAR)
+            except TSS2_Exception as e:
+                raise self.error("starting the TPM (TPM2_Startup)", e) from e
+            self._fixed = self.properties(PT_FIXED_FIRST, PT_FIXED_CACHED)
+
+    def fixed_property(self, prop: int) -> int | None:
+        """A TPM_PT_FIXED property (constant for this TPM); cached ones cost no command."""
+        if PT_FIXED_FIRST <= prop < PT_FIXED_FIRST + PT_FIXED_CACHED and self._fixed:
+            return self._fixed.get(prop)
+        return self.properties(prop, 1).get(prop)
+
+    # ------------------------------------------------------------------ queries
+
+    def error(self, what: str, exc: BaseException, handles: tuple[str, ...] = ()) -> TpmError:
+        """The :class:`TpmError` for TSS2 exception ``exc`` raised while doing ``what``."""
+        return describe_error(what, exc, self, handles)
+
+    def properties(self, first: int, count: int) -> dict[int, int]:
+        """TPM_PT properties ``first`` .. ``first+count-1`` that the TPM reports."""
+        out: dict[int, int] = {}
+        prop = first
+        with self.lock, tpm_call("reading TPM properties", self):
+            while True:
+                more, data = self.esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, prop,
+                                                       first + count - prop)
+                props = list(data.data.tpmProperties)
+                for p in props:
+                    if p.property < first + count:
+                        out[int(p.property)] = int(p.value)
+                if not more or not props or props[-1].property + 1 >= first + count:
+                    return out
+                prop = int(props[-1].property) + 1
+
+    def handles(self, first: int) -> list[int]:
+        """All handles the TPM lists in the range (type byte) that ``first`` starts."""
+        kind = first >> 24
+        out: list[int] = []
+        start = first
+        with self.lock, tpm_call("listing TPM handles", self):
+            while True:
+                more, data = self.esapi.get_capability(TPM2_CAP.HANDLES, start, 64)
+                batch = [int(h) for h in data.data.handles]
+                out.extend(h for h in batch if h >> 24 == kind)
+                if not more or not batch or batch[-1] >> 24 != kind:
+                    return out
+                start = batch[-1] + 1
+
+    def transient_handles(self) -> list[int]:
+        """Handles of the transient objects currently loaded in the TPM."""
+        return self.handles(TRANSIENT_FIRST)
+
+    def flush_stale_transients(self) -> list[int]:
+        """Flush every transient object the TPM holds; return their handles.
+
+        For start-up recovery only, with the host-wide TPM lock held: without a
+        resource manager a tpmid process killed mid-command leaves its loaded
+        object in one of the TPM's few slots (3 on swtpm) until power-off. Under
+        a resource manager (``/dev/tpmrm0``, tabrmd) a new connection sees none.
+        """
+        flushed: list[int] = []
+        for handle in self.transient_handles():
+            with self.lock, tpm_call(f"flushing stale transient object {handle:#x}", self):
+                tr = self.esapi.tr_from_tpmpublic(handle)
+                self.esapi.flush_context(tr)
+            flushed.append(handle)
+        return flushed
+
+    def persistent_handles(self) -> list[int]:
+        """Handles of all persistent objects (0x81xxxxxx)."""
+        return self.handles(PERSISTENT_FIRST)
+
+    def nv_indices(self) -> list[int]:
+        """All defined NV indices (0x01xxxxxx)."""
+        return self.handles(NV_INDEX_FIRST)

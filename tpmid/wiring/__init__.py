@@ -1,0 +1,92 @@
+"""The composition root: tpmid's objects built from one config and one process environment.
+
+The CLI, the daemon and the provisioning station build what a workflow needs
+here and hand it over; workflows (:mod:`tpmid.lifecycle`) receive objects (a
+:class:`~tpmid.store.Store`, a TPM opener, an EST client factory, a secret
+resolver), never paths or environments to build them from.
+
+* :class:`Runtime` (this module, cheap to import): the config, the environment,
+  secrets, the store, identity keys, the hooks' base environment;
+* :mod:`tpmid.wiring.tpm`: the TPM opener (host lock, hierarchy passwords);
+* :mod:`tpmid.wiring.est`: the EST client factory (trust, TLS client identity,
+  credentials, HTTP session).
+
+The two submodules load the TPM stack and the HTTP stack. They are the one
+place where tpmid imports lazily: the CLI imports each inside the command that
+needs it, so ``tpmid status`` and ``tpmid --help`` never pay for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tpmid.config import Config, SecretRef
+from tpmid.secrets import resolve_secret
+from tpmid.store import TPM_LOCK_NAME, Store
+from tpmid.tpm.identity import IdentityKey, identity_key
+
+SecretResolver = Callable[[SecretRef], str]
+
+
+
+@dataclass
+class Runtime:
+    """tpmid's objects for one config and one process environment.
+
+    ``environ`` is the process environment (injected: library code never reads
+    ``os.environ``); ``read_stdin`` reads one line for ``{stdin: true}`` secrets.
+    """
+
+    config: Config
+    environ: Mapping[str, str] = field(default_factory=dict)
+    read_stdin: Callable[[], str] | None = None
+    _store: Store | None = field(default=None, repr=False)
+
+    def secret(self, ref: SecretRef) -> str:
+        """Resolve a secret reference (the :data:`SecretResolver` every workflow gets)."""
+        return resolve_secret(ref, self.environ, self.read_stdin)
+
+    def store(self) -> Store:
+        """The store of ``store.dir``, created if it does not exist yet."""
+        if self._store is None:
+            self._store = Store(self.config.store.dir)
+        return self._store
+
+    def existing_store(self) -> Store | None:
+        """The store for reading, or None if its directory does not exist yet (creates nothing)."""
+        if self._store is not None:
+            return self._store
+        root = Path(self.config.store.dir)
+        if not root.is_dir():
+            return None
+        return Store(root, create=False)
+
+    def key(self, name: str) -> IdentityKey:
+        """The :class:`IdentityKey` of identity ``name``."""
+        return identity_key(self.config.identity(name))
+
+    def tpm_lock_path(self) -> Path | None:
+        """``tpm.lock_file``, else the store's TPM lock once the store exists.
+
+        Every tpmid process of one store (CLI and daemon) then takes turns at a TPM
+        that has no resource manager; without a store there is nobody to collide with.
+        """
+        if self.config.tpm.lock_file is not None:
+            return Path(self.config.tpm.lock_file)
+        locks = Path(self.config.store.dir) / "locks"
+        return locks / TPM_LOCK_NAME if locks.is_dir() else None
+
+    def hierarchy_passwords(self) -> dict[str, bytes]:
+        """The configured hierarchy passwords (owner, endorsement, lockout), resolved."""
+        values: dict[str, bytes] = {}
+        for name in ("owner", "endorsement", "lockout"):
+            ref = getattr(self.config.tpm.auth, name)
+            if ref is not None:
+                values[name] = self.secret(ref).encode("utf-8")
+        return values
+
+    def hook_environment(self, extra: Mapping[str, str]) -> dict[str, str]:
+        """The environment a hook runs with: tpmid's own plus ``extra`` (``TPMID_*``)."""
+        return {**self.environ, **extra}
