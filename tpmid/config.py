@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from tpmid.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/tpmid/config.yaml")
@@ -558,8 +560,6 @@ def parse_config(data: object, source: str = "<config>") -> Config:
 
 def read_yaml_file(path: Path, what: str, missing_hint: str) -> Any:
     """The parsed YAML document at ``path``; ConfigError naming the file otherwise."""
-    import yaml
-
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

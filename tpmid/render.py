@@ -6,12 +6,25 @@ One module so that every command and log line says it the same way.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tpmid.clock import as_utc
 
-if TYPE_CHECKING:
-    from tpmid.policy import Decision
+
+class Decision(Protocol):
+    """What is rendered of a renewal decision (:class:`tpmid.policy.Decision`)."""
+
+    @property
+    def action(self) -> str: ...
+
+    @property
+    def when(self) -> datetime: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def jitter_s(self) -> float: ...
 
 
 def iso(t: datetime) -> str:

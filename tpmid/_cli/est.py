@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
 from tpmid.est.verify import fingerprint_sha256
+from tpmid.lifecycle.enroll import enroll_identity
 from tpmid.store import atomic_write
 
 # Short names for the OIDs a CSR-attributes answer usually holds (RFC 7030 §4.5.2).
@@ -163,7 +164,6 @@ def cmd_csrattrs(ctx: Ctx) -> int:
 
 def cmd_enroll(ctx: Ctx) -> int:
     """``tpmid enroll NAME``."""
-    from tpmid.lifecycle.enroll import enroll_identity
     from tpmid.wiring.est import EstClients
     from tpmid.wiring.tpm import tpm_opener
 

@@ -14,11 +14,12 @@ from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
 from tpmid.clock import utcnow
 from tpmid.errors import ConfigError, TpmidError
+from tpmid.lifecycle.daemon import Daemon
+from tpmid.lifecycle.renew import RenewalEngine, managed_identities
 from tpmid.render import describe_decision
 from tpmid.store import recover
 
 if TYPE_CHECKING:
-    from tpmid.lifecycle.renew import RenewalEngine
     from tpmid.tpm.connection import TpmOpener
 
 log = logging.getLogger("tpmid.daemon")
@@ -50,7 +51,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _engine(ctx: Ctx, open_tpm: TpmOpener) -> RenewalEngine:
     """The renewal engine of the current config, renewing through ``open_tpm``."""
-    from tpmid.lifecycle.renew import RenewalEngine
     from tpmid.wiring.est import EstClients
 
     rt = ctx.runtime()
@@ -118,8 +118,6 @@ def _notify(message: str) -> None:
 
 def cmd_daemon(ctx: Ctx) -> int:
     """``tpmid daemon``: the renewal loop with signal handling."""
-    from tpmid.lifecycle.daemon import Daemon
-    from tpmid.lifecycle.renew import managed_identities
     from tpmid.wiring.tpm import tpm_opener
 
     if ctx.args.verbose == 0:

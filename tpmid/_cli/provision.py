@@ -17,6 +17,7 @@ from pathlib import Path
 from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
 from tpmid.errors import ConfigError, StoreError
+from tpmid.lifecycle.provision import provision, record_failure
 from tpmid.manifest import ProvisionRecord
 
 ENV_STATION = "TPMID_STATION"
@@ -113,7 +114,6 @@ def _finish(ctx: Ctx, record: ProvisionRecord, manifest: Path | None) -> int:
 
 def cmd_provision(ctx: Ctx) -> int:
     """``tpmid provision``: see the module docstring."""
-    from tpmid.lifecycle.provision import provision, record_failure
     from tpmid.wiring.est import EstClients
     from tpmid.wiring.tpm import tpm_opener
 

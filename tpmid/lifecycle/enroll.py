@@ -34,7 +34,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -42,6 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tpmid.certfiles import load_pem_certificates
+from tpmid.clock import utcnow
 from tpmid.config import Config, EstConfig, IdentityConfig
 from tpmid.csr import build_csr, build_subject
 from tpmid.errors import ConfigError, EstRetryLater, StoreError
@@ -79,10 +80,6 @@ class EstClientFactory(Protocol):
              ) -> AbstractContextManager[EstClient]:
         """An EST client authenticated with that TLS identity and those credentials."""
         ...
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -286,7 +283,7 @@ def enroll_identity(
     store: Store,
     tpm: TpmConnection,
     clients: EstClientFactory,
-    now: Callable[[], datetime] = _utcnow,
+    now: Callable[[], datetime] = utcnow,
     reenroll: bool = False,
     auth_with_current: bool = False,
     hw_module: tuple[str, bytes] | None = None,

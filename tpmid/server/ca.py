@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tpmid.errors import ConfigError
+from tpmid.store.fsio import append_line
 
 # id-kp-cmcRA (RFC 6402 §2.10), the EKU of an authorized EST server (RFC 7030 §3.6.1).
 OID_CMC_RA = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.28")
@@ -257,10 +258,9 @@ class IssueLog:
         """Append one record (and fsync: the log is the CA's memory)."""
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             try:
-                os.write(fd, line)
-                os.fsync(fd)
+                append_line(fd, line, self.path)
             finally:
                 os.close(fd)
 

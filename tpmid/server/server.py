@@ -29,6 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cryptography import x509
+
 from tpmid.errors import ConfigError
 from tpmid.server.app import EstApp, Request
 from tpmid.server.ca import IssueLog, cert_pem
@@ -136,8 +138,6 @@ class _Handler(BaseHTTPRequestHandler):
         peer = self.request.getpeercert(binary_form=True)
         client = "-"
         if peer:
-            from cryptography import x509
-
             try:
                 client = x509.load_der_x509_certificate(peer).subject.rfc4514_string()
             except ValueError:

@@ -16,6 +16,7 @@ and the ``swtpm/`` scripts; it is not part of the device-side library.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -260,8 +261,6 @@ class Swtpm:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tpmid.testing.swtpm manufacture DIR`` / ``run DIR``."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="swtpm-harness", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("manufacture", help="create a factory-fresh TPM state in DIR")

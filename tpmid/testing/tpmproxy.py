@@ -26,9 +26,13 @@ Loopback only: the proxy binds 127.0.0.1 and refuses non-loopback upstreams.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
+import json
+import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -322,11 +326,6 @@ class TpmProxy:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tpmid.testing.tpmproxy --upstream-port N [--delay S]``."""
-    import argparse
-    import json
-    import signal
-    import sys
-
     p = argparse.ArgumentParser(prog="tpmproxy", description=__doc__.splitlines()[0])
     p.add_argument("--upstream-host", default="127.0.0.1")
     p.add_argument("--upstream-port", type=int, required=True, help="swtpm command port")

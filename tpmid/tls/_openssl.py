@@ -24,6 +24,7 @@ unsupported. Nothing here logs key material.
 
 from __future__ import annotations
 
+import _ssl  # noqa: F401  (maps the libssl/libcrypto that Python's ssl uses)
 import ctypes
 import os
 import re
@@ -406,8 +407,6 @@ def load() -> OpenSsl:
             raise TlsShimError(
                 f"the TPM signing shim supports Linux only (this is {sys.platform})", hint=_HINT
             )
-        import _ssl  # noqa: F401  (maps libssl/libcrypto if it is dynamically linked)
-
         try:
             maps = parse_maps(read_maps())
         except OSError as e:

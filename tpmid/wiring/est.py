@@ -20,7 +20,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from tpmid.certfiles import load_pem_certificates
+from tpmid.clock import utcnow
 from tpmid.config import Config, EstConfig, SecretRef
 from tpmid.errors import ConfigError
 from tpmid.est.client import DEFAULT_TIMEOUT, EstClient, ServerCheck, est_base_url, make_session
@@ -35,10 +36,6 @@ from tpmid.est.verify import normalize_pin
 from tpmid.tls import ClientTls, TlsSigningKey, client_tls
 
 SecretResolver = Callable[[SecretRef], str]
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -72,7 +69,7 @@ def tls_chain(cert: x509.Certificate, chain: Sequence[x509.Certificate]) -> list
 
 def bootstrap_root(url: str, pin: str, *, timeout: tuple[float, float] | None = None,
                    allow_http: bool = False,
-                   now: Callable[[], datetime] = _utcnow) -> list[x509.Certificate]:
+                   now: Callable[[], datetime] = utcnow) -> list[x509.Certificate]:
     """Pinned ``/cacerts`` bootstrap (RFC 7030 §4.1.1); return the CA certificates.
 
     The connection is made without verification; the answer is accepted only if
@@ -151,7 +148,7 @@ class EstClients:
     """
 
     def __init__(self, config: Config, secrets: SecretResolver, *,
-                 now: Callable[[], datetime] = _utcnow,
+                 now: Callable[[], datetime] = utcnow,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.config = config
         self.secrets = secrets
