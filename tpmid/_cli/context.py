@@ -1,6 +1,9 @@
 """What every command function gets: :class:`Ctx` (arguments, config, runtime, output).
 
-Light to import (no TPM, TLS or HTTP stack): every command group imports it.
+Every command group imports this module to build its parser, including for
+``tpmid --help``; so it imports the library (config, store, composition root)
+only when a command asks for it, the CLI boundary's one exception to imports at
+the top (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tpmid.config import DEFAULT_CONFIG_PATH, Config, load_config
 from tpmid.errors import ConfigError
-from tpmid.store import check_private_path
-from tpmid.wiring import Runtime
+
+if TYPE_CHECKING:
+    from tpmid.config import Config
+    from tpmid.wiring import Runtime
 
 ENV_CONFIG = "TPMID_CONFIG"
 ENV_TCTI = "TPMID_TCTI"
@@ -41,11 +45,15 @@ class Ctx:
     @property
     def config_path(self) -> Path:
         """``--config``, else ``$TPMID_CONFIG``, else /etc/tpmid/config.yaml."""
+        from tpmid.config import DEFAULT_CONFIG_PATH
+
         p = self.args.config or self.environ.get(ENV_CONFIG)
         return Path(p) if p else DEFAULT_CONFIG_PATH
 
     def runtime(self, *, required: bool = True) -> Runtime:
         """The composition root for this command (:class:`tpmid.wiring.Runtime`)."""
+        from tpmid.wiring import Runtime
+
         if self._runtime is None:
             self._runtime = Runtime(self.config(required=required), environ=self.environ,
                                     read_stdin=self.read_stdin)
@@ -59,6 +67,9 @@ class Ctx:
         A config file that group or others can write is refused, except with
         ``refuse_insecure=False`` (``tpmid check`` reports it instead).
         """
+        from tpmid.config import Config, load_config
+        from tpmid.store import check_private_path
+
         if self._config is None:
             explicit = self.args.config or self.environ.get(ENV_CONFIG)
             if not required and not explicit and not self.config_path.exists():

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING, Any
 
 from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
-from tpmid.est.verify import fingerprint_sha256
-from tpmid.lifecycle.enroll import enroll_identity
-from tpmid.store import atomic_write
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 # Short names for the OIDs a CSR-attributes answer usually holds (RFC 7030 §4.5.2).
 _OID_NAMES = {
@@ -91,6 +88,10 @@ def _trust_args(ctx: Ctx) -> dict[str, Any]:
 
 
 def _cert_info(c: x509.Certificate) -> dict[str, Any]:
+    from cryptography.hazmat.primitives import serialization
+
+    from tpmid.est.verify import fingerprint_sha256
+
     return {
         "subject": c.subject.rfc4514_string(),
         "issuer": c.issuer.rfc4514_string(),
@@ -104,6 +105,7 @@ def _cert_info(c: x509.Certificate) -> dict[str, Any]:
 
 def cmd_cacerts(ctx: Ctx) -> int:
     """``tpmid est cacerts URL``."""
+    from tpmid.store import atomic_write
     from tpmid.wiring.est import fetch_cacerts
 
     result = fetch_cacerts(ctx.args.url, **_trust_args(ctx))
@@ -164,6 +166,7 @@ def cmd_csrattrs(ctx: Ctx) -> int:
 
 def cmd_enroll(ctx: Ctx) -> int:
     """``tpmid enroll NAME``."""
+    from tpmid.lifecycle.enroll import enroll_identity
     from tpmid.wiring.est import EstClients
     from tpmid.wiring.tpm import tpm_opener
 

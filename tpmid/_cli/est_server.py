@@ -16,7 +16,6 @@ from typing import Any
 
 from tpmid._cli.context import Ctx
 from tpmid.errors import ConfigError
-from tpmid.store.fsio import atomic_write
 
 _AUTH_NOTES = {
     "idevid": "Secret-Value header",
@@ -59,6 +58,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_init(ctx: Ctx) -> int | None:
     """Create a server directory and show its trust anchors and the secret (once)."""
     from tpmid.server.state import init_server_dir
+    from tpmid.store.fsio import atomic_write
     args = ctx.args
     res = init_server_dir(args.dir, alg=args.alg)
     if args.secret_out:

@@ -16,15 +16,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives import serialization
-
 from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
-from tpmid.csr import build_csr
 from tpmid.errors import ConfigError, StoreError
-from tpmid.tpm.identity import IdentityKey
 
 if TYPE_CHECKING:
+    from tpmid.tpm.identity import IdentityKey
     from tpmid.tpm.loaded import LoadedKey
 
 
@@ -36,6 +33,8 @@ def _current_key_file(ctx: Ctx, name: str) -> Path | None:
 
 
 def _key_data(key: IdentityKey, loaded: LoadedKey) -> dict[str, Any]:
+    from cryptography.hazmat.primitives import serialization
+
     der = loaded.public_key_der()
     facts = key.facts()
     data: dict[str, Any] = {
@@ -136,6 +135,9 @@ def cmd_delete(ctx: Ctx) -> int | None:
 
 def cmd_csr(ctx: Ctx) -> int | None:
     """``tpmid csr NAME [--out FILE] [--challenge-password-stdin]``: a PKCS#10 request."""
+    from cryptography.hazmat.primitives import serialization
+
+    from tpmid.csr import build_csr
     from tpmid.wiring.tpm import tpm_opener
 
     rt = ctx.runtime()

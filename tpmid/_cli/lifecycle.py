@@ -14,12 +14,10 @@ from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
 from tpmid.clock import utcnow
 from tpmid.errors import ConfigError, TpmidError
-from tpmid.lifecycle.daemon import Daemon
-from tpmid.lifecycle.renew import RenewalEngine, managed_identities
 from tpmid.render import describe_decision
-from tpmid.store import recover
 
 if TYPE_CHECKING:
+    from tpmid.lifecycle.renew import RenewalEngine
     from tpmid.tpm.connection import TpmOpener
 
 log = logging.getLogger("tpmid.daemon")
@@ -51,6 +49,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _engine(ctx: Ctx, open_tpm: TpmOpener) -> RenewalEngine:
     """The renewal engine of the current config, renewing through ``open_tpm``."""
+    from tpmid.lifecycle.renew import RenewalEngine
     from tpmid.wiring.est import EstClients
 
     rt = ctx.runtime()
@@ -61,6 +60,8 @@ def _engine(ctx: Ctx, open_tpm: TpmOpener) -> RenewalEngine:
 
 def _recover(engine: RenewalEngine) -> None:
     """Start-up recovery: settle the journal, then free TPM slots that dead runs left."""
+    from tpmid.store import recover
+
     recover(engine.store)  # logs each action itself
     with engine.open_tpm() as tpm:
         for handle in tpm.flush_stale_transients():
@@ -118,6 +119,8 @@ def _notify(message: str) -> None:
 
 def cmd_daemon(ctx: Ctx) -> int:
     """``tpmid daemon``: the renewal loop with signal handling."""
+    from tpmid.lifecycle.daemon import Daemon
+    from tpmid.lifecycle.renew import managed_identities
     from tpmid.wiring.tpm import tpm_opener
 
     if ctx.args.verbose == 0:

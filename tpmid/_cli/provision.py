@@ -13,12 +13,14 @@ import argparse
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
 from tpmid.errors import ConfigError, StoreError
-from tpmid.lifecycle.provision import provision, record_failure
-from tpmid.manifest import ProvisionRecord
+
+if TYPE_CHECKING:
+    from tpmid.manifest import ProvisionRecord
 
 ENV_STATION = "TPMID_STATION"
 ENV_MANIFEST = "TPMID_MANIFEST"
@@ -114,6 +116,7 @@ def _finish(ctx: Ctx, record: ProvisionRecord, manifest: Path | None) -> int:
 
 def cmd_provision(ctx: Ctx) -> int:
     """``tpmid provision``: see the module docstring."""
+    from tpmid.lifecycle.provision import provision, record_failure
     from tpmid.wiring.est import EstClients
     from tpmid.wiring.tpm import tpm_opener
 

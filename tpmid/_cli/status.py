@@ -11,15 +11,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
 from tpmid.clock import utcnow
-from tpmid.lifecycle.check import CheckResult, all_passed, run_checks
-from tpmid.lifecycle.reset import ResetItem, apply_reset, plan_reset
-from tpmid.lifecycle.status import IdentityStatus, collect_status
 from tpmid.render import describe_age, iso
+
+if TYPE_CHECKING:
+    from tpmid.lifecycle.check import CheckResult
+    from tpmid.lifecycle.reset import ResetItem
+    from tpmid.lifecycle.status import IdentityStatus
 
 EXIT_FAILED_CHECK = 1  # a check failed, or reset has something to do and no --yes
 
@@ -112,6 +114,8 @@ def _status_block(s: IdentityStatus, now: datetime) -> str:
 
 def cmd_status(ctx: Ctx) -> int:
     """``tpmid status [NAME ...]``."""
+    from tpmid.lifecycle.status import collect_status
+
     rt = ctx.runtime()
     cfg = rt.config
     now = utcnow()
@@ -151,6 +155,7 @@ def render_checks(results: Sequence[CheckResult]) -> str:
 
 def cmd_check(ctx: Ctx) -> int:
     """``tpmid check``: exit 0 when everything passes, 1 otherwise."""
+    from tpmid.lifecycle.check import all_passed, run_checks
     from tpmid.wiring.est import fetch_cacerts
     from tpmid.wiring.tpm import tpm_opener
 
@@ -207,6 +212,7 @@ def _reset_text(items: Sequence[ResetItem], applied: bool) -> str:
 
 def cmd_reset(ctx: Ctx) -> int:
     """``tpmid reset [--yes] [--include-idevid] [NAME ...]``."""
+    from tpmid.lifecycle.reset import apply_reset, plan_reset
     from tpmid.wiring.tpm import tpm_opener
 
     rt = ctx.runtime()

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
 
@@ -57,6 +54,9 @@ def cmd_info(ctx: Ctx) -> int | None:
 
 def ek_json(ek: EkInfo) -> dict[str, Any]:
     """An EK as JSON-ready data (public key and certificate as PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     pub = serialization.load_der_public_key(ek.public_key_der)
     data: dict[str, Any] = {
         "alg": ek.alg,
