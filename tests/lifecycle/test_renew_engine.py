@@ -113,8 +113,9 @@ class Device:
 
         return RecordingEngine(
             config=config or self.config, store=Store(self.store_dir), open_tpm=open_tpm,
-            clients=clients(config or self.config, lambda ref: self.server.secret,
-                            now=self.clock.now, sleep=lambda s: self.clock.advance(s)),
+            make_clients=lambda: clients(config or self.config, lambda ref: self.server.secret,
+                                         now=self.clock.now,
+                                         sleep=lambda s: self.clock.advance(s)),
             now=self.clock.now, hook_runner=record_hook, attempts=self.attempts,
         )
 

@@ -17,6 +17,7 @@ from tpmid.errors import ConfigError, TpmidError
 from tpmid.render import describe_decision
 
 if TYPE_CHECKING:
+    from tpmid.lifecycle.enroll import EstClientFactory
     from tpmid.lifecycle.renew import RenewalEngine
     from tpmid.tpm.connection import TpmOpener
 
@@ -50,12 +51,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _engine(ctx: Ctx, open_tpm: TpmOpener) -> RenewalEngine:
     """The renewal engine of the current config, renewing through ``open_tpm``."""
     from tpmid.lifecycle.renew import RenewalEngine
-    from tpmid.wiring.est import EstClients
 
     rt = ctx.runtime()
+
+    def make_clients() -> EstClientFactory:
+        from tpmid.wiring.est import EstClients  # the HTTP stack, at the first renewal
+
+        return EstClients(rt.config, rt.secret)
+
     return RenewalEngine(config=rt.config, store=rt.store(), open_tpm=open_tpm,
-                         clients=EstClients(rt.config, rt.secret),
-                         hook_environment=rt.hook_environment({}))
+                         make_clients=make_clients, hook_environment=rt.hook_environment({}))
 
 
 def _recover(engine: RenewalEngine) -> None:

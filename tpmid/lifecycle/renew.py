@@ -155,7 +155,9 @@ class RenewalEngine:
     config: Config
     store: Store
     open_tpm: TpmOpener
-    clients: EstClientFactory
+    # Builds the EST client factory at the first renewal: an idle daemon never loads
+    # the HTTP stack (tpmid.wiring.est).
+    make_clients: Callable[[], EstClientFactory]
     now: Callable[[], datetime] = utcnow
     hook_runner: HookRunner = run_hook
     # The environment hooks run with (the composition root decides what goes in).
@@ -163,6 +165,14 @@ class RenewalEngine:
     # The daemon sets this: after a renewal, identities with renew.chain that
     # authenticate with it are renewed too (their failures are recorded, not raised).
     follow_chains: bool = False
+
+    _clients: EstClientFactory | None = field(default=None, init=False, repr=False)
+
+    def clients(self) -> EstClientFactory:
+        """The EST client factory, built on first use."""
+        if self._clients is None:
+            self._clients = self.make_clients()
+        return self._clients
 
     # ------------------------------------------------------------------ planning
 
@@ -191,7 +201,7 @@ class RenewalEngine:
         try:
             with self.open_tpm() as tpm:
                 result = enroll_identity(
-                    self.config, name, store=self.store, tpm=tpm, clients=self.clients,
+                    self.config, name, store=self.store, tpm=tpm, clients=self.clients(),
                     now=self.now, reenroll=reenroll, auth_with_current=self_auth,
                 )
         except EstRetryLater as e:
