@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
@@ -34,7 +34,13 @@ from cryptography.x509.oid import AttributeOID
 from tpmid.errors import EstProtocolError
 from tpmid.est import messages
 from tpmid.server import auth
-from tpmid.server.ca import CertificateAuthority, IssueLog, alg_of, generate_key
+from tpmid.server.ca import (
+    CertificateAuthority,
+    IssueLog,
+    alg_of,
+    create_root_ca,
+    generate_key,
+)
 from tpmid.server.config import (
     OPERATIONS,
     Faults,
@@ -72,6 +78,10 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
     label: str = "-"
     note: str = ""
+    # How the transport sends it (fault knobs): one byte every ``trickle`` seconds;
+    # ``reset``: half the body, then a TCP reset.
+    trickle: float = 0.0
+    reset: bool = False
 
     @classmethod
     def text(cls, status: int, message: str, **kw: Any) -> Response:
@@ -236,16 +246,18 @@ class EstApp:
             self._sleep(faults.delay)
         if faults.status is not None:
             r = Response.text(faults.status, f"fault injected: status {faults.status}")
-            if faults.retry_after is not None:
+            if faults.retry_after_header is not None:
+                r.headers.append(("Retry-After", faults.retry_after_header))
+            elif faults.retry_after is not None:
                 r.headers.append(("Retry-After", str(int(faults.retry_after))))
-            return r
+            return self._apply_transport_faults(r, faults)
         if operation == "cacerts":
             response = self._cacerts(label)
         elif operation == "csrattrs":
             response = self._csrattrs(label)
         else:
             response = self._enroll(req, label, operation, faults)
-        return self._apply_body_faults(response, faults)
+        return self._apply_transport_faults(self._apply_body_faults(response, faults), faults)
 
     def _faults_for(self, label: LabelConfig, operation: str) -> Faults:
         f = label.faults
@@ -258,6 +270,19 @@ class EstApp:
                     return Faults()
                 self._fault_hits[label.name] = hits + 1
         return f
+
+    @staticmethod
+    def _apply_transport_faults(response: Response, faults: Faults) -> Response:
+        if faults.oversize > len(response.body):
+            response.body += b" " * (faults.oversize - len(response.body))
+            response.note += f" [fault: padded to {faults.oversize} bytes]"
+        if faults.trickle:
+            response.trickle = faults.trickle
+            response.note += f" [fault: one byte every {faults.trickle:g} s]"
+        if faults.reset:
+            response.reset = True
+            response.note += " [fault: connection reset mid-answer]"
+        return response
 
     @staticmethod
     def _apply_body_faults(response: Response, faults: Faults) -> Response:
@@ -346,10 +371,19 @@ class EstApp:
                                             serialization.NoEncryption())
         if faults.wrong_key:
             public_key = generate_key(alg_of(ca.key)).public_key()
+        issuer, when = ca, None
+        if faults.foreign_issuer:
+            issuer = create_root_ca("foreign", "a CA nobody trusts", alg_of(ca.key), 86400,
+                                    path_length=None)
+            issuer.clock = ca.clock
+        if faults.expired:
+            when = ca.now() - timedelta(seconds=label.lifetime + 3600)
+        if faults.subject is not None:
+            subject = x509.Name.from_rfc4514_string(faults.subject)
         try:
-            cert = ca.issue(public_key=public_key,
-                            subject=subject, san=san, profile=label.profile,
-                            lifetime=label.lifetime)
+            cert = issuer.issue(public_key=public_key,
+                                subject=subject, san=san, profile=label.profile,
+                                lifetime=label.lifetime, now=when)
         except (ValueError, TypeError) as e:
             raise _reject(400, f"cannot issue a certificate for this CSR: {e}") from None
         self._record(label, operation, cert, verdict.principal)

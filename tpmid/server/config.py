@@ -94,14 +94,24 @@ AuthPolicy = SecretValueAuth | BasicAuthPolicy | ClientCertAuth | AnonymousAuth
 
 @dataclass(frozen=True)
 class Faults:
-    """Misbehaviours injected for client tests; all off by default."""
+    """Misbehaviours injected for client tests; all off by default.
+
+    The server still signs with its real CAs: only the injected defect is wrong.
+    """
 
     status: int | None = None  # answer with this HTTP status instead
     retry_after: float | None = None  # Retry-After sent with ``status``
+    retry_after_header: str | None = None  # ... or this raw header value
     malformed_body: bool = False  # a 200 whose body is not the promised structure
     wrong_content_type: bool = False  # a 200 with Content-Type text/plain
     delay: float = 0.0  # seconds to wait before answering
     wrong_key: bool = False  # issue the certificate for a fresh key, not the CSR's
+    trickle: float = 0.0  # send the answer one byte every this many seconds
+    reset: bool = False  # send half the answer, then reset the connection
+    oversize: int = 0  # pad the answer to this many bytes
+    foreign_issuer: bool = False  # sign with a throwaway CA nobody trusts
+    expired: bool = False  # issue a certificate whose validity has already ended
+    subject: str | None = None  # issue for this subject (RFC 4514), not the requested one
     operations: tuple[str, ...] = OPERATIONS  # which operations misbehave
     times: int = 0  # only the first N matching requests (0: all of them)
 
@@ -109,7 +119,9 @@ class Faults:
     def active(self) -> bool:
         """True if any fault is switched on."""
         return (self.status is not None or self.malformed_body or self.wrong_content_type
-                or self.delay > 0 or self.wrong_key)
+                or self.delay > 0 or self.wrong_key or self.trickle > 0 or self.reset
+                or self.oversize > 0 or self.foreign_issuer or self.expired
+                or self.subject is not None)
 
 
 @dataclass(frozen=True)
@@ -243,14 +255,27 @@ def _faults(r: MappingReader) -> Faults:
         ops = [ops]
     if not isinstance(ops, list) or not all(o in OPERATIONS for o in ops):
         raise r.err("operations", f"expected a list from {', '.join(OPERATIONS)}")
+    subject = r.string("subject")
+    if subject is not None:
+        try:
+            x509.Name.from_rfc4514_string(subject)
+        except ValueError as e:
+            raise r.err("subject", f"not an RFC 4514 name ({e})") from None
     f = Faults(
         status=status,
         retry_after=(parse_duration(retry_after, f"{r.source}: {r.path('retry_after')}")
                      if retry_after is not None else None),
+        retry_after_header=r.string("retry_after_header"),
         malformed_body=r.flag("malformed_body", False),
         wrong_content_type=r.flag("wrong_content_type", False),
         delay=r.duration("delay", 0),
         wrong_key=r.flag("wrong_key", False),
+        trickle=r.duration("trickle", 0),
+        reset=r.flag("reset", False),
+        oversize=r.whole("oversize", 0),
+        foreign_issuer=r.flag("foreign_issuer", False),
+        expired=r.flag("expired", False),
+        subject=subject,
         operations=tuple(ops),
         times=r.whole("times", 0),
     )

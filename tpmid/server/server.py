@@ -20,6 +20,7 @@ import logging
 import socket
 import socketserver
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -197,7 +198,29 @@ class _Handler(BaseHTTPRequestHandler):
                  resp.label, resp.status, _clean(client), version, _clean(resp.note))
         self.end_headers()
         if not head and resp.body:
+            self._write_body(resp)
+
+    def _write_body(self, resp: Any) -> None:
+        if resp.reset:
+            # Half the answer, then RST (SO_LINGER 0): a connection reset mid-response.
+            self.wfile.write(resp.body[:len(resp.body) // 2])
+            self.wfile.flush()
+            # Let the client read that half first: a reset discards unread data.
+            self._owner._stop.wait(0.2)
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.request.close()
+            return
+        if not resp.trickle:
             self.wfile.write(resp.body)
+            return
+        for i in range(len(resp.body)):
+            self.wfile.write(resp.body[i:i + 1])
+            self.wfile.flush()
+            if self._owner._stop.wait(resp.trickle):
+                self.close_connection = True
+                return
 
     def _send_simple(self, status: int, message: str, path: str, client: str) -> None:
         data = (message + "\n").encode()
