@@ -81,7 +81,10 @@ CASES = [
     Case("90d-50pct", 90 * DAY, 0, cfg("50%"), None, "renew-at", 45 * DAY, "50% of lifetime"),
     Case("30s-80pct-tiny-lifetime", 30, 0, cfg(), None, "renew-at", 24, "80% of lifetime"),
     Case("30s-80pct-at-25s-renews-now", 30, 25, cfg(), None, "renew-now", None, "80%"),
-    Case("0pct-renews-as-soon-as-valid", DAY, 0, cfg("0%"), None, "renew-now", None, "0%"),
+    # A threshold in the first half of the lifetime would renew right after every
+    # renewal (issue 10, finding 8): renewals wait for half the lifetime at least.
+    Case("0pct-threshold-waits-for-half-the-lifetime", DAY, 0, cfg("0%"), None,
+         "renew-at", 0.5 * DAY, "threshold 0% is more than half of the 1d lifetime"),
     Case("100pct-renews-at-notafter", DAY, HOUR, cfg("100%"), None, "renew-at", DAY, "100%"),
     # ---- threshold as a duration before expiry
     Case("1h-10min-before-expiry", HOUR, 0, cfg("10min"), None,
@@ -91,8 +94,8 @@ CASES = [
     Case("1d-12h-before-expiry", DAY, 0, cfg("12h"), None, "renew-at", 12 * HOUR, "12h"),
     Case("1y-30d-before-expiry", YEAR, 0, cfg("30d"), None, "renew-at", 335 * DAY, "30d"),
     Case("1h-90s-before-expiry", HOUR, 0, cfg("90s"), None, "renew-at", HOUR - 90, "1min30s"),
-    Case("duration-longer-than-lifetime-renews-as-soon-as-valid", HOUR, 0, cfg("4day"), None,
-         "renew-now", None, "4d before expiry"),
+    Case("duration-longer-than-lifetime-renews-at-half-the-lifetime", HOUR, 0, cfg("4day"),
+         None, "renew-at", 0.5 * HOUR, "threshold 4d before expiry is more than half"),
     # ---- retry after a failure
     Case("1y-failure-retries-4pct-later", YEAR, 300 * DAY, cfg(), failed(300 * DAY),
          "retry-at", 300 * DAY + 0.04 * YEAR, "retry 4% after failure"),
@@ -114,8 +117,10 @@ CASES = [
          failed(55 * MIN), "retry-at", HOUR - 180, "last attempt before expiry"),
     Case("last-chance-overdue-renews-now", YEAR, YEAR - 100, cfg(), failed(YEAR - DAY),
          "renew-now", None, "last attempt before expiry"),
-    Case("last-chance-already-taken-waits-for-retry-after-expiry", YEAR, YEAR - 200, cfg(),
-         failed(YEAR - 200), "retry-at", YEAR - 200 + 0.04 * YEAR, "retry 4% after failure"),
+    # Retries never step past expiry: after the last chance, the next attempt is the
+    # expired renewal (through the bootstrap identity), at expiry.
+    Case("last-chance-already-taken-retries-at-expiry", YEAR, YEAR - 200, cfg(),
+         failed(YEAR - 200), "retry-at", YEAR, "next attempt at expiry"),
     # ---- server Retry-After (RFC 7030 §4.2.3)
     Case("retry-after-larger-than-retry-is-honoured", HOUR, 50 * MIN, cfg(),
          failed(50 * MIN, retry_after=300), "retry-at", 55 * MIN, "server Retry-After 300s"),
@@ -128,7 +133,7 @@ CASES = [
          failed(HOUR - 400, retry_after=3600), "retry-at", HOUR - 180,
          "server Retry-After 3600s; last attempt before expiry"),
     Case("retry-after-zero-is-floored-to-1s", YEAR, 300 * DAY, cfg(),
-         failed(300 * DAY, retry_after=0), "retry-at", 300 * DAY + 1, "Retry-After 0s"),
+         failed(300 * DAY, retry_after=0), "retry-at", 300 * DAY + 1, "Retry-After 1s"),
     Case("pending-202-resends-at-retry-after-even-before-threshold", YEAR, 10 * DAY, cfg(),
          pending(10 * DAY, 60), "retry-at", 10 * DAY + 60, "server Retry-After 60s"),
     # ---- expired
@@ -238,7 +243,8 @@ def _random_policy(r: random.Random) -> tuple[float, RenewConfig]:
 def _threshold_offset(lifetime: float, policy: RenewConfig) -> float:
     t = policy.threshold
     off = t.fraction * lifetime if t.fraction is not None else lifetime - (t.seconds or 0)
-    return min(max(off, 0.0), lifetime)
+    # Never in the first half of the lifetime (MIN_LIFETIME_SHARE).
+    return min(max(off, 0.5 * lifetime), lifetime)
 
 
 @pytest.mark.parametrize("seed", range(0, 2000, 100), ids=lambda s: f"seeds-{s}-{s + 99}")

@@ -11,11 +11,14 @@ The schema is documented in ``docs/config.md``.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -25,6 +28,9 @@ DEFAULT_CONFIG_PATH = Path("/etc/tpmid/config.yaml")
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 DEFAULT_STORE_DIR = Path("/var/lib/tpmid")
 DEFAULT_IDEVID_HANDLE = 0x81020000
+DEFAULT_TPM_TIMEOUT_S = 120.0
+DEFAULT_LOCK_TIMEOUT_S = 300.0
+DEFAULT_EXCHANGE_DEADLINE_S = 120.0
 
 KeyKind = Literal["persistent", "ek-derived", "file"]
 Template = Literal["H-1", "H-2", "H-3"]
@@ -67,26 +73,45 @@ _UNITS = {
     "d": 86400, "day": 86400, "days": 86400,
     "w": 604800, "week": 604800, "weeks": 604800,
 }
-_AMOUNT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z%]*)\s*$", re.IGNORECASE)
+_AMOUNT_RE = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,9})?)\s*([a-z%]*)\s*$", re.IGNORECASE)
+
+MAX_CONFIG_BYTES = 1 << 20
+# No duration in a config means more than this (a century); beyond it is a typo.
+MAX_DURATION_S = 100 * 365 * 86400.0
+# Longest string value accepted anywhere in the config (paths, URLs, names).
+MAX_STRING = 4096
+# RFC 5280 Appendix A upper bounds: ub-common-name, ub-organization-name,
+# ub-organizational-unit-name, ub-serial-number.
+UB_NAME = 64
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut short: error messages never carry a megabyte of input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def parse_duration(value: object, where: str = "duration") -> float:
     """Parse ``90s``, ``10min``, ``12h``, ``4day``, ``30d`` (or a bare number of seconds)."""
     if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a duration such as '10min', got {value!r}")
+        raise ConfigError(f"{where}: expected a duration such as '10min', got {shown(value)}")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ConfigError(f"{where}: duration must not be negative")
+        if not math.isfinite(value) or not 0 <= value <= MAX_DURATION_S:
+            raise ConfigError(f"{where}: {shown(value)} is not a duration between 0 and "
+                              "100 years")
         return float(value)
     if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a duration such as '10min', got {value!r}")
+        raise ConfigError(f"{where}: expected a duration such as '10min', got {shown(value)}")
     m = _AMOUNT_RE.match(value)
     if not m or m.group(2) == "%" or (m.group(2) and m.group(2).lower() not in _UNITS):
         raise ConfigError(
-            f"{where}: {value!r} is not a duration; use a number with s, min, h, day or w "
-            "(for example '90s', '10min', '12h', '4day')"
+            f"{where}: {shown(value)} is not a duration; use a number with s, min, h, day or "
+            "w (for example '90s', '10min', '12h', '4day')"
         )
-    return float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
+    seconds = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
+    if seconds > MAX_DURATION_S:
+        raise ConfigError(f"{where}: {shown(value)} is longer than 100 years")
+    return seconds
 
 
 def parse_amount(value: object, where: str) -> Amount:
@@ -94,10 +119,10 @@ def parse_amount(value: object, where: str) -> Amount:
     if isinstance(value, str) and value.strip().endswith("%"):
         m = _AMOUNT_RE.match(value)
         if not m:
-            raise ConfigError(f"{where}: {value!r} is not a percentage such as '80%'")
+            raise ConfigError(f"{where}: {shown(value)} is not a percentage such as '80%'")
         pct = float(m.group(1))
         if not 0 <= pct <= 100:
-            raise ConfigError(f"{where}: {value!r} must be between 0% and 100%")
+            raise ConfigError(f"{where}: {shown(value)} must be between 0% and 100%")
         return Amount(fraction=pct / 100)
     return Amount(seconds=parse_duration(value, where))
 
@@ -143,6 +168,10 @@ class TpmConfig:
     auth: HierarchyAuth = field(default_factory=HierarchyAuth)
     # Host-wide lock serialising TPM use between tpmid processes (no resource manager).
     lock_file: Path | None = None
+    # A TPM that does not answer one command within this is given up on.
+    timeout: float = DEFAULT_TPM_TIMEOUT_S
+    # How long a command waits for the host-wide TPM lock held by another process.
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -213,6 +242,8 @@ class EstConfig:
     pop: bool = False  # RFC 7030 §3.5 tls-unique linking
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # One deadline per EST exchange: connect + TLS + request + the whole answer.
+    total_timeout: float = 120.0
     max_wait: float = 300.0  # total time to keep resending after 202 Accepted
     accept_rewritten_subject: bool = False
     # RFC 7030 §3.6.1: accept a server certificate that chains to the anchors and
@@ -236,6 +267,8 @@ class RenewConfig:
 @dataclass(frozen=True)
 class HooksConfig:
     after_renew: tuple[str, ...] = ()
+    # Variables of tpmid's environment a hook may see besides PATH and TPMID_*.
+    environment: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -265,11 +298,20 @@ class Config:
         except KeyError:
             known = ", ".join(sorted(self.identities)) or "none"
             raise ConfigError(
-                f"{self.source}: no identity named {name!r} (configured: {known})"
+                f"{self.source}: no identity named {shown(name)} (configured: {known})"
             ) from None
 
 
 # --------------------------------------------------------------------------- parsing
+
+
+def check_text(value: str, where: str, source: str, *, limit: int) -> None:
+    """ConfigError for a string tpmid cannot use: too long, or with control characters."""
+    if len(value) > limit:
+        raise ConfigError(f"{source}: {where}: {len(value)} characters is more than the "
+                          f"{limit} allowed")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ConfigError(f"{source}: {where}: {shown(value)} holds control characters")
 
 
 class MappingReader:
@@ -310,27 +352,33 @@ class MappingReader:
             return default
         v = self.data.pop(key)
         if not isinstance(v, str) or not v:
-            raise self.err(key, f"expected a non-empty string, got {v!r}")
+            raise self.err(key, f"expected a non-empty string, got {shown(v)}")
         if choices is not None and v not in choices:
-            raise self.err(key, f"{v!r} is not one of {', '.join(choices)}")
+            raise self.err(key, f"{shown(v)} is not one of {', '.join(choices)}")
+        check_text(v, self.path(key), self.source, limit=MAX_STRING)
         return v
 
     def flag(self, key: str, default: bool) -> bool:
         v = self.data.pop(key, default)
         if not isinstance(v, bool):
-            raise self.err(key, f"expected true or false, got {v!r}")
+            raise self.err(key, f"expected true or false, got {shown(v)}")
         return v
 
-    def number(self, key: str, default: float) -> float:
+    def number(self, key: str, default: float, *, minimum: float = 0.0,
+               maximum: float = MAX_DURATION_S) -> float:
         v = self.data.pop(key, default)
-        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-            raise self.err(key, f"expected a non-negative number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                or not minimum <= v <= maximum:
+            raise self.err(key, f"expected a number from {minimum:g} to {maximum:g}, "
+                                f"got {shown(v)}")
         return float(v)
 
-    def whole(self, key: str, default: int, *, minimum: int = 0) -> int:
+    def whole(self, key: str, default: int, *, minimum: int = 0,
+              maximum: int = 2**31 - 1) -> int:
         v = self.data.pop(key, default)
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise self.err(key, f"expected a whole number >= {minimum}, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= maximum:
+            raise self.err(key, f"expected a whole number from {minimum} to {maximum}, "
+                                f"got {shown(v)}")
         return v
 
     def duration(self, key: str, default: float | str) -> float:
@@ -345,14 +393,18 @@ class MappingReader:
             v = [v]
         if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
             raise self.err(key, "expected a list of file paths")
+        for p in v:
+            check_text(p, self.path(key), self.source, limit=MAX_STRING)
         return tuple(Path(p.removeprefix("file://")) for p in v)
 
-    def strings(self, key: str) -> tuple[str, ...]:
+    def strings(self, key: str, *, limit: int = MAX_STRING) -> tuple[str, ...]:
         v = self.data.pop(key, [])
         if isinstance(v, str):
             v = [v]
-        if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
+        if not isinstance(v, list) or len(v) > 64 or not all(isinstance(p, str) for p in v):
             raise self.err(key, "expected a list of strings")
+        for s in v:
+            check_text(s, self.path(key), self.source, limit=limit)
         return tuple(v)
 
     def sub(self, key: str) -> MappingReader:
@@ -361,7 +413,7 @@ class MappingReader:
 
     def done(self) -> None:
         if self.data:
-            names = ", ".join(sorted(str(k) for k in self.data))
+            names = ", ".join(sorted(str(k)[:40] for k in self.data))
             where = f" in {self.where}" if self.where else ""
             raise ConfigError(f"{self.source}: unknown key(s){where}: {names}", hint=self.hint)
 
@@ -387,9 +439,11 @@ def _handle(value: object, where: str, source: str) -> int:
         try:
             value = int(value, 0)
         except ValueError:
-            raise ConfigError(f"{source}: {where}: {value!r} is not a handle such as 0x81020000") from None
+            raise ConfigError(f"{source}: {where}: {shown(value)} is not a handle such as "
+                              "0x81020000") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{source}: {where}: expected a handle such as 0x81020000, got {value!r}")
+        raise ConfigError(f"{source}: {where}: expected a handle such as 0x81020000, "
+                          f"got {shown(value)}")
     # TPM 2.0 Part 2 §7.5: owner-hierarchy persistent range 0x81000000-0x817FFFFF.
     if not 0x81000000 <= value <= 0x81FFFFFF:
         raise ConfigError(
@@ -401,7 +455,7 @@ def _handle(value: object, where: str, source: str) -> int:
 def _choice(r: MappingReader, key: str, choices: tuple[str, ...], default: str) -> Any:
     v = r.string(key, default)
     if v not in choices:
-        raise r.err(key, f"{v!r} is not one of {', '.join(choices)}")
+        raise r.err(key, f"{shown(v)} is not one of {', '.join(choices)}")
     return v
 
 
@@ -416,10 +470,25 @@ def _key(r: MappingReader) -> KeyConfig:
     return KeyConfig(kind=kind, template=template, handle=handle, alg=alg)
 
 
+def _check_url(r: MappingReader, url: str) -> None:
+    """ConfigError unless ``url`` is an http(s) URL with a host and a port that exists."""
+    if not re.match(r"^https?://", url):
+        raise r.err("url", f"{shown(url)} must start with https://")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise r.err("url", f"{shown(url)} is not a usable URL ({e}; ports are 1 to 65535)"
+                    ) from None
+    if not parts.hostname:
+        raise r.err("url", f"{shown(url)} names no host")
+    if port is not None and not 1 <= port <= 65535:
+        raise r.err("url", f"{shown(url)}: port {port} does not exist (1 to 65535)")
+
+
 def _est(r: MappingReader) -> EstConfig:
     url = r.string("url", required=True)
-    if not re.match(r"^https?://", url):
-        raise r.err("url", f"{url!r} must start with https://")
+    _check_url(r, url)
     a = r.sub("auth")
     client = a.pop("client")
     client_name: str | None = None
@@ -444,8 +513,11 @@ def _est(r: MappingReader) -> EstConfig:
     h.data.clear()
     a.done()
     timeout = r.sub("timeout")
-    connect = timeout.number("connect", 10.0)
-    read = timeout.number("read", 60.0)
+    connect = timeout.number("connect", 10.0, minimum=0.1, maximum=3600)
+    read = timeout.number("read", 60.0, minimum=0.1, maximum=3600)
+    total = timeout.duration("total", DEFAULT_EXCHANGE_DEADLINE_S)
+    if not 1 <= total <= 86400:
+        raise timeout.err("total", "must be between 1 s and 1 day")
     timeout.done()
     est = EstConfig(
         url=url,
@@ -457,12 +529,13 @@ def _est(r: MappingReader) -> EstConfig:
         pop=r.flag("pop", False),
         connect_timeout=connect,
         read_timeout=read,
+        total_timeout=total,
         max_wait=r.duration("max_wait", 300),
         accept_rewritten_subject=r.flag("accept_rewritten_subject", False),
         accept_cmc_ra=r.flag("accept_cmc_ra", False),
     )
     if url.startswith("http://") and not est.allow_http:
-        raise r.err("url", f"{url!r} is plain HTTP; set allow_http: true if you really mean it")
+        raise r.err("url", f"{shown(url)} is plain HTTP; set allow_http: true if you really mean it")
     if est.pin is not None and not re.fullmatch(r"[0-9a-fA-F:]{64,95}", est.pin):
         raise r.err("pin", "expected a SHA-256 fingerprint (64 hex digits, colons allowed)")
     r.done()
@@ -485,23 +558,46 @@ def _renew(r: MappingReader) -> RenewConfig:
     return rc
 
 
+def _name_part(r: MappingReader, key: str, *, required: bool = False) -> str | None:
+    """A subject attribute: at most 64 characters (RFC 5280 Appendix A upper bounds)."""
+    value = r.string(key, required=required)
+    if value is not None and len(value) > UB_NAME:
+        raise r.err(key, f"{len(value)} characters; a certificate allows at most {UB_NAME} "
+                         "(RFC 5280 Appendix A)")
+    return value
+
+
 def _identity(name: str, r: MappingReader) -> IdentityConfig:
     key = _key(r.sub("key")) if "key" in r.data else None
     if key is None:
         raise r.err("key", "is required")
     s = r.sub("subject")
-    subject = SubjectConfig(cn=s.string("cn", required=True), o=s.string("o"), ou=s.string("ou"),
-                            serial_number=s.string("serial_number"))
+    cn = _name_part(s, "cn", required=True)
+    assert cn is not None
+    subject = SubjectConfig(cn=cn, o=_name_part(s, "o"),
+                            ou=_name_part(s, "ou"), serial_number=_name_part(s, "serial_number"))
     s.done()
     sr = r.sub("san")
-    san = SanConfig(dns=sr.strings("dns"), ip=sr.strings("ip"), uri=sr.strings("uri"),
+    san = SanConfig(dns=sr.strings("dns", limit=253), ip=sr.strings("ip"),
+                    uri=sr.strings("uri", limit=2048),
                     hardware_module_name=sr.flag("hardware_module_name", False))
+    for ip in san.ip:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise sr.err("ip", f"{shown(ip)} is not an IP address") from None
     sr.done()
     profile = _choice(r, "profile", ("device", "ca"), "device")
     est = _est(r.sub("est")) if "est" in r.data else None
     renew = _renew(r.sub("renew"))
     hr = r.sub("hooks")
-    hooks = HooksConfig(after_renew=hr.strings("after_renew"))
+    hooks = HooksConfig(after_renew=hr.strings("after_renew"),
+                        environment=hr.strings("environment", limit=128))
+    for var in hooks.environment:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+            raise hr.err("environment", f"{shown(var)} is not an environment variable name")
+    if hooks.after_renew and not hooks.after_renew[0]:
+        raise hr.err("after_renew", "the program (first item) is empty")
     hr.done()
     r.done()
     return IdentityConfig(name=name, key=key, subject=subject, san=san, profile=profile,
@@ -520,7 +616,11 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     ta.done()
     lock = t.string("lock_file")
     tpm = TpmConfig(tcti=t.string("tcti", DEFAULT_TCTI), auth=auth,
-                    lock_file=Path(lock) if lock else None)
+                    lock_file=Path(lock) if lock else None,
+                    timeout=t.duration("timeout", DEFAULT_TPM_TIMEOUT_S),
+                    lock_timeout=t.duration("lock_timeout", DEFAULT_LOCK_TIMEOUT_S))
+    if not 0.5 <= tpm.timeout <= 3600:
+        raise t.err("timeout", "must be between 0.5 s and 1 hour")
     t.done()
     s = top.sub("store")
     store = StoreConfig(dir=Path(s.string("dir", str(DEFAULT_STORE_DIR))))
@@ -532,8 +632,10 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     ids = top.sub("identities")
     identities: dict[str, IdentityConfig] = {}
     for name in list(ids.data):
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise ConfigError(f"{source}: identities: {name!r} is not a valid identity name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
+                                                         name):
+            raise ConfigError(f"{source}: identities: {shown(name)} is not a valid identity "
+                              "name (letters, digits, '_', '.', '-'; at most 64)")
         identities[name] = _identity(name, ids.sub(name))
     ids.done()
     top.done()
@@ -543,7 +645,7 @@ def parse_config(data: object, source: str = "<config>") -> Config:
             if other not in identities:
                 raise ConfigError(
                     f"{source}: identities.{ident.name}.est.auth.client: "
-                    f"no identity named {other!r}"
+                    f"no identity named {shown(other)}"
                 )
             if other == ident.name:
                 raise ConfigError(
@@ -561,15 +663,25 @@ def parse_config(data: object, source: str = "<config>") -> Config:
 def read_yaml_file(path: Path, what: str, missing_hint: str) -> Any:
     """The parsed YAML document at ``path``; ConfigError naming the file otherwise."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist", hint=missing_hint) from None
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} {path} is {len(raw)} bytes, more than a config file can "
+                          f"be ({MAX_CONFIG_BYTES})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start} is "
+                          f"{raw[e.start]:#04x}); is it the right file?") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config file") from None
 
 
 def load_config(path: Path) -> Config:

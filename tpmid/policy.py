@@ -38,6 +38,7 @@ Naive datetimes are taken as UTC (what ``cryptography``'s legacy accessors retur
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -59,6 +60,18 @@ CLOCK_SKEW = timedelta(minutes=5)
 # Floor for any retry interval, so a 0% / 0s retry or Retry-After: 0 can never
 # turn into a busy loop against the CA.
 MIN_RETRY_S = 1.0
+
+# A server's Retry-After is honoured up to this long; a larger (or absurd) value is
+# clamped, and before expiry the retry is moved to the last chance in any case.
+MAX_RETRY_AFTER_S = 86400.0
+
+# A regular renewal never comes before this share of the lifetime has passed: a
+# threshold longer than the lifetime (a CA that shortens lifetimes, a config written
+# for longer certificates) must not make the daemon renew right after every renewal.
+MIN_LIFETIME_SHARE = 0.5
+# ... nor sooner than this after the last successful renewal, whatever the lifetime
+# (a CA issuing certificates valid for a second).
+MIN_RENEWAL_GAP_S = 5.0
 
 # The last attempt before expiry happens this long before notAfter: 5 % of the
 # lifetime, at most 5 minutes (enough for one EST round trip on a slow link).
@@ -126,6 +139,11 @@ def _amount(a: Amount) -> str:
     return str(a) if a.fraction is not None else format_duration(a.seconds or 0.0)
 
 
+def _threshold_text(policy: RenewConfig) -> str:
+    t = policy.threshold
+    return f"threshold {_amount(t)}" + (" before expiry" if t.fraction is None else "")
+
+
 def _threshold_reason(policy: RenewConfig) -> str:
     t = policy.threshold
     if t.fraction is not None:
@@ -133,21 +151,46 @@ def _threshold_reason(policy: RenewConfig) -> str:
     return f"{_amount(t)} before expiry"
 
 
+def clamp_retry_after(seconds: float) -> float:
+    """A server's Retry-After as a delay tpmid honours: within [MIN_RETRY_S, MAX_RETRY_AFTER_S].
+
+    NaN, infinities and values beyond any integer (a hostile or broken server)
+    end up at one of the bounds; none can reach a ``timedelta`` unbounded.
+    """
+    if not math.isfinite(seconds):
+        return MAX_RETRY_AFTER_S if seconds > 0 else MIN_RETRY_S
+    return min(max(seconds, MIN_RETRY_S), MAX_RETRY_AFTER_S)
+
+
+def last_chance(not_before: datetime, not_after: datetime) -> datetime:
+    """When the last attempt before expiry happens (5 % of the lifetime, at most 5 min before)."""
+    lifetime_s = max((as_utc(not_after) - as_utc(not_before)).total_seconds(), 0.0)
+    return as_utc(not_after) - timedelta(
+        seconds=min(LAST_CHANCE_MAX_S, LAST_CHANCE_FRACTION * lifetime_s))
+
+
 def _retry_due(attempt: AttemptState, policy: RenewConfig, lifetime_s: float,
-               now: datetime) -> tuple[datetime, str]:
-    """When the next attempt after a failed or pending one is due, and why."""
+               now: datetime, *, expired: bool = False) -> tuple[datetime, str]:
+    """When the next attempt after a failed or pending one is due, and why.
+
+    Once the certificate has expired the next attempt goes through the bootstrap
+    identity, a new request: the old request's Retry-After no longer applies
+    beyond the ordinary retry interval.
+    """
     assert attempt.last_attempt is not None
     last = as_utc(attempt.last_attempt)
     if last > now + CLOCK_SKEW:
         # The clock went back past our own last attempt: its time tells us nothing.
         # One attempt now records a fresh last_attempt, so this cannot repeat.
         return now, "clock went back past the last attempt"
+    interval = max(policy.retry.of(lifetime_s), MIN_RETRY_S)
     if attempt.retry_after is not None:
-        delay = max(attempt.retry_after, MIN_RETRY_S)
-        return last + timedelta(seconds=delay), f"server Retry-After {attempt.retry_after:g}s"
-    delay = max(policy.retry.of(lifetime_s), MIN_RETRY_S)
+        delay = clamp_retry_after(attempt.retry_after)
+        if expired:
+            delay = min(delay, interval)
+        return last + timedelta(seconds=delay), f"server Retry-After {delay:g}s"
     after = "failure" if attempt.failures <= 1 else f"{attempt.failures} failures"
-    return last + timedelta(seconds=delay), f"retry {_amount(policy.retry)} after {after}"
+    return last + timedelta(seconds=interval), f"retry {_amount(policy.retry)} after {after}"
 
 
 # --------------------------------------------------------------------------- decide
@@ -181,46 +224,67 @@ def decide(
     lifetime_s = max((na - nb).total_seconds(), 0.0)
     retrying = attempt.retrying
 
-    # 2. Expired (or never valid): renew now, still spacing repeated failures.
+    # 2. Expired (or never valid): renew now, still spacing repeated attempts.
     if now >= na or lifetime_s <= 0:
         reason = "expired" if now >= na else "empty validity period"
         if retrying:
-            due, why = _retry_due(attempt, policy, lifetime_s, now)
+            due, why = _retry_due(attempt, policy, lifetime_s, now, expired=True)
             if due > now:
                 return Decision("retry-at", due, f"{reason}; {why}")
+        elif attempt.last_attempt is not None:
+            gap = as_utc(attempt.last_attempt) + timedelta(seconds=MIN_RENEWAL_GAP_S)
+            if gap > now:
+                return Decision("retry-at", gap, f"{reason}; renewed less than "
+                                f"{MIN_RENEWAL_GAP_S:g}s ago")
         return Decision("renew-now", now, reason)
 
     # 3. The regular schedule: threshold, moved earlier by jitter, clamped to the lifetime.
+    reason = _threshold_reason(policy)
     if policy.threshold.fraction is not None:
         threshold = nb + timedelta(seconds=policy.threshold.fraction * lifetime_s)
     else:
         threshold = na - timedelta(seconds=policy.threshold.seconds or 0.0)
-    threshold = min(max(threshold, nb), na)
+    earliest = nb + timedelta(seconds=MIN_LIFETIME_SHARE * lifetime_s)
+    if threshold < earliest:
+        threshold = earliest
+        reason = (f"{_threshold_text(policy)} is more than half of the "
+                  f"{format_duration(lifetime_s)} lifetime; renewing at "
+                  f"{MIN_LIFETIME_SHARE:.0%} of lifetime")
+    threshold = min(threshold, na)
     window = max(policy.jitter.of(lifetime_s), 0.0)
     jitter_s = -min(u * window, (threshold - nb).total_seconds())
     renew_at = threshold + timedelta(seconds=jitter_s)
     jitter_s = jitter_s or 0.0  # no "-0.0" in logs
-
+    if not retrying and attempt.last_attempt is not None:
+        gap = as_utc(attempt.last_attempt) + timedelta(seconds=MIN_RENEWAL_GAP_S)
+        if renew_at < gap:
+            renew_at, reason = gap, f"{reason}; renewed less than {MIN_RENEWAL_GAP_S:g}s ago"
     # 4. After a failed or pending attempt: the retry schedule, unless the regular
     #    one is later (a forced renewal that failed long before the threshold).
     if retrying:
         due, why = _retry_due(attempt, policy, lifetime_s, now)
         if attempt.retry_after is not None or due >= renew_at:
-            if due >= na:
-                last_chance = na - timedelta(
-                    seconds=min(LAST_CHANCE_MAX_S, LAST_CHANCE_FRACTION * lifetime_s))
-                assert attempt.last_attempt is not None
-                if as_utc(attempt.last_attempt) < last_chance:
-                    due, why = max(now, last_chance), f"{why}; last attempt before expiry"
-                # else: the last chance was taken; the next attempt is an expired renewal.
+            due, why = _before_expiry(due, why, attempt, nb, na, now)
             if due <= now:
                 return Decision("renew-now", now, why)
             return Decision("retry-at", due, why)
 
-    reason = _threshold_reason(policy)
     if renew_at <= now:
         return Decision("renew-now", now, reason, jitter_s)
     return Decision("renew-at", renew_at, reason, jitter_s)
+
+
+def _before_expiry(due: datetime, why: str, attempt: AttemptState, nb: datetime,
+                   na: datetime, now: datetime) -> tuple[datetime, str]:
+    """Retries never step past expiry (see the module docstring)."""
+    chance = last_chance(nb, na)
+    if due < chance:
+        return due, why
+    assert attempt.last_attempt is not None
+    if as_utc(attempt.last_attempt) < chance:
+        return max(now, chance), f"{why}; last attempt before expiry"
+    # The last chance was taken: the next attempt is an expired renewal, at expiry.
+    return min(due, na), f"{why}; next attempt at expiry"
 
 
 def jitter_rng(identity: str, serial: int, salt: bytes = b"") -> random.Random:

@@ -28,6 +28,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from tests.server_fixtures import RunningEstServer
 from tests.support.wiring import enroll
@@ -151,8 +152,6 @@ def assert_key_signs(f: Field, name: str, cur: StoredIdentity) -> None:
         sig = loaded.sign_digest(value)
     public = cur.cert.public_key()
     assert isinstance(public, ec.EllipticCurvePublicKey)
-    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-
     public.verify(sig, value, ec.ECDSA(Prehashed(h)))
     assert isinstance(cur.cert, x509.Certificate)
 

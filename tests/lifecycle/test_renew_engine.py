@@ -278,11 +278,12 @@ def test_config_reload_picks_up_a_changed_threshold(device: Device) -> None:
             "ldevid": {"key": {"kind": "file"}, "subject": {"cn": "my-device-id"},
                        "est": {"url": device.server.url("ldevid"),
                                "auth": {"client": "idevid"}},
-                       "renew": {"threshold": "30%", "jitter": "0%"}},
+                       "renew": {"threshold": "60%", "jitter": "0%"}},
         },
     }
     holder = [device.config]
-    d, wake = device.daemon(until=start + 0.45 * DAY, config_holder=holder)
+    # 60 %, not the default 80 % (and not below 50 %, the policy's floor).
+    d, wake = device.daemon(until=start + 0.65 * DAY, config_holder=holder)
 
     def change() -> None:
         holder[0] = parse_config(raw, "reloaded")
@@ -291,8 +292,8 @@ def test_config_reload_picks_up_a_changed_threshold(device: Device) -> None:
     wake.at(start + 0.1 * DAY, change)
     d.run()
     cur = Store(device.store_dir).current("ldevid")
-    assert cur is not None and int(cur.version) >= 2, "the new 30 % threshold was not applied"
-    assert abs((cur.not_before - start) / DAY - 0.3) < 0.01
+    assert cur is not None and int(cur.version) >= 2, "the new 60 % threshold was not applied"
+    assert abs((cur.not_before - start) / DAY - 0.6) < 0.01
 
 
 def test_daemon_renews_a_chained_edge_ca_right_after_each_ldevid_renewal(

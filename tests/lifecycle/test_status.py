@@ -136,23 +136,23 @@ def test_ldevid_state_follows_the_clock(enrolled: Device, base: str, offset: tim
         assert "waiting for a plausible clock" in ld.next_renewal_text()
 
 
-def test_a_twenty_second_certificate_becomes_renew_due_in_real_time(
+def test_a_six_second_certificate_becomes_renew_due_in_real_time(
     own_server_device: Device,
 ) -> None:
     dev = own_server_device
-    dev.server.configure("ldevid", lifetime="20s")
-    # Renew 19 s before expiry, i.e. one second after issue (minus up to 2 % jitter).
-    dev.edit(lambda d: d["identities"]["ldevid"].update(renew={"threshold": "19s"}))
+    dev.server.configure("ldevid", lifetime="6s")
+    # Renew 2 s before expiry, i.e. four seconds after issue (minus up to 2 % jitter).
+    dev.edit(lambda d: d["identities"]["ldevid"].update(renew={"threshold": "2s"}))
     dev.enroll("idevid")
     dev.enroll("ldevid")
     cur = dev.current("ldevid")
-    assert cur.not_after - cur.not_before == timedelta(seconds=20)
-    delay = (cur.not_before + timedelta(seconds=1.2) - datetime.now(UTC)).total_seconds()
+    assert cur.not_after - cur.not_before == timedelta(seconds=6)
+    delay = (cur.not_before + timedelta(seconds=4.2) - datetime.now(UTC)).total_seconds()
     time.sleep(max(0.0, delay))
     rc, out, _ = dev.cli("status", "ldevid")
     assert rc == 0
     assert "ldevid: renew-due" in out
-    assert "next renewal: now (19s before expiry)" in out
+    assert "next renewal: now (2s before expiry)" in out
 
 
 def test_status_shows_the_last_failed_attempt_and_schedules_the_retry(enrolled: Device) -> None:

@@ -24,6 +24,17 @@ _AUTH_NOTES = {
 }
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} does not exist (0 to 65535; 0 picks a "
+                                         "free one)")
+    return port
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``est-server init|run|hash-secret``."""
     p = sub.add_parser("est-server", help="reference CA and EST server for tests and demos",
@@ -44,7 +55,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; loopback only unless "
                    "--allow-remote)")
-    r.add_argument("--port", default=8443, type=int,
+    r.add_argument("--port", default=8443, type=_port,
                    help="TCP port (default 8443; 0 picks a free port and prints it)")
     r.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --host (this is a lab server)")

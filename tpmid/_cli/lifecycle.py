@@ -60,7 +60,7 @@ def _engine(ctx: Ctx, open_tpm: TpmOpener) -> RenewalEngine:
         return EstClients(rt.config, rt.secret)
 
     return RenewalEngine(config=rt.config, store=rt.store(), open_tpm=open_tpm,
-                         make_clients=make_clients, hook_environment=rt.hook_environment({}))
+                         make_clients=make_clients, hook_environment=rt.hook_environment)
 
 
 def _recover(engine: RenewalEngine) -> None:

@@ -54,6 +54,7 @@ from tpmid.errors import (
 )
 from tpmid.est import messages
 from tpmid.est.verify import check_pinned_root, spki_der, verify_server_certificate
+from tpmid.policy import MAX_RETRY_AFTER_S, clamp_retry_after
 from tpmid.tls.adapter import SSLContextAdapter
 from tpmid.tls.context import ClientTls
 
@@ -61,8 +62,13 @@ log = logging.getLogger(__name__)
 
 WELL_KNOWN = "/.well-known/est"
 OPERATIONS = ("cacerts", "csrattrs", "simpleenroll", "simplereenroll", "serverkeygen")
+ENROLL_OPERATIONS = ("simpleenroll", "simplereenroll", "serverkeygen")
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: a certs-only bag of a long chain is a few KiB
 DEFAULT_TIMEOUT = (10.0, 60.0)
+# A 202's Retry-After is honoured between this and policy.MAX_RETRY_AFTER_S: "0" or a
+# date in the past must not turn into a storm of mTLS handshakes (each one a TPM
+# signature), and an absurd value must not reach a timer.
+RESEND_FLOOR_S = 2.0
 # RFC 7030 §3.6.1: a server certificate with id-kp-cmcRA is an authorized EST server
 # even when its name does not match the URI.
 OID_KP_CMC_RA = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.28")
@@ -442,6 +448,9 @@ class EstClient:
             log.debug("EST %s %s -> %d %s content-type=%r %d bytes", method, url, resp.status,
                       resp.reason, resp.headers.get("content-type"), len(resp.body))
             if resp.status == 202:
+                if op not in ENROLL_OPERATIONS:
+                    # RFC 7030 §4.2.3: only an enrollment may be deferred.
+                    raise EstProtocolError(f"{url}: 202 Accepted is not an answer to {op}")
                 wait = self._retry_after(resp, op)
                 elapsed = (self._now() - started).total_seconds()
                 if elapsed + wait > self.max_wait:
@@ -470,9 +479,14 @@ class EstClient:
             )
         wait = messages.parse_retry_after(value, self._now())
         if wait is None:
-            raise EstProtocolError(f"{self._where(op)}: unusable Retry-After {value!r} (RFC 9110 "
-                                   "§10.2.3: delay-seconds or an HTTP-date)")
-        return max(0.0, float(wait))
+            raise EstProtocolError(f"{self._where(op)}: unusable Retry-After {value[:60]!r} "
+                                   "(RFC 9110 §10.2.3: delay-seconds or an HTTP-date)")
+        honoured = max(clamp_retry_after(wait), RESEND_FLOOR_S)
+        if honoured != wait:
+            log.warning("%s: the server asked to retry after %.40s; using %g s (tpmid waits "
+                        "between %g s and %g s)", self._where(op), value, honoured,
+                        RESEND_FLOOR_S, MAX_RETRY_AFTER_S)
+        return honoured
 
     def _check_status(self, resp: _Response, url: str, empty_ok: tuple[int, ...]) -> None:
         if resp.status == 200 or resp.status in empty_ok:

@@ -22,6 +22,7 @@ import email.message
 import email.parser
 import email.policy
 import email.utils
+import math
 import re
 import secrets
 from collections.abc import Sequence
@@ -361,8 +362,9 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
-        return float(int(text))
+    if text.isascii() and text.isdigit():
+        # delay-seconds is 1*DIGIT with no upper bound: beyond any float it is "forever".
+        return float(int(text)) if len(text) <= 15 else math.inf
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

@@ -39,7 +39,14 @@ from tpmid.clock import as_utc, utcnow
 from tpmid.config import Config, IdentityConfig
 from tpmid.errors import EstRetryLater, StoreError, TpmidError
 from tpmid.lifecycle.enroll import EnrollResult, EstClientFactory, enroll_identity
-from tpmid.policy import AttemptState, Decision, decide, jitter_rng
+from tpmid.policy import (
+    AttemptState,
+    Decision,
+    clamp_retry_after,
+    decide,
+    jitter_rng,
+    last_chance,
+)
 from tpmid.store import Store, StoredIdentity
 from tpmid.tpm.identity import identity_key
 
@@ -54,6 +61,7 @@ UNENROLLED_RETRY_S = 300.0
 HOOK_TIMEOUT_S = 120.0
 
 HookRunner = Callable[[Sequence[str], Mapping[str, str]], int]
+HookEnvironment = Callable[[IdentityConfig, Mapping[str, str]], dict[str, str]]
 
 
 def managed_identities(config: Config) -> list[str]:
@@ -84,35 +92,49 @@ def plan_renewal(config: Config, store: Store, name: str, now: datetime) -> Deci
     """
     ident = config.identity(name)
     attempt = store.load_state(name)
-    in_flight = _in_flight(store, name, now)
-    if in_flight is not None:
-        return in_flight
     current = store.current(name)
     if current is None:
-        return _plan_unenrolled(ident, attempt, now)
-    return decide(
-        not_before=current.not_before, not_after=current.not_after, now=now,
-        policy=ident.renew, attempt=attempt,
-        rng=jitter_rng(name, current.cert.serial_number),
-    )
+        regular = _plan_unenrolled(ident, attempt, now)
+    else:
+        regular = decide(
+            not_before=current.not_before, not_after=current.not_after, now=now,
+            policy=ident.renew, attempt=attempt,
+            rng=jitter_rng(name, current.cert.serial_number),
+        )
+    in_flight = _in_flight(store, name, now, current)
+    if in_flight is None:
+        return regular
+    if in_flight.action == "renew-now" and attempt.retrying and regular.action == "retry-at":
+        # The work in flight failed again a moment ago (server down?): resume it on the
+        # retry schedule, not in a loop.
+        return Decision("retry-at", regular.when, f"{in_flight.reason}; {regular.reason}")
+    return in_flight
 
 
-def _in_flight(store: Store, name: str, now: datetime) -> Decision | None:
+def _in_flight(store: Store, name: str, now: datetime,
+               current: StoredIdentity | None) -> Decision | None:
     """Work the journal kept (a CSR sent, or answered 202) is finished first.
 
-    RFC 7030 §4.2.3: after 202 the same request is resent after Retry-After. A
-    request whose answer was lost (crash, power loss) is resent at once: the
-    server may or may not have issued, and a second certificate for the same
-    key is harmless while a half-done rotation is not.
+    RFC 7030 §4.2.3: after 202 the same request is resent after Retry-After
+    (clamped, and never later than the last chance before the current
+    certificate expires). A request whose answer was lost (crash, power loss) is
+    resent at once: the server may or may not have issued, and a second
+    certificate for the same key is harmless while a half-done rotation is not.
     """
     entry = store.journal_get(name)
     if entry is None or not entry.csr_pem or entry.phase == "staged":
         return None
     if entry.phase == "pending" and entry.retry_after is not None and entry.updated:
-        when = as_utc(entry.updated) + timedelta(seconds=entry.retry_after)
+        delay = clamp_retry_after(entry.retry_after)
+        when = as_utc(entry.updated) + timedelta(seconds=delay)
+        reason = f"request pending at the server, Retry-After {delay:g}s"
+        if current is not None:
+            chance = last_chance(current.not_before, current.not_after)
+            if when > chance and as_utc(entry.updated) < chance:
+                when, reason = chance, f"{reason}; last attempt before expiry"
+            when = min(when, as_utc(current.not_after))
         if when > now:
-            return Decision("retry-at", when,
-                            f"request pending at the server, Retry-After {entry.retry_after:g}s")
+            return Decision("retry-at", when, reason)
     return Decision("renew-now", now,
                     f"resuming the {entry.method} interrupted in phase {entry.phase}")
 
@@ -122,8 +144,9 @@ def _plan_unenrolled(ident: IdentityConfig, attempt: AttemptState, now: datetime
         return Decision("renew-now", now, "not enrolled yet")
     last = as_utc(attempt.last_attempt)
     if attempt.retry_after is not None:
-        when = last + timedelta(seconds=attempt.retry_after)
-        reason = f"server Retry-After {attempt.retry_after:g}s"
+        delay = clamp_retry_after(attempt.retry_after)
+        when = last + timedelta(seconds=delay)
+        reason = f"server Retry-After {delay:g}s"
     else:
         r = ident.renew.retry
         delay = r.seconds if r.seconds is not None else UNENROLLED_RETRY_S
@@ -160,8 +183,9 @@ class RenewalEngine:
     make_clients: Callable[[], EstClientFactory]
     now: Callable[[], datetime] = utcnow
     hook_runner: HookRunner = run_hook
-    # The environment hooks run with (the composition root decides what goes in).
-    hook_environment: Mapping[str, str] = field(default_factory=dict)
+    # The environment a hook of an identity runs with, given the TPMID_* variables
+    # (the composition root decides what else goes in: never tpmid's secrets).
+    hook_environment: HookEnvironment = lambda ident, extra: dict(extra)
     # The daemon sets this: after a renewal, identities with renew.chain that
     # authenticate with it are renewed too (their failures are recorded, not raised).
     follow_chains: bool = False
@@ -311,7 +335,7 @@ class RenewalEngine:
             "TPMID_KEY": str(result.key_path or ""),
             "TPMID_VERSION": result.version,
         }
-        rc = self.hook_runner(argv, {**self.hook_environment, **env})
+        rc = self.hook_runner(argv, self.hook_environment(ident, env))
         if rc == 0:
             log.info("%s: hook %s ran", ident.name, argv[0])
         else:

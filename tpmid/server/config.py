@@ -18,7 +18,7 @@ from typing import Literal
 
 from cryptography import x509
 
-from tpmid.config import MappingReader, parse_duration, read_yaml_file
+from tpmid.config import MappingReader, parse_duration, read_yaml_file, shown
 from tpmid.errors import ConfigError
 from tpmid.est.messages import CsrAttr, der_oid
 
@@ -248,7 +248,7 @@ def _faults(r: MappingReader) -> Faults:
     status = r.pop("status")
     if status is not None and (isinstance(status, bool) or not isinstance(status, int)
                                or not 100 <= status <= 599):
-        raise r.err("status", f"expected an HTTP status code, got {status!r}")
+        raise r.err("status", f"expected an HTTP status code, got {shown(status)}")
     retry_after = r.pop("retry_after")
     ops = r.pop("operations", list(OPERATIONS))
     if isinstance(ops, str):
@@ -323,7 +323,7 @@ def parse_server_config(data: object, source: str = "<config>") -> ServerConfig:
     for name in list(lr.data):
         if not isinstance(name, str) or not _LABEL_RE.match(name) or name in OPERATIONS:
             raise ConfigError(
-                f"{source}: labels: {name!r} is not a usable label (letters, digits, '.', '_', "
+                f"{source}: labels: {shown(name)} is not a usable label (letters, digits, '.', '_', "
                 "'-'; not an operation name such as cacerts)"
             )
         labels[name] = _label(name, lr.sub(name))
@@ -332,14 +332,14 @@ def parse_server_config(data: object, source: str = "<config>") -> ServerConfig:
         raise ConfigError(f"{source}: labels: at least one label is required")
     default = top.string("default_label")
     if default is not None and default not in labels:
-        raise top.err("default_label", f"{default!r} is not one of the labels "
+        raise top.err("default_label", f"{shown(default)} is not one of the labels "
                       f"({', '.join(sorted(labels))})")
     t = top.sub("tls")
     tls_min = str(t.pop("min_version", "1.2"))
     tls_max = str(t.pop("max_version", "1.3"))
     for key, v in (("min_version", tls_min), ("max_version", tls_max)):
         if v not in TLS_VERSIONS:
-            raise t.err(key, f"{v!r} is not one of {', '.join(TLS_VERSIONS)}")
+            raise t.err(key, f"{shown(v)} is not one of {', '.join(TLS_VERSIONS)}")
     if tls_min > tls_max:
         raise t.err("min_version", "is above max_version")
     t.done()

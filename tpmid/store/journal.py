@@ -8,11 +8,15 @@ process left behind.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
+
+log = logging.getLogger(__name__)
 
 VERSION_RE = re.compile(r"[0-9]{4,}")
 
@@ -20,6 +24,26 @@ VERSION_RE = re.compile(r"[0-9]{4,}")
 def iso_or_none(t: datetime | None) -> str | None:
     """``t`` as ISO 8601 for a JSON file (None stays None)."""
     return t.isoformat() if t is not None else None
+
+
+# Longest delay a journal or state file may hold (a server's Retry-After is clamped
+# to a day before it is written; anything beyond is damage or tampering).
+MAX_STORED_DELAY_S = 7 * 86400.0
+
+
+def parse_delay(v: Any) -> float | None:
+    """A delay in seconds read from a JSON file: finite, not negative, bounded.
+
+    Anything else (``1e+29``, NaN, a string) reads as None, with a warning: a
+    value the code cannot handle must never get past the file.
+    """
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+            or not 0 <= v <= MAX_STORED_DELAY_S:
+        log.warning("ignoring an unusable delay %.40r in a state or journal file", v)
+        return None
+    return float(v)
 
 
 def parse_time(v: Any) -> datetime | None:
@@ -87,10 +111,13 @@ class JournalEntry:
         if not isinstance(extra, dict):
             raise ValueError("extra must be an object")
         ra = d.get("retry_after")
+        for key in ("key_ref", "csr_pem", "method", "previous_version"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise ValueError(f"{key} must be a string")
         return cls(
             operation=d["operation"], phase=d["phase"], version=version,
             key_ref=d.get("key_ref"), csr_pem=d.get("csr_pem"), method=d.get("method"),
-            retry_after=float(ra) if ra is not None else None,
+            retry_after=parse_delay(ra),
             previous_version=d.get("previous_version"),
             started=parse_time(d.get("started")), updated=parse_time(d.get("updated")),
             extra={str(k): str(v) for k, v in extra.items()},

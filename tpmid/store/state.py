@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 from tpmid.policy import AttemptState, Decision
 from tpmid.store.fsio import atomic_write
-from tpmid.store.journal import iso_or_none, parse_time
+from tpmid.store.journal import iso_or_none, parse_delay, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,16 @@ def attempt_from_json(d: Any) -> AttemptState:
     """Parse an attempt state; ValueError or TypeError for anything unexpected."""
     if not isinstance(d, dict):
         raise ValueError("attempt must be an object")
-    ra = d.get("retry_after")
+    failures = d.get("failures") or 0
+    if isinstance(failures, bool) or not isinstance(failures, int) or not 0 <= failures < 10**6:
+        raise ValueError(f"failures {failures!r} is not a count")
+    error = d.get("last_error")
+    if error is not None and not isinstance(error, str):
+        raise ValueError("last_error must be a string")
     return AttemptState(last_attempt=parse_time(d.get("last_attempt")),
-                        last_error=d.get("last_error"),
-                        retry_after=float(ra) if ra is not None else None,
-                        failures=int(d.get("failures") or 0))
+                        last_error=error[:1000] if error else error,
+                        retry_after=parse_delay(d.get("retry_after")),
+                        failures=failures)
 
 
 def decision_to_json(dec: Decision) -> dict[str, Any]:
@@ -50,8 +56,12 @@ def decision_from_json(d: Any) -> Decision:
     when = parse_time(d.get("when"))
     if when is None:
         raise ValueError("decision without time")
-    return Decision(action=d["action"], when=when, reason=str(d.get("reason", "")),
-                    jitter_s=float(d.get("jitter_s") or 0.0))
+    jitter = d.get("jitter_s") or 0.0
+    if isinstance(jitter, bool) or not isinstance(jitter, int | float) \
+            or not math.isfinite(jitter):
+        raise ValueError("jitter_s must be a number")
+    return Decision(action=d["action"], when=when, reason=str(d.get("reason", ""))[:1000],
+                    jitter_s=float(jitter))
 
 
 def read_state_file(path: Path, name: str) -> dict[str, Any]:

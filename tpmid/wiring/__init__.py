@@ -22,12 +22,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tpmid.config import Config, SecretRef
+from tpmid.config import Config, IdentityConfig, SecretRef
 from tpmid.secrets import resolve_secret
 from tpmid.store import TPM_LOCK_NAME, Store
 from tpmid.tpm.identity import IdentityKey, identity_key
 
 SecretResolver = Callable[[SecretRef], str]
+
+# What hooks inherit from tpmid's environment besides what hooks.environment lists:
+# enough to find programs and format text, nothing that could hold a secret.
+HOOK_BASE_VARIABLES = ("PATH", "LANG", "LC_ALL", "TZ")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 
@@ -87,6 +92,17 @@ class Runtime:
                 values[name] = self.secret(ref).encode("utf-8")
         return values
 
-    def hook_environment(self, extra: Mapping[str, str]) -> dict[str, str]:
-        """The environment a hook runs with: tpmid's own plus ``extra`` (``TPMID_*``)."""
-        return {**self.environ, **extra}
+    def hook_environment(self, ident: IdentityConfig, extra: Mapping[str, str]
+                         ) -> dict[str, str]:
+        """The environment a hook of ``ident`` runs with.
+
+        Never tpmid's whole environment: it may hold EST secrets (``{env: ...}``)
+        and hierarchy passwords. A hook gets :data:`HOOK_BASE_VARIABLES`, the
+        names the identity lists in ``hooks.environment``, and ``extra``
+        (``TPMID_IDENTITY``, ``TPMID_CERT``, ...).
+        """
+        names = (*HOOK_BASE_VARIABLES, *ident.hooks.environment)
+        env = {k: self.environ[k] for k in names if k in self.environ}
+        env.setdefault("PATH", DEFAULT_PATH)
+        env.update(extra)
+        return env
