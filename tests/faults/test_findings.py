@@ -213,7 +213,6 @@ def test_a_hung_tpm_fails_a_command_after_the_tpm_timeout(field: Field) -> None:
 # ---------------------------------------------------------------- 4. lost current link
 
 
-@NOT_YET
 def test_a_lost_current_link_is_restored_to_the_newest_complete_version(field: Field) -> None:
     field.edit(lambda d: d["identities"]["ldevid"].update(renew={"grace": "1day"}))
     assert field.cli("renew", "ldevid", "--force")[0] == 0
@@ -239,7 +238,6 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-@NOT_YET
 def test_a_truncated_current_certificate_falls_back_to_the_newest_intact_version(
         field: Field) -> None:
     field.edit(lambda d: d["identities"]["ldevid"].update(renew={"grace": "1day"}))
@@ -260,7 +258,6 @@ def test_a_truncated_current_certificate_falls_back_to_the_newest_intact_version
     assert field.current("ldevid").version == "0003"
 
 
-@NOT_YET
 def test_a_damaged_current_version_without_an_intact_one_renews_through_the_idevid(
         field: Field) -> None:
     _truncate(field.store_dir / "certs" / "ldevid" / "0001" / "cert.pem")

@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "status", help="per-identity certificate, renewal and key status (no TPM needed)",
         description="Show each identity's state (ok, renew-due, expired, missing, "
-        "not-yet-valid), certificate, next renewal, key placement, last attempt and work in "
-        "flight. Reads the store only: works while the daemon holds the TPM.")
+        "not-yet-valid, damaged), certificate, next renewal, key placement, last attempt and "
+        "work in flight. Reads the store only: works while the daemon holds the TPM. Exits 1 "
+        "when an identity's current version is damaged.")
     p.add_argument("names", nargs="*", metavar="NAME", help="only these identities")
     add_json_flag(p)
     p.set_defaults(func=cmd_status)
@@ -104,7 +105,7 @@ def _status_block(s: IdentityStatus, now: datetime) -> str:
                                   f"{extra}{since}"))
     if s.problem:
         rows.append(("problem", s.problem))
-    if s.hint and (s.problem or s.state == "missing"):
+    if s.hint and (s.problem or s.state in ("missing", "damaged")):
         rows.append(("hint", s.hint))
     width = max(len(k) for k, _ in rows) + 1
     lines = [f"{s.name}: {s.state}"]
@@ -129,7 +130,7 @@ def cmd_status(ctx: Ctx) -> int:
         return "\n\n".join(_status_block(r, now) for r in records)
 
     ctx.emit(data, human)
-    return 0
+    return EXIT_FAILED_CHECK if any(r.state == "damaged" for r in records) else 0
 
 
 # --------------------------------------------------------------------------- check

@@ -47,7 +47,7 @@ from tpmid.policy import (
     jitter_rng,
     last_chance,
 )
-from tpmid.store import Store, StoredIdentity
+from tpmid.store import Store, StoredIdentity, recover
 from tpmid.tpm.identity import identity_key
 
 if TYPE_CHECKING:
@@ -92,7 +92,13 @@ def plan_renewal(config: Config, store: Store, name: str, now: datetime) -> Deci
     """
     ident = config.identity(name)
     attempt = store.load_state(name)
-    current = store.current(name)
+    try:
+        current = store.current(name)
+    except StoreError as e:
+        # Damaged (recovery repairs it at the start of the renewal), spaced by the
+        # retry schedule in case the repair itself keeps failing.
+        d = _plan_unenrolled(ident, attempt, now)
+        return Decision(d.action, d.when, f"the current version is damaged: {e.message}")
     if current is None:
         regular = _plan_unenrolled(ident, attempt, now)
     else:
@@ -204,8 +210,24 @@ class RenewalEngine:
         return managed_identities(self.config)
 
     def plan(self, name: str, now: datetime) -> Decision:
-        """The next event for ``name`` (see :func:`plan_renewal`)."""
+        """The next event for ``name`` (see :func:`plan_renewal`), after repairing damage."""
+        self.repair(name)
         return plan_renewal(self.config, self.store, name, now)
+
+    def repair(self, name: str) -> None:
+        """Run recovery for ``name`` if its current version is damaged or its link lost.
+
+        Recovery falls back to the newest intact version (or removes the link so
+        the renewal enrolls again); see :func:`tpmid.store.recover`. Cheap when
+        nothing is wrong: one read of the current version.
+        """
+        try:
+            damaged = self.store.current(name) is None and bool(self.store.versions(name))
+        except StoreError:
+            damaged = True
+        if damaged:
+            for action in recover(self.store, names=[name]):
+                log.warning("%s", action)
 
     # ------------------------------------------------------------------ renewing
 
@@ -216,6 +238,7 @@ class RenewalEngine:
         carries on; ``tpmid renew`` reports it).
         """
         ident = self.config.identity(name)
+        self.repair(name)
         current = self.store.current(name)
         reenroll, self_auth, why = self._method(ident, current, now)
         attempt = self.store.load_state(name)

@@ -8,6 +8,10 @@ resource manager) and on a read-only root file system.
 
 The state of an identity, in order of precedence:
 
+``damaged``        the current version cannot be read (certificate or key file truncated
+                   or missing, or the current link lost while versions exist); the next
+                   ``tpmid renew`` or the daemon falls back to the newest intact version
+                   or enrolls again (``tpmid status`` exits 1)
 ``missing``        no current certificate in the store (never enrolled, or reset)
 ``not-yet-valid``  now < notBefore (RFC 5280 §4.1.2.5)
 ``expired``        now > notAfter
@@ -38,8 +42,8 @@ from tpmid.tpm.identity import identity_key
 
 log = logging.getLogger(__name__)
 
-State = Literal["ok", "renew-due", "expired", "missing", "not-yet-valid"]
-STATES: tuple[str, ...] = ("ok", "renew-due", "expired", "missing", "not-yet-valid")
+State = Literal["ok", "renew-due", "expired", "missing", "not-yet-valid", "damaged"]
+STATES: tuple[str, ...] = ("ok", "renew-due", "expired", "missing", "not-yet-valid", "damaged")
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -183,11 +187,15 @@ def identity_status(config: Config, store: Store | None, name: str, now: datetim
     except StoreError as e:
         problems.append(e.message)
         hint = e.hint
+    damage = store.load_damage(name)
+    if damage is not None:
+        problems.append(_damage_text(damage))
     try:
         cert = store.current(name)
     except StoreError as e:
-        return IdentityStatus(state="missing", problem="; ".join([*problems, e.message]),
-                              hint=e.hint or hint, **base)
+        return _damaged(store, name, [*problems, e.message], base)
+    if cert is None and store.versions(name):
+        return _damaged(store, name, [*problems, "the current link is missing"], base)
     decision: Decision | None = None
     if name in managed:
         try:
@@ -221,6 +229,27 @@ def identity_status(config: Config, store: Store | None, name: str, now: datetim
         hint=hint,
         **base,
     )
+
+
+def _damage_text(d: dict[str, str | None]) -> str:
+    fell = (f"version {d['fell_back_to']} is current instead" if d.get("fell_back_to")
+            else "no intact version was left: enrolling again")
+    return (f"version {d.get('version')} was found damaged at {d.get('at')} "
+            f"({d.get('problem')}); {fell} (check the disk)")
+
+
+def _damaged(store: Store, name: str, problems: list[str],
+             base: dict[str, Any]) -> IdentityStatus:
+    """An identity whose current version cannot be used (see the module docstring)."""
+    try:
+        fallback = store.newest_intact(name)
+    except StoreError:
+        fallback = None
+    then = (f"version {fallback}, the newest intact one, becomes current" if fallback
+            else "no intact version is left: it enrolls again through its bootstrap identity")
+    return IdentityStatus(
+        state="damaged", problem="; ".join(problems),
+        hint=f"tpmid renew {name} (or the daemon) repairs it: {then}", **base)
 
 
 def collect_status(config: Config, store: Store | None, *, now: datetime,

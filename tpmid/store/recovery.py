@@ -11,11 +11,12 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from tpmid.clock import utcnow
 from tpmid.errors import StoreError, TpmidError
 from tpmid.store.fsio import TMP_PREFIX, fsync_dir, remove_tree
 from tpmid.store.journal import JournalEntry
@@ -39,13 +40,15 @@ class RecoveryAction:
         return f"{self.name}: {self.detail}"
 
 
-def recover(store: Store, *, release_key_ref: ReleaseKeyRef | None = None) -> list[RecoveryAction]:
+def recover(store: Store, *, release_key_ref: ReleaseKeyRef | None = None,
+            names: Sequence[str] | None = None) -> list[RecoveryAction]:
     """Resume or roll back each identity's journal in ``store``, then remove leftovers.
 
     ``release_key_ref(name, key_ref)`` releases a TPM object that a rolled-back
-    journal entry created and that is not a file.
+    journal entry created and that is not a file. ``names`` limits the work to
+    those identities (the renewal engine recovers one before renewing it).
     """
-    return _Recovery(store).run(release_key_ref=release_key_ref)
+    return _Recovery(store).run(release_key_ref=release_key_ref, names=names)
 
 
 class _Recovery:
@@ -71,6 +74,7 @@ class _Recovery:
 
     def run(
         self, *, release_key_ref: ReleaseKeyRef | None = None,
+        names: Sequence[str] | None = None,
     ) -> list[RecoveryAction]:
         """Resume or roll back each identity's journal, then remove leftovers.
 
@@ -85,12 +89,17 @@ class _Recovery:
           the next start-up), the staged key file is deleted, the journal cleared;
         * ``submitted``/``pending``/``issued`` entries are kept for resumption
           (resend the same CSR, RFC 7030 §4.2.3);
-        * then temporary files, version directories that never became current,
-          versions older than the retention and key files no version or journal
-          refers to are removed. The current version is never touched.
+        * a ``current`` link that is lost, or names a damaged version (a
+          certificate or key file truncated or missing), is pointed at the newest
+          intact version and a damage note is left for ``tpmid status``; with no
+          intact version the link is removed, so the next renewal enrolls again
+          through the bootstrap identity. Nothing is deleted for that;
+        * then temporary files, versions older than the retention and key files
+          no version or journal refers to are removed. A version newer than the
+          current one is never deleted: it may be the one intact copy.
         """
         actions: list[RecoveryAction] = []
-        for name in self._names():
+        for name in (self._names() if names is None else list(names)):
             fd = self._try_lock(name)
             if fd is None:
                 actions.append(RecoveryAction(name, "skipped",
@@ -136,12 +145,9 @@ class _Recovery:
         if tmps:
             act("removed", f"removed {len(tmps)} temporary file(s) of an interrupted write")
 
-        # 2. The current version must be intact before anything else is judged.
-        current = self.store._current_version(name)
-        if current is not None and not (cdir / current).is_dir():
-            act("error", f"current points at missing version {current}; not touching anything "
-                         f"(tpmid reset {name} and enroll again)")
-            return
+        # 2. The current pointer must name an intact version: a lost or damaged one is
+        #    re-pointed at the newest intact version. Nothing is deleted for that.
+        current = self._settle_current(name, act)
 
         # 3. The journal, then 4. leftovers nothing refers to.
         keep: set[str] = set()
@@ -154,6 +160,52 @@ class _Recovery:
         if entry is not None:
             current = self._settle_journal(name, entry, current, release, keep, act)
         self._cleanup(name, current, keep, act)
+
+    def _has_journal(self, name: str) -> bool:
+        try:
+            return self.store.journal_get(name) is not None
+        except StoreError:
+            return True  # unreadable: step 3 discards it
+
+    def _settle_current(self, name: str,
+                        act: Callable[[Literal["completed", "error"], str], None]) -> str | None:
+        """The current version after making sure it is intact (see :func:`recover`)."""
+        store = self.store
+        problem: str | None
+        try:
+            current = store._current_version(name)
+        except StoreError as e:
+            current, problem = None, e.message
+        else:
+            if current is None:
+                problem = "the current link is missing"
+            else:
+                problem = store.version_problem(name, current)
+                if problem is None:
+                    return current
+        if not store.versions(name):
+            return None  # never enrolled: nothing to point at
+        fallback = store.newest_intact(name, exclude=current)
+        link = store._cert_dir(name) / "current"
+        if fallback is not None:
+            store._swap_current(name, fallback)
+            if current is not None:
+                store.note_damage(name, current, problem or "damaged", fallback, utcnow())
+            act("completed", f"{problem}; version {fallback}, the newest intact one, is "
+                             "current now")
+            return fallback
+        if current is None and problem == "the current link is missing" and \
+                self._has_journal(name):
+            return None  # a first enrollment interrupted before its commit: the journal settles it
+        if os.path.lexists(link):
+            # Nothing intact to fall back to: no current version, so the next renewal
+            # enrolls again through the bootstrap identity. The damaged version stays.
+            os.unlink(link)
+            fsync_dir(link.parent)
+        store.note_damage(name, current or "current", problem or "damaged", None, utcnow())
+        act("error", f"{problem}; no intact version to fall back to: the next renewal "
+                     "enrolls through the bootstrap identity")
+        return None
 
     def _settle_journal(
         self, name: str, entry: JournalEntry, current: str | None,
@@ -215,17 +267,23 @@ class _Recovery:
 
     def _cleanup(self, name: str, current: str | None, keep: set[str],
                  act: Callable[[Literal["removed"], str], None]) -> None:
-        committed = self.store.versions(name)
-        older = [v for v in committed if current is not None and int(v) < int(current)]
-        retained = set(older[max(0, len(older) - self.store.retention):] if self.store.retention else [])
-        for v in committed:
-            if v == current or v in keep:
-                continue
-            if v in older and v in retained:
+        """Remove what no version refers to; of the versions, only those beyond the retention.
+
+        A version newer than the current one was written complete by a commit (or
+        is a damaged one recovery fell back from): it is kept, never deleted.
+        """
+        if current is None:
+            committed: list[str] = []
+        else:
+            committed = self.store.versions(name)
+        older = [v for v in committed if int(v) < int(current or 0)]
+        retention = self.store.retention
+        beyond = older[:len(older) - retention] if len(older) > retention else []
+        for v in beyond:
+            if v in keep:
                 continue
             self.store._remove_version(name, v)
-            act("removed", f"removed version {v} " + (
-                "(beyond the retention)" if v in older else "(never became current)"))
+            act("removed", f"removed version {v} (beyond the retention)")
         alive = set(self.store.versions(name)) | keep
         for v in self.store._key_versions(name):
             if v not in alive:

@@ -104,8 +104,20 @@ def load_decision(path: Path, name: str) -> Decision | None:
         return None
 
 
-def update(path: Path, name: str, key: str, value: dict[str, Any]) -> None:
-    """Replace one part (``attempt`` or ``decision``) of the state file, keeping the other."""
+def load_damage(path: Path, name: str) -> dict[str, str | None] | None:
+    """The damage note in ``path`` (strings only), None if none or unreadable."""
+    d = read_state_file(path, name).get("damage")
+    if not isinstance(d, dict):
+        return None
+    return {k: (str(v)[:500] if v is not None else None)
+            for k, v in d.items() if k in ("version", "problem", "fell_back_to", "at")}
+
+
+def update(path: Path, name: str, key: str, value: dict[str, Any] | None) -> None:
+    """Replace one part (``attempt``, ``decision``, ``damage``) of the state file; None drops it."""
     d = read_state_file(path, name)
-    d[key] = value
+    if value is None:
+        d.pop(key, None)
+    else:
+        d[key] = value
     write_state_file(path, d)

@@ -85,6 +85,14 @@ class StoredIdentity:
 
 
 
+def _key_file_present(path: Path) -> bool:
+    """The key file is there and not empty (its content is the TPM's to judge)."""
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
 class Store:
     """The on-disk home of every identity's certificates, key files, journal and state.
 
@@ -253,29 +261,70 @@ class Store:
     def _load_version(self, name: str, version: str) -> StoredIdentity:
         vdir = self._cert_dir(name) / version
         cert_path, chain_path = vdir / "cert.pem", vdir / "chain.pem"
+        hint = (f"tpmid renew {name} (or the daemon) falls back to an intact version, or "
+                "enrolls again through the bootstrap identity")
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             chain_pem = chain_path.read_bytes()
         except FileNotFoundError as e:
-            raise StoreError(f"{name} version {version} is incomplete: {e.filename} is missing",
-                             hint=f"tpmid reset {name} and enroll again") from e
+            raise StoreError(f"{name} version {version} is damaged: {e.filename} is missing",
+                             hint=hint) from e
         except OSError as e:
             raise StoreError(f"cannot read {name} version {version}: {e.strerror}") from e
         except ValueError as e:
-            raise StoreError(f"{cert_path} is not a PEM certificate",
-                             hint=f"tpmid reset {name} and enroll again") from e
+            raise StoreError(f"{name} version {version} is damaged: {cert_path} is not a PEM "
+                             "certificate (truncated?)", hint=hint) from e
         try:
             chain = tuple(x509.load_pem_x509_certificates(chain_pem)) if chain_pem.strip() else ()
         except ValueError as e:
-            raise StoreError(f"{chain_path} is not a PEM certificate chain") from e
+            raise StoreError(f"{name} version {version} is damaged: {chain_path} is not a PEM "
+                             "certificate chain", hint=hint) from e
         key_file: Path | None = None
+        expected = self._key_dir(name) / f"{version}{KEY_SUFFIX}"
         if os.path.lexists(vdir / "key.tss2.pem"):
-            key_file = self._key_dir(name) / f"{version}{KEY_SUFFIX}"
-            if not key_file.is_file():
-                raise StoreError(f"the key file of {name} version {version} ({key_file}) "
-                                 "is missing", hint=f"tpmid reset {name} and enroll again")
+            key_file = expected
+            if not _key_file_present(key_file):
+                raise StoreError(f"{name} version {version} is damaged: its key file "
+                                 f"{key_file} is missing or empty", hint=hint)
         return StoredIdentity(name=name, version=version, cert=cert, chain=chain,
                               key_file=key_file, cert_path=cert_path, chain_path=chain_path)
+
+    def version_problem(self, name: str, version: str) -> str | None:
+        """Why ``version`` of ``name`` cannot be used (damaged, incomplete), or None if intact."""
+        self._check_name(name)
+        if not (self._cert_dir(name) / version).is_dir():
+            return f"version {version} does not exist"
+        try:
+            self._load_version(name, version)
+        except StoreError as e:
+            return e.message
+        return None
+
+    def newest_intact(self, name: str, *, exclude: str | None = None) -> str | None:
+        """The newest version of ``name`` that is complete and whose key file is there."""
+        for v in reversed(self.versions(name)):
+            if v != exclude and self.version_problem(name, v) is None:
+                return v
+        return None
+
+    # ----------------------------------------------------------------- damage notes
+
+    def note_damage(self, name: str, version: str, problem: str,
+                    fell_back_to: str | None, at: datetime) -> None:
+        """Record that ``version`` was found damaged and what recovery did about it.
+
+        ``tpmid status`` reports it (with a non-zero exit) until the next commit.
+        """
+        self._check_name(name)
+        self._dir("state")
+        state_files.update(self._state_path(name), name, "damage", {
+            "version": version, "problem": problem[:500], "fell_back_to": fell_back_to,
+            "at": at.isoformat()})
+
+    def load_damage(self, name: str) -> dict[str, str | None] | None:
+        """The damage note of ``name`` (see :meth:`note_damage`), if any."""
+        self._check_name(name)
+        return state_files.load_damage(self._state_path(name), name)
 
     def stage_key(self, name: str, key_pem: bytes) -> Path:
         """Write a new TSS2 key file durably, as a version that is not yet current.
@@ -367,6 +416,8 @@ class Store:
         mark_step("commit:current-swapped", cdir / "current")
         self.journal_clear(name)
         mark_step("commit:journal-cleared", self._journal_path(name))
+        if self.load_damage(name) is not None:
+            state_files.update(self._state_path(name), name, "damage", None)
         self._prune(name)
         log.info("%s: committed version %s (serial %x)", name, version, cert.serial_number)
         return self._load_version(name, version)
