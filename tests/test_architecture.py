@@ -25,7 +25,7 @@ PACKAGE = ROOT / "tpmid"
 
 # Lowest first. A module may import from its own layer and the layers below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("model", ("tpmid", "tpmid.errors", "tpmid.clock", "tpmid.config", "tpmid.policy",
+    ("model", ("tpmid", "tpmid.errors", "tpmid.cancel", "tpmid.clock", "tpmid.config", "tpmid.policy",
                "tpmid.render", "tpmid.der", "tpmid.csr")),
     ("disk and environment", ("tpmid.secrets", "tpmid.certfiles", "tpmid.store",
                               "tpmid.manifest")),

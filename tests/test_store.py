@@ -41,8 +41,10 @@ from tpmid.store import (
     atomic_write,
     check_private_path,
     fsio,
+    host_tpm_lock,
     recover,
 )
+from tpmid.store.locks import lock_holder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -618,6 +620,37 @@ def test_identity_lock_held_by_another_process_is_reported_with_its_pid(
     assert time.monotonic() - t0 >= 0.3
     with store.identity_lock("edgeca", wait=False):  # other identities are not blocked
         pass
+
+
+def test_a_wait_for_the_tpm_lock_is_announced_once_and_bounded(
+    root: Path, holder: Callable[[str], subprocess.Popen[str]],
+) -> None:
+    p = holder("tpm")
+    notes: list[str] = []
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match=rf"in use by another tpmid process \(pid {p.pid}\); "
+                                         r"waited for 1.5 s \(tpm.lock_timeout\)") as e:
+        with host_tpm_lock(root / "locks" / "_tpm.lock", timeout=1.5, waiting=notes.append):
+            pass
+    assert 1.5 <= time.monotonic() - t0 < 5
+    assert notes == [f"pid {p.pid}"]  # once, after a second; not a tpmid command line
+    assert "tpm.lock_timeout" in (e.value.hint or "")
+
+
+def test_the_lock_holder_is_named_by_its_tpmid_command(root: Path, tmp_path: Path) -> None:
+    lock = root / "locks" / "_tpm.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    # A process whose command line is a tpmid invocation (it only sleeps).
+    fake = tmp_path / "tpmid"
+    fake.write_text("import time\ntime.sleep(30)\n")
+    p = subprocess.Popen([sys.executable, str(fake), "--config", "/etc/tpmid/config.yaml",
+                          "renew", "ldevid", "--force"])
+    try:
+        lock.write_text(f"{p.pid}\n")
+        assert lock_holder(lock) == f"pid {p.pid}: tpmid renew ldevid"
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_identity_lock_waits_until_the_other_process_is_done(

@@ -17,7 +17,8 @@ from tpmid.clock import utcnow
 from tpmid.config import Config, SecretRef
 from tpmid.lifecycle.enroll import EnrollResult, enroll_identity
 from tpmid.store import Store
-from tpmid.tpm.connection import TpmConnection
+from tpmid.tpm.connection import TpmConnection, already_open
+from tpmid.tpm.lease import TpmLease
 from tpmid.wiring import Runtime
 from tpmid.wiring.est import EstClients
 
@@ -42,5 +43,6 @@ def enroll(config: Config, name: str, *, tpm: TpmConnection, secrets: Secrets = 
            now: Callable[[], datetime] = utcnow, sleep: Callable[[float], None] = time.sleep,
            **kw: Any) -> EnrollResult:
     """``tpmid enroll NAME`` as a library call: the config's store and EST clients."""
-    return enroll_identity(config, name, store=Store(config.store.dir), tpm=tpm,
+    return enroll_identity(config, name, store=Store(config.store.dir),
+                           lease=TpmLease(already_open(tpm)),
                            clients=clients(config, secrets, now=now, sleep=sleep), now=now, **kw)

@@ -167,6 +167,7 @@ def cmd_csrattrs(ctx: Ctx) -> int:
 def cmd_enroll(ctx: Ctx) -> int:
     """``tpmid enroll NAME``."""
     from tpmid.lifecycle.enroll import enroll_identity
+    from tpmid.tpm.lease import TpmLease
     from tpmid.wiring.est import EstClients
     from tpmid.wiring.tpm import tpm_opener
 
@@ -175,10 +176,11 @@ def cmd_enroll(ctx: Ctx) -> int:
     ident = rt.config.identity(name)
     ctx.progress(f"enrolling {name} ({rt.key(name).describe()}) at "
                  f"{ident.est.url if ident.est else '(no est.url)'}")
-    with tpm_opener(rt)() as tpm:
-        result = enroll_identity(rt.config, name, store=rt.store(), tpm=tpm,
-                                 clients=EstClients(rt.config, rt.secret),
-                                 reenroll=bool(ctx.args.reenroll))
+    # The TPM is borrowed only while it works, never across the network.
+    result = enroll_identity(rt.config, name, store=rt.store(),
+                             lease=TpmLease(tpm_opener(rt)),
+                             clients=EstClients(rt.config, rt.secret),
+                             reenroll=bool(ctx.args.reenroll))
 
     def human(d: dict[str, Any]) -> str:
         lines = [

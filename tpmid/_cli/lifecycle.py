@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
@@ -84,19 +83,19 @@ def cmd_renew(ctx: Ctx) -> int:
 
     name = ctx.args.name
     ctx.config().identity(name)  # a clear error for an unknown name
-    # One TPM connection (and one turn at the host TPM lock) for the whole command.
-    with tpm_opener(ctx.runtime())() as tpm:
-        engine = _engine(ctx, lambda: contextlib.nullcontext(tpm))
-        now = utcnow()
-        _recover(engine)
-        decision = engine.plan(name, now)
-        if not ctx.args.force and decision.when > now:
-            ctx.emit({"identity": name, "renewed": False, "next": decision.when.isoformat(),
-                      "reason": decision.reason},
-                     f"{describe_decision(decision, name)}; not due (use --force to renew now)")
-            return 0
-        ctx.progress(f"renewing {name} ...")
-        results = engine.renew_chain(name, now) if ctx.args.chain else [engine.renew(name, now)]
+    # The TPM (and the host TPM lock) is taken for each piece of TPM work and given
+    # back before the network is used (tpmid.tpm.lease).
+    engine = _engine(ctx, tpm_opener(ctx.runtime()))
+    now = utcnow()
+    _recover(engine)
+    decision = engine.plan(name, now)
+    if not ctx.args.force and decision.when > now:
+        ctx.emit({"identity": name, "renewed": False, "next": decision.when.isoformat(),
+                  "reason": decision.reason},
+                 f"{describe_decision(decision, name)}; not due (use --force to renew now)")
+        return 0
+    ctx.progress(f"renewing {name} ...")
+    results = engine.renew_chain(name, now) if ctx.args.chain else [engine.renew(name, now)]
 
     def human(rows: list[dict[str, Any]]) -> str:
         return "\n".join(
@@ -124,6 +123,7 @@ def _notify(message: str) -> None:
 
 def cmd_daemon(ctx: Ctx) -> int:
     """``tpmid daemon``: the renewal loop with signal handling."""
+    from tpmid import cancel
     from tpmid.lifecycle.daemon import Daemon
     from tpmid.lifecycle.renew import managed_identities
     from tpmid.wiring.tpm import tpm_opener
@@ -151,8 +151,12 @@ def cmd_daemon(ctx: Ctx) -> int:
         return new
 
     daemon = Daemon(make_planner=make_planner, now=utcnow)
-    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
+    def stop(*_: object) -> None:
+        daemon.request_stop()
+        cancel.request()  # cuts a network, TPM or lock wait short (tpmid.cancel)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
     _notify("READY=1\nSTATUS=renewing " + (", ".join(names) or "nothing"))
     try:

@@ -33,7 +33,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,6 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from cryptography import x509
 
+from tpmid import cancel
 from tpmid.clock import utcnow
 from tpmid.errors import (
     ConfigError,
@@ -55,8 +55,11 @@ from tpmid.errors import (
 from tpmid.est import messages
 from tpmid.est.verify import check_pinned_root, spki_der, verify_server_certificate
 from tpmid.policy import MAX_RETRY_AFTER_S, clamp_retry_after
-from tpmid.tls.adapter import SSLContextAdapter
+from tpmid.tls.adapter import BoundedHTTPAdapter, SSLContextAdapter
 from tpmid.tls.context import ClientTls
+from tpmid.tls.deadline import DeadlineExceeded
+from tpmid.tls.deadline import clamp as clamp_to_deadline
+from tpmid.tls.deadline import exchange as exchange_deadline
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ OPERATIONS = ("cacerts", "csrattrs", "simpleenroll", "simplereenroll", "serverke
 ENROLL_OPERATIONS = ("simpleenroll", "simplereenroll", "serverkeygen")
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: a certs-only bag of a long chain is a few KiB
 DEFAULT_TIMEOUT = (10.0, 60.0)
+# One exchange (connect, TLS, request, whole answer) must finish within this (est.timeout.total).
+DEFAULT_EXCHANGE_DEADLINE = 120.0
 # A 202's Retry-After is honoured between this and policy.MAX_RETRY_AFTER_S: "0" or a
 # date in the past must not turn into a storm of mTLS handshakes (each one a TPM
 # signature), and an absurd value must not reach a timer.
@@ -250,8 +255,9 @@ class EstClient:
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
         max_body: int = DEFAULT_MAX_BODY,
         max_wait: float = 300.0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = cancel.sleep,
         now: Callable[[], datetime] = utcnow,
+        deadline: float | None = DEFAULT_EXCHANGE_DEADLINE,
     ) -> None:
         self.base_url = est_base_url(base_url)
         parts = urlsplit(self.base_url)
@@ -285,6 +291,7 @@ class EstClient:
             self._headers["Authorization"] = f"Basic {token}"
             self._secrets += [password, token]
         self.timeout = timeout
+        self.deadline = deadline
         self.max_body = max_body
         self.max_wait = max_wait
         self._sleep = sleep
@@ -441,10 +448,13 @@ class EstClient:
             attempt += 1
             log.debug("EST %s %s (attempt %d) headers=%s", method, url, attempt,
                       self._redacted(headers))
-            if callable(body) or self.server_check != "hostname":
-                resp, leaf = self._raw(method, op, body, headers)
-            else:
-                resp, leaf = self._via_session(method, url, body, headers), None
+            # One deadline for the whole exchange: a server trickling its answer
+            # cannot keep the device (or a stopping daemon) waiting.
+            with exchange_deadline(self.deadline):
+                if callable(body) or self.server_check != "hostname":
+                    resp, leaf = self._raw(method, op, body, headers)
+                else:
+                    resp, leaf = self._via_session(method, url, body, headers), None
             log.debug("EST %s %s -> %d %s content-type=%r %d bytes", method, url, resp.status,
                       resp.reason, resp.headers.get("content-type"), len(resp.body))
             if resp.status == 202:
@@ -525,6 +535,12 @@ class EstClient:
         # handshake error; the TLS handle kept the real one.
         if self.tls is not None:
             self.tls.raise_pending(e)
+        if _find_cause(e, DeadlineExceeded) is not None:
+            return EstTransportError(
+                f"{url}: no complete answer from {self._where()} within the exchange deadline "
+                f"of {self.deadline:g} s (est.timeout.total)",
+                hint="the server or the network is too slow; the current certificate stays in "
+                "use and the attempt is retried on the retry schedule")
         return EstTransportError(f"{url}: connection to {self._where()} failed: {_tls_reason(e)}")
 
     def _via_session(self, method: str, url: str, body: bytes | None,
@@ -564,7 +580,9 @@ class EstClient:
         ctx = self.tls.ssl_context
         connect_t, read_t = self.timeout
         try:
-            raw = socket.create_connection((self._host, self._port), timeout=connect_t)
+            with cancel.interruptible():
+                raw = socket.create_connection((self._host, self._port),
+                                               timeout=clamp_to_deadline(connect_t))
         except OSError as e:
             raise self._transport_error(e, url) from e
         self.tls.clear_pending()
@@ -668,6 +686,7 @@ def make_session(tls: TlsHandle | None) -> requests.Session:
     """
     s = requests.Session()
     s.trust_env = False
+    s.mount("http://", BoundedHTTPAdapter())  # allow_http lab servers: the same deadline
     if tls is not None:
         # Given the ClientTls itself, the adapter re-raises a TPM failure inside
         # the handshake as the TPM's own error.

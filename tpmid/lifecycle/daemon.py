@@ -8,8 +8,10 @@ and calls :meth:`Planner.renew` for identities that are due. Clock, waiting and 
 planner are injected, so tests drive it without sleeping.
 
 Signals are installed by the CLI, which calls :meth:`Daemon.request_stop` (SIGTERM,
-SIGINT) and :meth:`Daemon.request_reload` (SIGHUP). A renewal in progress finishes
-(or rolls back through the store's journal) before the daemon exits.
+SIGINT) and :meth:`Daemon.request_reload` (SIGHUP). A stop also cuts short what a
+renewal in progress is waiting for (the server, the TPM, a lock: see
+:mod:`tpmid.cancel`), so the daemon exits within a second; a request already sent
+stays in the store's journal and is resent at the next start.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from tpmid.cancel import Cancelled
 from tpmid.errors import ConfigError, TpmidError
 from tpmid.policy import Decision
 from tpmid.render import describe_decision
@@ -112,6 +115,9 @@ class Daemon:
                 log.info("%s: renewing now (%s)", name, decision.reason)
                 try:
                     planner.renew(name, now)
+                except Cancelled:
+                    log.info("%s: renewal interrupted: stopping", name)
+                    return None
                 except TpmidError as e:
                     # An outage never kills the daemon: the failure is recorded by the
                     # planner and the next plan() schedules the retry.

@@ -20,9 +20,14 @@ engine reuses with ``reenroll=True``). For identity ``NAME`` of the config it
    verifies the result (:mod:`tpmid.est.verify`) and commits certificate,
    chain and key file to the store.
 
-Every TPM transient object is flushed before it returns, on success and on
-error. An EST ``202 Accepted`` that outlasts ``est.max_wait`` leaves the journal
-in phase ``pending`` with the CSR, and the next run resends the same CSR
+The TPM is borrowed through a :class:`~tpmid.tpm.lease.TpmLease`: held for
+the key and CSR work and the TLS handshake's signature, given back (objects
+flushed, connection closed, host lock released) before the request goes out,
+so a slow server never blocks the TPM for other commands. Every TPM transient
+object is flushed before it returns, on success and on error.
+
+An EST ``202 Accepted`` that outlasts ``est.max_wait`` leaves the journal in
+phase ``pending`` with the CSR, and the next run resends the same CSR
 (RFC 7030 §4.2.3); any other failure rolls the staged key back.
 """
 
@@ -41,20 +46,22 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tpmid.cancel import Cancelled
 from tpmid.certfiles import load_pem_certificates
 from tpmid.clock import utcnow
 from tpmid.config import Config, EstConfig, IdentityConfig
 from tpmid.csr import build_csr, build_subject
 from tpmid.errors import ConfigError, EstRetryLater, StoreError
 from tpmid.est.messages import decode_csr
-from tpmid.est.verify import fingerprint_sha256, verify_enrollment
+from tpmid.est.verify import fingerprint_sha256, spki_der, verify_enrollment
 from tpmid.secrets import check_private_file
 from tpmid.store import JournalEntry, Store, StoredIdentity
 from tpmid.tpm.identity import IdentityKey, identity_key
+from tpmid.tpm.lease import LeasedKey, TpmLease
 
 if TYPE_CHECKING:
     from tpmid.est.client import CsrFactory, EstClient
-    from tpmid.tpm.connection import TpmConnection
+    from tpmid.tls.keys import TlsSigningKey
     from tpmid.tpm.loaded import LoadedKey
 
 log = logging.getLogger(__name__)
@@ -73,7 +80,7 @@ class EstClientFactory(Protocol):
         """The resolved header and Basic credentials of ``est``."""
         ...
 
-    def open(self, est: EstConfig, trust: Any, *, key: LoadedKey | None = None,
+    def open(self, est: EstConfig, trust: Any, *, key: TlsSigningKey | None = None,
              cert: x509.Certificate | None = None, chain: Sequence[x509.Certificate] = (),
              key_file: Path | None = None,
              credentials: tuple[Mapping[str, str], tuple[str, str] | None] | None = None,
@@ -134,7 +141,7 @@ class _Enrollment:
     """The state of one :func:`enroll_identity` run (kept small and explicit)."""
 
     def __init__(self, config: Config, ident: IdentityConfig, est: EstConfig, *,
-                 tpm: TpmConnection, store: Store, clients: EstClientFactory,
+                 lease: TpmLease, store: Store, clients: EstClientFactory,
                  now: Callable[[], datetime], operation: Operation,
                  auth_with_current: bool, hw_module: tuple[str, bytes] | None,
                  stack: contextlib.ExitStack) -> None:
@@ -143,7 +150,7 @@ class _Enrollment:
         self.name = ident.name
         self.key: IdentityKey = identity_key(ident)
         self.est = est
-        self.tpm = tpm
+        self.lease = lease
         self.store = store
         self.clients = clients
         self.now = now
@@ -201,8 +208,9 @@ class _Enrollment:
     def new_key(self, current_key_file: Path | None) -> _Key:
         """Open the key the new certificate will certify (staging a new file key)."""
         rotate = not (self.auth_with_current and not self.ident.renew.rotate_key)
-        new = self.key.for_new_certificate(self.tpm, rotate=rotate, current_file=current_key_file)
-        self.stack.callback(new.loaded.close)
+        new = self.key.for_new_certificate(self.lease.tpm(), rotate=rotate,
+                                           current_file=current_key_file)
+        self.lease.keep(new.loaded)
         if new.key_file is None:
             path = current_key_file if not rotate else None
             return _Key(new.loaded, new.loaded.public_key_der(), path)
@@ -224,7 +232,7 @@ class _Enrollment:
         """The key of the request being resent (its staged file, or the current key)."""
         path = (self.store.key_path(self.name, entry.version) if entry.version
                 else current_key_file)
-        spki = self.key.public_key_der(self.tpm, path)
+        spki = self.key.public_key_der(self.lease.tpm(), path)
         return _Key(None, spki, path)
 
     def csr(self, key: LoadedKey, challenge_password: str | None = None
@@ -232,7 +240,7 @@ class _Enrollment:
         """A CSR for ``key`` (one TPM2_Sign), with the hardwareModuleName if configured."""
         hw = None
         if self.ident.san.hardware_module_name:
-            hw = self.hw_module or self.tpm.hardware_module_name()
+            hw = self.hw_module or self.lease.tpm().hardware_module_name()
         return build_csr(key.private_key(), self.ident.subject, self.ident.san,
                          hash_name=key.hash_name, hw_module=hw,
                          challenge_password=challenge_password)
@@ -269,10 +277,12 @@ class _Enrollment:
 
     def _client_as(self, key: IdentityKey, stored: StoredIdentity, trust: Any,
                    credentials: tuple[dict[str, str], tuple[str, str] | None]) -> EstClient:
-        loaded = key.open(self.tpm, stored.key_file)
-        self.stack.callback(loaded.close)
+        # Loaded when the handshake signs, and given back right after (tpmid.tpm.lease).
+        leased = LeasedKey(self.lease, lambda tpm: key.open(tpm, stored.key_file),
+                           spki_der(stored.cert.public_key()),
+                           description=f"{key.name}'s key ({key.describe()})")
         return self.stack.enter_context(self.clients.open(
-            self.est, trust, key=loaded, cert=stored.cert, chain=stored.chain,
+            self.est, trust, key=leased, cert=stored.cert, chain=stored.chain,
             credentials=credentials))
 
 
@@ -281,7 +291,7 @@ def enroll_identity(
     name: str,
     *,
     store: Store,
-    tpm: TpmConnection,
+    lease: TpmLease,
     clients: EstClientFactory,
     now: Callable[[], datetime] = utcnow,
     reenroll: bool = False,
@@ -299,6 +309,8 @@ def enroll_identity(
     ``renew.method: simpleenroll``); simplereenroll always does.
     ``hw_module`` is the CSR's hardwareModuleName when the caller already read
     the EKs (provisioning); otherwise they are read when the SAN asks for it.
+    ``lease`` lends the TPM (see the module docstring); it is released when this
+    returns or raises.
     """
     ident = config.identity(name)
     est = ident.est
@@ -308,10 +320,11 @@ def enroll_identity(
     operation: Operation = "simplereenroll" if reenroll else "simpleenroll"
 
     with store.identity_lock(name), contextlib.ExitStack() as stack:
-        # Closed last: the storage parent serves every key file this run touches.
-        stack.enter_context(tpm.storage_parent_scope())
-        run = _Enrollment(config, ident, est, tpm=tpm, store=store, clients=clients, now=now,
-                          operation=operation, auth_with_current=auth_with_current or reenroll,
+        # Released last: nothing of the TPM is held once this returns.
+        stack.callback(lease.release)
+        run = _Enrollment(config, ident, est, lease=lease, store=store, clients=clients,
+                          now=now, operation=operation,
+                          auth_with_current=auth_with_current or reenroll,
                           hw_module=hw_module, stack=stack)
         current = store.current(name)
         if run.auth_with_current and current is None:
@@ -321,6 +334,13 @@ def enroll_identity(
             return _run(run, current)
         except EstRetryLater:
             raise  # the journal keeps the CSR for the next run (phase pending)
+        except Cancelled:
+            # Stopping: a request already sent stays in the journal and is resent at
+            # the next start (RFC 7030 §4.2.3), as after a crash.
+            if run.entry is None or run.entry.phase not in ("submitted", "pending") \
+                    or not run.entry.csr_pem:
+                run.rollback()
+            raise
         except BaseException:
             run.rollback()
             raise
@@ -332,6 +352,9 @@ def _run(run: _Enrollment, current: StoredIdentity | None) -> EnrollResult:
     trust = run.clients.trust(run.est, f"identities.{run.name}.est")
     key, payload, resumed = _key_and_request(run, current)
     client = run.client(trust, current, credentials)
+    if not isinstance(getattr(client.tls, "key", None), LeasedKey):
+        # No TPM signature in the handshake: give the TPM back before the network.
+        run.lease.release()
     issuers = _issuers(run, client)
     response = _send(run, client, payload)
     return _verify_and_commit(run, key, response, requested, issuers, resumed)
@@ -369,11 +392,17 @@ def _key_and_request(run: _Enrollment, current: StoredIdentity | None
     key = run.new_key(current_key_file)
     assert key.loaded is not None
     if run.est.pop:
-        loaded = key.loaded
+        # The CSR is signed after the handshake (it carries tls-unique); the TPM is
+        # given back in between, so the key is loaded again then.
+        key.loaded.close()
+        key.loaded = None
+        path = key.key_path
 
         def pop_csr(tls_unique: bytes) -> x509.CertificateSigningRequest:
             # RFC 7030 §3.5: base64(tls-unique) as challengePassword, signed by the TPM.
-            return run.csr(loaded, base64.b64encode(tls_unique).decode("ascii"))
+            with run.lease.session() as tpm:
+                loaded = run.lease.keep(run.key.open(tpm, path))
+                return run.csr(loaded, base64.b64encode(tls_unique).decode("ascii"))
 
         if run.entry is not None:
             run.journal(phase="submitted")

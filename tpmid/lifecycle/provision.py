@@ -85,7 +85,9 @@ from tpmid.est.verify import spki_der, verify_chain
 from tpmid.lifecycle.enroll import EstClientFactory, enroll_identity
 from tpmid.manifest import EkCertificate, ProvisionRecord, append_record, open_manifest
 from tpmid.store import Store, StoredIdentity
+from tpmid.tpm.connection import already_open
 from tpmid.tpm.identity import IdentityKey, identity_key
+from tpmid.tpm.lease import TpmLease
 from tpmid.tpm.specs import check_nv_index
 
 if TYPE_CHECKING:
@@ -407,7 +409,9 @@ def _enroll(run: _Run, config: Config, ident: IdentityConfig, key: IdentityKey,
         assert ident.est is not None
         with run.step("enrolling over EST") as st:
             hw = tpm.hardware_module_name() if ident.san.hardware_module_name else None
-            result = enroll_identity(cfg, ident.name, store=store, tpm=tpm, clients=clients,
+            # The station owns the TPM for the whole run: lend it as it is.
+            result = enroll_identity(cfg, ident.name, store=store,
+                                     lease=TpmLease(already_open(tpm)), clients=clients,
                                      now=now, hw_module=hw)
             committed = True
             run.set_certificate(result.certificate)

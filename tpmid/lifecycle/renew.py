@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from tpmid.cancel import Cancelled
 from tpmid.clock import as_utc, utcnow
 from tpmid.config import Config, IdentityConfig
 from tpmid.errors import EstRetryLater, StoreError, TpmidError
@@ -49,6 +50,7 @@ from tpmid.policy import (
 )
 from tpmid.store import Store, StoredIdentity, recover
 from tpmid.tpm.identity import identity_key
+from tpmid.tpm.lease import TpmLease
 
 if TYPE_CHECKING:
     from tpmid.tpm.connection import TpmOpener
@@ -246,14 +248,16 @@ class RenewalEngine:
                  "simplereenroll" if reenroll else "simpleenroll", why)
         self._drop_unresumable_journal(name, reenroll)
         try:
-            with self.open_tpm() as tpm:
+            with TpmLease(self.open_tpm) as lease:
                 result = enroll_identity(
-                    self.config, name, store=self.store, tpm=tpm, clients=self.clients(),
+                    self.config, name, store=self.store, lease=lease, clients=self.clients(),
                     now=self.now, reenroll=reenroll, auth_with_current=self_auth,
                 )
         except EstRetryLater as e:
             self.store.save_state(name, attempt.pending(now, e.retry_after))
             raise
+        except Cancelled:
+            raise  # stopping: not a failed attempt (a request sent stays in the journal)
         except TpmidError as e:
             self.store.save_state(name, attempt.failed(now, e.message,
                                                        getattr(e, "retry_after", None)))

@@ -20,14 +20,21 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tpmid import cancel
 from tpmid.errors import StoreError
 
 TPM_LOCK_NAME = "_tpm.lock"  # identity names start with a letter or digit: no clash
 
 
 def acquire_lock(path: Path, *, wait: bool, timeout: float | None,
-                  busy: Callable[[str], str], hint: str) -> int:
-    """An exclusive flock(2) on ``path``; the returned fd holds it until :func:`release_lock`."""
+                 busy: Callable[[str], str], hint: str,
+                 waiting: Callable[[str], None] | None = None) -> int:
+    """An exclusive flock(2) on ``path``; the returned fd holds it until :func:`release_lock`.
+
+    ``timeout`` bounds a wait (None: no bound); ``waiting(holder)`` is told once,
+    after a second, that the lock is held by someone else (the holder named as
+    "pid N (command)"). The wait is :func:`~tpmid.cancel.interruptible`.
+    """
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except PermissionError:
@@ -39,19 +46,25 @@ def acquire_lock(path: Path, *, wait: bool, timeout: float | None,
                              hint="run tpmid as the user that owns the store") from e
     except OSError as e:
         raise StoreError(f"cannot open lock file {path}: {e.strerror}") from e
-    deadline = None if timeout is None else time.monotonic() + timeout
-    blocking = wait and timeout is None
+    start = time.monotonic()
+    deadline = None if timeout is None else start + timeout
+    told = waiting is None
     try:
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                remaining = 0.0 if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = float("inf") if deadline is None else deadline - now
                 if not wait or remaining <= 0:
                     raise StoreError(busy(lock_holder(path)), hint=hint) from None
+                if not told and now - start >= 1.0:
+                    told = True
+                    assert waiting is not None
+                    waiting(lock_holder(path))
                 # flock has no timed wait; a short poll only while contended.
-                time.sleep(min(0.05, remaining))
+                cancel.sleep(min(0.05, remaining))
     except BaseException as e:
         os.close(fd)
         if isinstance(e, OSError):
@@ -75,21 +88,26 @@ def release_lock(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def host_tpm_lock(path: Path, *, wait: bool = True,
-                  timeout: float | None = None) -> Iterator[None]:
+def host_tpm_lock(path: Path, *, wait: bool = True, timeout: float | None = None,
+                  waiting: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold the host-wide TPM lock at ``path`` (``tpm.lock_file`` or the store's).
 
     Without a resource manager two processes' sessions and transient objects
-    would collide in the TPM, so the daemon and the CLI take turns.
+    would collide in the TPM, so the daemon and the CLI take turns. Nobody holds
+    it across a network exchange (:mod:`tpmid.tpm.lease`), so a turn is short;
+    ``timeout`` (``tpm.lock_timeout``) bounds the wait for one anyway.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(f"cannot create {path.parent}: {e.strerror}") from e
+    waited = "" if timeout is None else f" for {timeout:g} s (tpm.lock_timeout)"
     fd = acquire_lock(
-        path, wait=wait, timeout=timeout,
-        busy=lambda pid: f"the TPM is in use by another tpmid process ({pid})",
-        hint="tpmid serialises TPM access (no resource manager); try again when it is done",
+        path, wait=wait, timeout=timeout, waiting=waiting,
+        busy=lambda pid: f"the TPM is in use by another tpmid process ({pid})"
+                         + (f"; waited{waited}" if wait else ""),
+        hint="tpmid serialises TPM access (no resource manager); try again when it is done, "
+             "or raise tpm.lock_timeout",
     )
     try:
         yield
@@ -98,8 +116,32 @@ def host_tpm_lock(path: Path, *, wait: bool = True,
 
 
 def lock_holder(path: Path) -> str:
+    """The holder recorded in a lock file: "pid N: tpmid renew ldevid", "pid N" or "pid unknown"."""
     try:
         pid = path.read_text().strip()
     except OSError:
         pid = ""
-    return f"pid {pid}" if pid.isdigit() else "pid unknown"
+    if not pid.isdigit():
+        return "pid unknown"
+    command = _tpmid_command(pid)
+    return f"pid {pid}: {command}" if command else f"pid {pid}"
+
+
+def _tpmid_command(pid: str) -> str | None:
+    """"tpmid renew ldevid" when process ``pid`` runs tpmid (its options left out)."""
+    try:
+        argv = [a.decode(errors="replace")
+                for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return None
+    for i, arg in enumerate(argv):
+        if os.path.basename(arg) == "tpmid" or (arg == "tpmid.cli" and argv[i - 1] == "-m"):
+            words: list[str] = []
+            rest = iter(argv[i + 1:])
+            for word in rest:
+                if word in ("--config", "-c"):
+                    next(rest, None)
+                elif not word.startswith("-"):
+                    words.append(word[:40])
+            return " ".join(["tpmid", *words[:2]])
+    return None

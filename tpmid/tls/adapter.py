@@ -6,6 +6,10 @@ hostname checking and the client key are all the :class:`ClientTls`'s.
 ``verify=`` passed to requests is ignored (the context decides), ``cert=`` is
 refused (the client key is in the context).
 
+Connections are made within the current exchange deadline and on sockets
+that respect it (:mod:`tpmid.tls.deadline`); :class:`BoundedHTTPAdapter` does
+the same for plain HTTP.
+
 When a handshake fails because the TPM could not sign, urllib3 only sees an
 ``ssl.SSLError``; the adapter then raises the error the signing callback
 captured (a ``TpmError`` with the TPM's message) from the ``requests``
@@ -18,19 +22,65 @@ exception.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Mapping
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from tpmid import cancel
+from tpmid.tls import deadline
 from tpmid.tls.context import ClientTls
 
 log = logging.getLogger(__name__)
 
 _CERT_REQS = {ssl.CERT_NONE: "CERT_NONE", ssl.CERT_OPTIONAL: "CERT_OPTIONAL",
               ssl.CERT_REQUIRED: "CERT_REQUIRED"}
+
+
+class _Connect:
+    """Connects within the exchange deadline, interruptibly, to a bounded socket."""
+
+    timeout: Any
+
+    def _new_conn(self) -> socket.socket:
+        self.timeout = deadline.clamp(self.timeout)
+        with cancel.interruptible():
+            sock = super()._new_conn()  # type: ignore[misc]
+        return deadline.bound(sock)
+
+
+class _HTTPConnection(_Connect, HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Connect, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _bounded_pools(manager: Any) -> None:
+    manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+class BoundedHTTPAdapter(HTTPAdapter):
+    """Plain HTTP (lab servers with ``allow_http``) under the same exchange deadline."""
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
+                         **pool_kwargs: Any) -> None:
+        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+        _bounded_pools(self.poolmanager)
 
 
 class SSLContextAdapter(HTTPAdapter):
@@ -51,6 +101,7 @@ class SSLContextAdapter(HTTPAdapter):
         """Every pool gets our context."""
         pool_kwargs["ssl_context"] = self.ssl_context
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+        _bounded_pools(self.poolmanager)
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
         """HTTPS through a proxy uses our context too."""

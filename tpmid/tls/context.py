@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from tpmid.errors import ConfigError, TlsShimError
-from tpmid.tls import _openssl, _shim
+from tpmid.tls import _openssl, _shim, deadline
 from tpmid.tls.keys import SoftwareSigningKey, TlsSigningKey, profile_for
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,9 @@ def _build(*, key: TlsSigningKey | None, key_file: Path | None,
         ctx.verify_mode = ssl.CERT_NONE
 
     pending = _shim.PendingErrors()
+    # Every step on the wire respects the exchange deadline; a key that borrows the
+    # TPM (tpmid.tpm.lease.LeasedKey) gives it back after each handshake.
+    deadline.install(ctx, after_handshake=getattr(key, "after_handshake", None))
     if key is not None:
         binding = _shim.install_key(ctx, key, [c.public_bytes(_DER) for c in cert_chain],
                                     pending)

@@ -20,6 +20,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 from tpmid.csr import hardware_module_name
 from tpmid.tpm import ek, idevid, info, keyfile, nv
 from tpmid.tpm.context import (
+    DEFAULT_COMMAND_TIMEOUT_S,
     DEFAULT_TCTI,
     NO_PASSWORDS,
     PT_MANUFACTURER,
@@ -44,9 +45,10 @@ class TpmConnection(TpmContext):
     """
 
     def __init__(self, tcti: str = DEFAULT_TCTI,
-                 passwords: HierarchyPasswords = NO_PASSWORDS) -> None:
+                 passwords: HierarchyPasswords = NO_PASSWORDS, *,
+                 timeout: float | None = DEFAULT_COMMAND_TIMEOUT_S) -> None:
         self._eks: list[EkInfo] | None = None
-        super().__init__(tcti, passwords)
+        super().__init__(tcti, passwords, timeout=timeout)
 
     def __enter__(self) -> TpmConnection:
         return self
@@ -130,3 +132,11 @@ class TpmConnection(TpmContext):
 
 TpmOpener = Callable[[], AbstractContextManager[TpmConnection]]
 """Opens the TPM for one piece of work (a command, a renewal): ``with open_tpm() as tpm:``."""
+
+
+def already_open(tpm: TpmConnection) -> TpmOpener:
+    """An opener that lends ``tpm`` itself: its owner keeps it open (and holds any lock).
+
+    For a manufacturing station that owns the TPM for the whole run, and for tests.
+    """
+    return lambda: contextlib.nullcontext(tpm)

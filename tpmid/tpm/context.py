@@ -28,12 +28,15 @@ from typing import Any
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_RC, TPM2_SU, TSS2_RC
 
-from tpmid.errors import TpmError
+from tpmid.errors import TpmError, TpmidError
 from tpmid.tpm.rc import LAYER_MASK, TCTI_LAYER, describe_error, is_code, tpm_call
+from tpmid.tpm.tcti import SwtpmTcti, open_tcti
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
+# How long one TPM command may take before the connection is given up (tpm.timeout).
+DEFAULT_COMMAND_TIMEOUT_S = 120.0
 
 # TPM 2.0 Part 2 §6.13 (TPM_PT): fixed properties start at 0x100, variable at 0x200.
 PT_MANUFACTURER = 0x105
@@ -92,7 +95,8 @@ class TpmContext:
     """
 
     def __init__(self, tcti: str = DEFAULT_TCTI,
-                 passwords: HierarchyPasswords = NO_PASSWORDS) -> None:
+                 passwords: HierarchyPasswords = NO_PASSWORDS, *,
+                 timeout: float | None = DEFAULT_COMMAND_TIMEOUT_S) -> None:
         self.tcti = tcti
         self.passwords = passwords
         self.lock = threading.RLock()
@@ -105,8 +109,10 @@ class TpmContext:
         # across the key-file operations of one enrollment.
         self.parent_scope: dict[str, Any] | None = None
         self._fixed: dict[int, int] = {}
+        # swtpm strings get tpmid's own TCTI with a command timeout (tpmid.tpm.tcti).
+        self._tcti = open_tcti(tcti, timeout)
         try:
-            self._esapi = ESAPI(tcti)
+            self._esapi = ESAPI(self._tcti)
         except TSS2_Exception as e:
             raise _unreachable(tcti, e) from e
         except (RuntimeError, ValueError) as e:
@@ -147,6 +153,18 @@ class TpmContext:
             if self._esapi is not None:
                 esapi, self._esapi = self._esapi, None
                 esapi.close()
+            if isinstance(self._tcti, SwtpmTcti):
+                self._tcti.close()
+
+    def transport_error(self) -> TpmidError | None:
+        """Why the connection to the TPM is unusable (no answer in time, lost), if it is.
+
+        Once set, every further command fails with it; :func:`tpmid.tpm.rc.tpm_call`
+        raises it instead of the TCTI's generic return code.
+        """
+        if not isinstance(self._tcti, SwtpmTcti):
+            return None
+        return self._tcti.failure or self._tcti.error
 
     def open_handle(self, handle: int, what: str) -> Any:
         """An ESYS_TR for the persistent object or NV index ``handle``; pair with close_handle."""

@@ -223,4 +223,13 @@ def tpm_call(what: str, tpm: TpmLike | None = None, *,
     try:
         yield
     except TSS2_Exception as e:
+        # tpmid's own TCTI knows why the connection failed (no answer in time, lost,
+        # a stop request); tpm2-tss only saw a generic TCTI failure.
+        transport = getattr(tpm, "transport_error", None)
+        failure = transport() if callable(transport) else None
+        if isinstance(failure, TpmError):
+            raise TpmError(f"{failure.message} (while {what})", rc=int(e.rc),
+                           hint=failure.hint) from e
+        if failure is not None:
+            raise failure from e
         raise describe_error(what, e, tpm, handles) from e

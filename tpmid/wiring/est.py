@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +26,7 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from tpmid import cancel
 from tpmid.certfiles import load_pem_certificates
 from tpmid.clock import utcnow
 from tpmid.config import Config, EstConfig, SecretRef
@@ -149,7 +149,7 @@ class EstClients:
 
     def __init__(self, config: Config, secrets: SecretResolver, *,
                  now: Callable[[], datetime] = utcnow,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = cancel.sleep) -> None:
         self.config = config
         self.secrets = secrets
         self.now = now
@@ -214,7 +214,7 @@ class EstClients:
                 est.url, session, tls=tls, server_check=check, basic=basic,
                 headers=dict(headers), allow_http=est.allow_http,
                 timeout=(est.connect_timeout, est.read_timeout), max_wait=est.max_wait,
-                sleep=self.sleep, now=self.now,
+                sleep=self.sleep, now=self.now, deadline=est.total_timeout,
             )
 
     def _tls(self, est: EstConfig, trust: ServerTrust, *, key: TlsSigningKey | None,

@@ -7,27 +7,37 @@ the TPM (see :mod:`tpmid.wiring`).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 from tpmid.store import host_tpm_lock
 from tpmid.tpm.connection import HierarchyPasswords, TpmConnection, TpmOpener
 from tpmid.wiring import Runtime
 
+log = logging.getLogger("tpmid")
+
 
 def tpm_opener(rt: Runtime) -> TpmOpener:
-    """A zero-argument opener of the configured TPM, for one command or one renewal.
+    """A zero-argument opener of the configured TPM, for one piece of TPM work.
 
     Each call holds the host-wide TPM lock (when there is one, see
-    :meth:`Runtime.tpm_lock_path`) for as long as the connection is open, and
-    resolves the hierarchy passwords at that moment.
+    :meth:`Runtime.tpm_lock_path`) for as long as the connection is open, waiting
+    at most ``tpm.lock_timeout`` for it, and resolves the hierarchy passwords at
+    that moment. Every command gets ``tpm.timeout`` to answer.
     """
+    tpm_config = rt.config.tpm
+
+    def waiting(holder: str) -> None:
+        log.warning("waiting up to %s s for the TPM, in use by %s",
+                    f"{tpm_config.lock_timeout:g}", holder)
 
     @contextlib.contextmanager
     def open_tpm() -> Iterator[TpmConnection]:
         passwords = HierarchyPasswords(**rt.hierarchy_passwords())
         lock = rt.tpm_lock_path()
-        with (host_tpm_lock(lock) if lock is not None else contextlib.nullcontext()), \
-                TpmConnection(rt.config.tpm.tcti, passwords) as tpm:
+        held = (host_tpm_lock(lock, timeout=tpm_config.lock_timeout, waiting=waiting)
+                if lock is not None else contextlib.nullcontext())
+        with held, TpmConnection(tpm_config.tcti, passwords, timeout=tpm_config.timeout) as tpm:
             yield tpm
 
     return open_tpm
