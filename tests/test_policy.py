@@ -147,6 +147,12 @@ CASES = [
     Case("expired-retry-due-renews-now", YEAR, YEAR + HOUR + 0.04 * YEAR, cfg(),
          failed(YEAR + HOUR), "renew-now", None, "expired"),
     Case("empty-validity-period-renews-now", 0, 0, cfg(), None, "renew-now", None, "expired"),
+    # ---- the key is lost (TPM2_Clear): renew now, spaced like an expired certificate
+    Case("lost-key-renews-now-early-in-life", YEAR, 10 * DAY, cfg(),
+         AttemptState(key_lost=True), "renew-now", None, "its key can no longer be used"),
+    Case("lost-key-and-just-failed-spaces-retries", YEAR, 10 * DAY, cfg(),
+         failed(10 * DAY).lost_key(), "retry-at", 10 * DAY + 0.04 * YEAR,
+         "its key can no longer be used (TPM cleared?); retry 4% after failure"),
     # ---- not yet valid, clock plausibility
     Case("not-yet-valid-within-skew-is-normal", YEAR, -120, cfg(), None,
          "renew-at", 0.8 * YEAR, "80% of lifetime"),

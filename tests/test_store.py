@@ -377,6 +377,17 @@ def test_attempt_state_and_last_decision_survive_a_new_store_object(
     assert again.load_decision("ldevid") == decision  # saving one keeps the other
 
 
+def test_a_lost_key_is_remembered_through_failures_until_a_success(store: Store,
+                                                                  root: Path) -> None:
+    t = datetime(2027, 5, 1, 8, 30, tzinfo=UTC)
+    store.save_state("ldevid", AttemptState().lost_key())
+    assert Store(root).load_state("ldevid").key_lost
+    store.save_state("ldevid", store.load_state("ldevid").failed(t, "EST server down"))
+    assert Store(root).load_state("ldevid").key_lost
+    store.save_state("ldevid", AttemptState.succeeded(t))
+    assert not Store(root).load_state("ldevid").key_lost
+
+
 def test_corrupt_state_file_means_a_fresh_state_not_a_dead_daemon(store: Store,
                                                                   root: Path) -> None:
     atomic_write(root / "state/ldevid.json", b"\x00garbage", 0o600)

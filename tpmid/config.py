@@ -191,6 +191,9 @@ class KeyConfig:
     template: Template = "H-2"  # persistent and ek-derived
     handle: int = DEFAULT_IDEVID_HANDLE  # persistent
     alg: FileAlg = "ecc-p256"  # file
+    # persistent and ek-derived: the NV index holding a copy of the certificate
+    # (tpmid provision --write-nv), rewritten when TPM2_Clear deleted it.
+    cert_nv: int | None = None
 
 
 @dataclass(frozen=True)
@@ -434,16 +437,21 @@ def _secret(value: object, where: str, source: str) -> SecretRef:
     return SecretRef(env=env, file=Path(file) if file else None, stdin=stdin)
 
 
-def _handle(value: object, where: str, source: str) -> int:
+def _number(value: object, where: str, source: str, example: str) -> int:
     if isinstance(value, str):
         try:
             value = int(value, 0)
         except ValueError:
             raise ConfigError(f"{source}: {where}: {shown(value)} is not a handle such as "
-                              "0x81020000") from None
+                              f"{example}") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{source}: {where}: expected a handle such as 0x81020000, "
+        raise ConfigError(f"{source}: {where}: expected a handle such as {example}, "
                           f"got {shown(value)}")
+    return value
+
+
+def _handle(value: object, where: str, source: str) -> int:
+    value = _number(value, where, source, "0x81020000")
     # TPM 2.0 Part 2 §7.5: owner-hierarchy persistent range 0x81000000-0x817FFFFF.
     if not 0x81000000 <= value <= 0x81FFFFFF:
         raise ConfigError(
@@ -466,8 +474,13 @@ def _key(r: MappingReader) -> KeyConfig:
     template = _choice(r, "template", TEMPLATES, "H-2")
     handle = _handle(r.pop("handle", DEFAULT_IDEVID_HANDLE), r.path("handle"), r.source)
     alg = _choice(r, "alg", FILE_ALGS, "ecc-p256")
+    raw_nv = r.pop("cert_nv", None)
+    cert_nv = None if raw_nv is None else _number(raw_nv, r.path("cert_nv"), r.source,
+                                                  "0x01800100")
+    if cert_nv is not None and not 0x01000000 <= cert_nv <= 0x01FFFFFF:
+        raise r.err("cert_nv", f"{cert_nv:#x} is not an NV index (0x01000000 to 0x01ffffff)")
     r.done()
-    return KeyConfig(kind=kind, template=template, handle=handle, alg=alg)
+    return KeyConfig(kind=kind, template=template, handle=handle, alg=alg, cert_nv=cert_nv)
 
 
 def _check_url(r: MappingReader, url: str) -> None:

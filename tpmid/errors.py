@@ -58,7 +58,14 @@ class KeyUnavailableError(TpmError):
     longer loads (both happen after TPM2_Clear, or with another TPM): retrying
     cannot help; the key must be re-created (an IDevID re-derives from its
     template) or the identity enrolled again with a new key.
+
+    ``identity`` names the identity whose key it is, when the raiser knows.
     """
+
+    def __init__(self, message: str, *, rc: int | None = None, hint: str | None = None,
+                 identity: str | None = None) -> None:
+        super().__init__(message, rc=rc, hint=hint)
+        self.identity = identity
 
 
 class TlsShimError(TpmidError):

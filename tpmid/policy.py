@@ -93,6 +93,9 @@ class AttemptState:
     last_error: str | None = None
     retry_after: float | None = None
     failures: int = 0
+    # The identity's key can no longer be used (TPM2_Clear, another TPM): renew now,
+    # through the bootstrap identity, with a new key. Cleared by a success.
+    key_lost: bool = False
 
     @property
     def retrying(self) -> bool:
@@ -104,7 +107,11 @@ class AttemptState:
     def failed(self, at: datetime, error: str, retry_after: float | None = None) -> AttemptState:
         """The state after an attempt at ``at`` failed with ``error`` (never a secret)."""
         return AttemptState(last_attempt=at, last_error=error, retry_after=retry_after,
-                            failures=self.failures + 1)
+                            failures=self.failures + 1, key_lost=self.key_lost)
+
+    def lost_key(self) -> AttemptState:
+        """The same state, noting that the identity's key can no longer be used."""
+        return replace(self, key_lost=True)
 
     def pending(self, at: datetime, retry_after: float) -> AttemptState:
         """The state after the server answered 202 Accepted (not a failure)."""
@@ -224,9 +231,11 @@ def decide(
     lifetime_s = max((na - nb).total_seconds(), 0.0)
     retrying = attempt.retrying
 
-    # 2. Expired (or never valid): renew now, still spacing repeated attempts.
-    if now >= na or lifetime_s <= 0:
-        reason = "expired" if now >= na else "empty validity period"
+    # 2. Expired (or never valid), or the key is lost: renew now, still spacing
+    #    repeated attempts.
+    if now >= na or lifetime_s <= 0 or attempt.key_lost:
+        reason = ("expired" if now >= na else "empty validity period" if lifetime_s <= 0
+                  else "its key can no longer be used (TPM cleared?)")
         if retrying:
             due, why = _retry_due(attempt, policy, lifetime_s, now, expired=True)
             if due > now:

@@ -36,7 +36,7 @@ from tpmid.cli import main
 from tpmid.config import Config, parse_config
 from tpmid.store import Store, StoredIdentity
 from tpmid.testing.swtpm import Swtpm
-from tpmid.tpm.connection import TpmConnection
+from tpmid.tpm.connection import HierarchyPasswords, TpmConnection
 from tpmid.tpm.identity import identity_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,10 +141,11 @@ class Field:
         return cur
 
 
-def assert_key_signs(f: Field, name: str, cur: StoredIdentity) -> None:
+def assert_key_signs(f: Field, name: str, cur: StoredIdentity, *, owner: bytes = b"") -> None:
     """The TPM key of ``name`` signs, and the signature verifies with ``cur``'s certificate."""
     key = identity_key(f.config.identity(name))
-    with TpmConnection(f.sim.tcti) as tpm, key.open(tpm, cur.key_file) as loaded:
+    with TpmConnection(f.sim.tcti, HierarchyPasswords(owner=owner)) as tpm, \
+            key.open(tpm, cur.key_file) as loaded:
         h = hashes.SHA256() if loaded.hash_name == "sha256" else hashes.SHA384()
         digest = hashes.Hash(h)
         digest.update(b"still mine")

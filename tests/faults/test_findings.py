@@ -278,7 +278,6 @@ def _clear(field: Field) -> None:
         tpm.esapi.clear(ESYS_TR.LOCKOUT)
 
 
-@NOT_YET
 def test_after_tpm2_clear_renew_heals_the_device_through_its_idevid(field: Field) -> None:
     idevid_cert = field.current("idevid").cert
     _clear(field)
@@ -294,7 +293,6 @@ def test_after_tpm2_clear_renew_heals_the_device_through_its_idevid(field: Field
     assert field.cli("check", "--no-est")[0] == 0
 
 
-@NOT_YET
 @pytest.mark.slow
 def test_after_tpm2_clear_the_daemon_renews_unusable_keys_at_once(field: Field) -> None:
     versions = {n: field.current(n).version for n in ("ldevid", "edge-ca")}

@@ -134,6 +134,7 @@ def cmd_daemon(ctx: Ctx) -> int:
     engine = _engine(ctx, open_tpm)
     try:
         _recover(engine)
+        engine.check_keys()  # after TPM2_Clear: restore IDevIDs, renew lost keys at once
     except ConfigError:
         raise
     except TpmidError as e:

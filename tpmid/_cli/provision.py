@@ -135,15 +135,20 @@ def cmd_provision(ctx: Ctx) -> int:
                               "combined with --write-nv")
         rt = ctx.runtime()
         store = rt.store()
+        # The config's key.cert_nv is the default NV index of the certificate copy.
+        configured_nv = rt.config.identity(args.identity).key.cert_nv
     except (ConfigError, StoreError) as e:
         return _finish(ctx, record_failure(e, **common), manifest)
+    nv_index = args.cert_nv if args.adopt else args.write_nv
+    if nv_index is None:
+        nv_index = configured_nv
     record = provision(
         rt.config,
         store=store,
         tpm=tpm_opener(rt),
         clients=EstClients(rt.config, rt.secret),
         force=bool(args.force),
-        nv_index=args.cert_nv if args.adopt else args.write_nv,
+        nv_index=nv_index,
         adopt=bool(args.adopt),
         **common,
     )

@@ -280,7 +280,8 @@ class _Enrollment:
         # Loaded when the handshake signs, and given back right after (tpmid.tpm.lease).
         leased = LeasedKey(self.lease, lambda tpm: key.open(tpm, stored.key_file),
                            spki_der(stored.cert.public_key()),
-                           description=f"{key.name}'s key ({key.describe()})")
+                           description=f"{key.name}'s key ({key.describe()})",
+                           identity=key.name)
         return self.stack.enter_context(self.clients.open(
             self.est, trust, key=leased, cert=stored.cert, chain=stored.chain,
             credentials=credentials))

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from tpmid.cancel import Cancelled
 from tpmid.clock import as_utc, utcnow
 from tpmid.config import Config, IdentityConfig
-from tpmid.errors import EstRetryLater, StoreError, TpmidError
+from tpmid.errors import EstRetryLater, KeyUnavailableError, StoreError, TpmidError
 from tpmid.lifecycle.enroll import EnrollResult, EstClientFactory, enroll_identity
 from tpmid.policy import (
     AttemptState,
@@ -49,7 +49,7 @@ from tpmid.policy import (
     last_chance,
 )
 from tpmid.store import Store, StoredIdentity, recover
-from tpmid.tpm.identity import identity_key
+from tpmid.tpm.identity import identity_key, spki_of
 from tpmid.tpm.lease import TpmLease
 
 if TYPE_CHECKING:
@@ -237,42 +237,127 @@ class RenewalEngine:
         """One renewal attempt for ``name``; records the outcome in the store.
 
         Raises the attempt's error after recording it (the daemon logs and
-        carries on; ``tpmid renew`` reports it).
+        carries on; ``tpmid renew`` reports it). A key that can no longer be used
+        (TPM2_Clear) is healed where it can be: IDevIDs are restored from their
+        templates, and an identity whose own key is lost enrolls again at once
+        through its bootstrap identity with a new key (one more attempt).
         """
         ident = self.config.identity(name)
         self.repair(name)
-        current = self.store.current(name)
-        reenroll, self_auth, why = self._method(ident, current, now)
         attempt = self.store.load_state(name)
-        log.info("%s: renewing via %s (%s)", name,
-                 "simplereenroll" if reenroll else "simpleenroll", why)
-        self._drop_unresumable_journal(name, reenroll)
         try:
-            with TpmLease(self.open_tpm) as lease:
-                result = enroll_identity(
-                    self.config, name, store=self.store, lease=lease, clients=self.clients(),
-                    now=self.now, reenroll=reenroll, auth_with_current=self_auth,
-                )
+            try:
+                result = self._enroll(name, ident, now, attempt)
+            except KeyUnavailableError as e:
+                if not self._heal(name, e):
+                    raise
+                attempt = self.store.load_state(name)
+                result = self._enroll(name, ident, self.now(), attempt)
         except EstRetryLater as e:
             self.store.save_state(name, attempt.pending(now, e.retry_after))
             raise
         except Cancelled:
             raise  # stopping: not a failed attempt (a request sent stays in the journal)
         except TpmidError as e:
-            self.store.save_state(name, attempt.failed(now, e.message,
-                                                       getattr(e, "retry_after", None)))
+            self.store.save_state(name, self.store.load_state(name).failed(
+                now, e.message, getattr(e, "retry_after", None)))
             raise
         self.store.save_state(name, AttemptState.succeeded(self.now()))
         self._retire_old_keys(name, ident, result.version)
         self._run_hooks(ident, result)
-        if self.follow_chains:
-            for other in self.dependents(name, chained_only=True):
-                log.info("%s: renewing now, chained after %s (renew.chain)", other, name)
-                try:
-                    self.renew(other, self.now())
-                except TpmidError as e:
-                    log.warning("%s: chained renewal failed: %s", other, e)
+        for other in self.dependents(name):
+            # Identities that lost their key and authenticate with this one: now they can.
+            chained = self.follow_chains and self.config.identities[other].renew.chain
+            if not (chained or self.store.load_state(other).key_lost):
+                continue
+            log.info("%s: renewing now, after %s (%s)", other, name,
+                     "renew.chain" if chained else "its key was lost")
+            try:
+                self.renew(other, self.now())
+            except TpmidError as e:
+                log.warning("%s: renewal after %s failed: %s", other, name, e)
         return result
+
+    def _enroll(self, name: str, ident: IdentityConfig, now: datetime,
+                attempt: AttemptState) -> EnrollResult:
+        current = self.store.current(name)
+        reenroll, self_auth, why = self._method(ident, current, now, attempt)
+        log.info("%s: renewing via %s (%s)", name,
+                 "simplereenroll" if reenroll else "simpleenroll", why)
+        self._drop_unresumable_journal(name, reenroll)
+        with TpmLease(self.open_tpm) as lease:
+            return enroll_identity(
+                self.config, name, store=self.store, lease=lease, clients=self.clients(),
+                now=self.now, reenroll=reenroll, auth_with_current=self_auth,
+            )
+
+    def _heal(self, name: str, e: KeyUnavailableError) -> bool:
+        """After a key turned out unusable: restore what can be; True if worth one more try."""
+        lost = e.identity if e.identity in self.config.identities else name
+        assert lost is not None
+        log.warning("%s: the key of %s can no longer be used (%s); the TPM was probably "
+                    "cleared (TPM2_Clear) or replaced", name, lost, e.message)
+        restored = self.restore_birth_keys()
+        if identity_key(self.config.identity(lost)).birth:
+            return bool(restored)  # an IDevID: usable again if it was restored
+        self._mark_key_lost(lost)
+        # This identity's own key: enroll again now, through the bootstrap identity.
+        return lost == name
+
+    def _mark_key_lost(self, name: str) -> None:
+        state = self.store.load_state(name)
+        if not state.key_lost:
+            self.store.save_state(name, state.lost_key())
+            est = self.config.identity(name).est
+            via = est.auth.client if est is not None and est.auth.client else "est.auth"
+            log.warning("%s: renewing now with a new key, authenticated through %s", name, via)
+
+    def restore_birth_keys(self) -> list[str]:
+        """Restore the IDevIDs after TPM2_Clear (re-persist, rewrite the NV copy); what was done."""
+        done: list[str] = []
+        births = [(n, identity_key(i)) for n, i in self.config.identities.items()
+                  if identity_key(i).birth]
+        if not births:
+            return done
+        with TpmLease(self.open_tpm) as lease:
+            for name, key in births:
+                try:
+                    current = self.store.current(name)
+                except StoreError:
+                    continue
+                if current is None:
+                    continue
+                for note in key.restore(lease.tpm(), current.cert):
+                    log.warning("%s: %s", name, note)
+                    done.append(f"{name}: {note}")
+        return done
+
+    def check_keys(self) -> None:
+        """Start-up: restore IDevIDs, and mark identities whose key no longer loads.
+
+        A marked identity renews at once (``AttemptState.key_lost``), through its
+        bootstrap identity, with a new key: after TPM2_Clear a device heals itself
+        without operator action. Costs a few TPM commands, once per start.
+        """
+        self.restore_birth_keys()
+        with TpmLease(self.open_tpm) as lease:
+            for name in self.identities():
+                try:
+                    current = self.store.current(name)
+                except StoreError:
+                    continue
+                if current is None or self.store.load_state(name).key_lost:
+                    continue
+                key = identity_key(self.config.identity(name))
+                try:
+                    with key.open(lease.tpm(), current.key_file) as loaded:
+                        usable = loaded.public_key_der() == spki_of(current.cert)
+                except KeyUnavailableError as e:
+                    log.warning("%s: its key can no longer be used (%s); the TPM was probably "
+                                "cleared (TPM2_Clear) or replaced", name, e.message)
+                    usable = False
+                if not usable:
+                    self._mark_key_lost(name)
 
     def dependents(self, name: str, *, chained_only: bool = False) -> list[str]:
         """Managed identities that authenticate with ``name`` (``renew.chain`` ones only)."""
@@ -298,10 +383,13 @@ class RenewalEngine:
 
     @staticmethod
     def _method(ident: IdentityConfig, current: StoredIdentity | None,
-                now: datetime) -> tuple[bool, bool, str]:
+                now: datetime, attempt: AttemptState) -> tuple[bool, bool, str]:
         """(use simplereenroll, authenticate with own certificate, reason)."""
         if current is None:
             return False, False, "not enrolled: first-enrollment authentication"
+        if attempt.key_lost:
+            return False, False, ("its key can no longer be used: a new key, with "
+                                  "first-enrollment authentication")
         if now >= as_utc(current.not_after):
             return False, False, "certificate expired: falling back to first-enrollment authentication"
         if ident.profile == "ca":

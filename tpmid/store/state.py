@@ -23,8 +23,12 @@ DECISION_ACTIONS = ("renew-now", "renew-at", "retry-at", "wait-for-clock")
 
 def attempt_to_json(a: AttemptState) -> dict[str, Any]:
     """The JSON form of an attempt state."""
-    return {"last_attempt": iso_or_none(a.last_attempt), "last_error": a.last_error,
-            "retry_after": a.retry_after, "failures": a.failures}
+    d: dict[str, Any] = {"last_attempt": iso_or_none(a.last_attempt),
+                         "last_error": a.last_error, "retry_after": a.retry_after,
+                         "failures": a.failures}
+    if a.key_lost:
+        d["key_lost"] = True
+    return d
 
 
 def attempt_from_json(d: Any) -> AttemptState:
@@ -40,7 +44,7 @@ def attempt_from_json(d: Any) -> AttemptState:
     return AttemptState(last_attempt=parse_time(d.get("last_attempt")),
                         last_error=error[:1000] if error else error,
                         retry_after=parse_delay(d.get("retry_after")),
-                        failures=failures)
+                        failures=failures, key_lost=d.get("key_lost") is True)
 
 
 def decision_to_json(dec: Decision) -> dict[str, Any]:

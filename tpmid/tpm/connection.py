@@ -64,9 +64,11 @@ class TpmConnection(TpmContext):
         return idevid.open_persistent(self, handle, expect_template)
 
     def persist_idevid(self, template: str, handle: int = DEFAULT_IDEVID_HANDLE, *,
-                       force: bool = False) -> PersistentResult:
+                       force: bool = False, expect_spki: bytes | None = None
+                       ) -> PersistentResult:
         """Make the ``template`` IDevID persistent at ``handle``; idempotent."""
-        return idevid.create_persistent_idevid(self, template, handle, force=force)
+        return idevid.create_persistent_idevid(self, template, handle, force=force,
+                                               expect_spki=expect_spki)
 
     def read_persistent_public(self, handle: int) -> TPM2B_PUBLIC | None:
         """The public area at ``handle``, None if the handle is empty."""

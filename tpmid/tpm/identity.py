@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from tpmid.config import IdentityConfig, KeyConfig
 from tpmid.errors import (
     ConfigError,
@@ -38,6 +40,8 @@ from tpmid.errors import (
 from tpmid.tpm.specs import IDEVID_TEMPLATE_ALGS, KEY_SPECS
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from tpmid.tpm.connection import TpmConnection
     from tpmid.tpm.loaded import LoadedKey
 
@@ -58,6 +62,11 @@ class NewKey:
 
     loaded: LoadedKey
     key_file: bytes | None  # a new TSS2 key file to stage in the store, None otherwise
+
+
+def spki_of(cert: x509.Certificate) -> bytes:
+    """The certificate's SubjectPublicKeyInfo, DER."""
+    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 class IdentityKey(ABC):
@@ -180,6 +189,18 @@ class IdentityKey(ABC):
         with self.open(tpm, key_file) as key:
             return key.public_key_der()
 
+    def restore(self, tpm: TpmConnection, cert: x509.Certificate) -> list[str]:
+        """Make the key of ``cert`` usable again after TPM2_Clear, if that is possible.
+
+        Returns what was done (empty: nothing was missing, or nothing can be done:
+        a key file made under the old storage seed is lost for good). An IDevID
+        re-derives from its template; a persistent one is persisted again and the
+        NV copy of its certificate (``key.cert_nv``) rewritten, both with owner
+        authorization (``tpm.auth.owner``). Raises KeyMismatchError when the key
+        that comes back is not the certificate's.
+        """
+        return []
+
     # ------------------------------------------------------------ for subclasses
 
     def _open_for_inspection(self, tpm: TpmConnection, key_file: Path | None) -> LoadedKey:
@@ -197,6 +218,15 @@ class IdentityKey(ABC):
 
 class _Idevid(IdentityKey):
     """What the two IDevID placements share: a TCG template in the endorsement hierarchy."""
+
+    def restore(self, tpm: TpmConnection, cert: x509.Certificate) -> list[str]:
+        index = self.config.cert_nv
+        if index is None or index in tpm.nv_indices():
+            return []
+        spki = spki_of(cert)
+        tpm.write_certificate_nv(index, cert.public_bytes(Encoding.DER), same_key_spki=spki)
+        return [f"wrote the IDevID certificate to NV index {index:#010x} again (it was gone: "
+                "TPM2_Clear deletes the owner's NV indices)"]
 
     birth = True
 
@@ -266,13 +296,29 @@ class PersistentIdevid(_Idevid):
     def present(self, tpm: TpmConnection) -> bool:
         return self.handle in tpm.persistent_handles()
 
+    def restore(self, tpm: TpmConnection, cert: x509.Certificate) -> list[str]:
+        done = []
+        if not self.present(tpm):
+            try:
+                tpm.persist_idevid(self.template, self.handle, expect_spki=spki_of(cert))
+            except TpmidError as e:
+                e.message = f"cannot restore {self.name}'s persistent IDevID: {e.message}"
+                raise
+            done.append(f"persisted the IDevID key at {self.handle:#010x} again: the TPM "
+                        f"re-derived it from template {self.template} and it is the key of the "
+                        "stored certificate (the TPM was cleared: TPM2_Clear evicts the "
+                        "owner's persistent keys)")
+        return done + super().restore(tpm, cert)
+
     def _named(self, e: TpmidError) -> TpmidError:
         """The same error with a hint that names this identity."""
         if isinstance(e, KeyMismatchError):
             e.hint = (f"fix key.template in the config, or recreate the key with "
                       f"`tpmid key create {self.name} --force`")
         elif isinstance(e, KeyUnavailableError):
-            e.hint = (f"create it again with `tpmid key create {self.name}`; its certificate "
+            e.identity = self.name
+            e.hint = (f"`tpmid renew` of an identity it authenticates (or the daemon) persists "
+                      f"it again; by hand: `tpmid key create {self.name}` — its certificate "
                       "still verifies when the TPM re-derives the same key")
         return e
 
@@ -306,6 +352,12 @@ class KeyFile(IdentityKey):
     kind = "file"
     renewable = True
 
+    def __init__(self, name: str, config: KeyConfig) -> None:
+        super().__init__(name, config)
+        if config.cert_nv is not None:
+            raise ConfigError(f"identities.{name}.key.cert_nv: only an IDevID (kind persistent "
+                              "or ek-derived) keeps a copy of its certificate in NV")
+
     @property
     def alg(self) -> str:
         return self.config.alg
@@ -317,7 +369,13 @@ class KeyFile(IdentityKey):
         pem = self._read(key_file)
         try:
             loaded = tpm.load_key_file(pem)
-        except (KeyUnavailableError, StoreError) as e:
+        except KeyUnavailableError as e:
+            e.identity = self.name
+            e.hint = (f"`tpmid renew {self.name}` (or the daemon) enrolls it again with a new "
+                      f"key through its bootstrap identity; by hand: tpmid reset {self.name} "
+                      f"--yes && tpmid enroll {self.name}")
+            raise
+        except StoreError as e:
             e.hint = (f"enroll {self.name} again with a new key: tpmid reset {self.name} --yes "
                       f"&& tpmid enroll {self.name}")
             raise

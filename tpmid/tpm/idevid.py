@@ -108,13 +108,15 @@ def derive_idevid(tpm: TpmContext, template: str) -> LoadedKey:
 
 def create_persistent_idevid(tpm: TpmContext, template: str,
                              handle: int = DEFAULT_IDEVID_HANDLE, *,
-                             force: bool = False) -> PersistentResult:
+                             force: bool = False,
+                             expect_spki: bytes | None = None) -> PersistentResult:
     """Make the ``template`` IDevID persistent at ``handle``; idempotent.
 
     An existing key at ``handle`` that equals the template's re-derivation is
     reused (``created=False``). Anything else there raises KeyMismatchError,
     unless ``force`` — then it is evicted and replaced (its certificates become
-    useless).
+    useless). With ``expect_spki`` (restoring the key of an existing certificate)
+    a re-derived key with another public key is not persisted: KeyMismatchError.
     """
     _check_owner_handle(handle)
     with tpm.lock:
@@ -128,6 +130,11 @@ def create_persistent_idevid(tpm: TpmContext, template: str,
                 )
         key = derive_idevid(tpm, template)
         try:
+            if expect_spki is not None and key.public_key_der() != expect_spki:
+                raise KeyMismatchError(
+                    f"the {template} IDevID this TPM derives is not the key of the stored "
+                    "IDevID certificate (the endorsement seed changed, or this is another "
+                    "TPM)", hint="the device must be provisioned again (tpmid provision)")
             if existing is not None:
                 if bytes(existing.marshal()) == bytes(key.public.marshal()):
                     log.info("IDevID %s already persistent at %#010x", template, handle)

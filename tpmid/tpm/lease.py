@@ -137,11 +137,12 @@ class LeasedKey:
     """
 
     def __init__(self, lease: TpmLease, load: Callable[[TpmConnection], LoadedKey],
-                 public_der: bytes, *, description: str) -> None:
+                 public_der: bytes, *, description: str, identity: str | None = None) -> None:
         self.lease = lease
         self._load = load
         self._public = public_der
         self.description = description
+        self.identity = identity
         self.alg, self.hash_name = signing_profile(public_der)
         self._loaded: LoadedKey | None = None
         self._generation = -1
@@ -173,11 +174,15 @@ class LeasedKey:
         if self._loaded is not None and self._generation == self.lease.generation \
                 and not self._loaded.closed:
             return self._loaded
-        loaded = self.lease.keep(self._load(self.lease.tpm()))
+        try:
+            loaded = self.lease.keep(self._load(self.lease.tpm()))
+        except KeyUnavailableError as e:
+            e.identity = e.identity or self.identity
+            raise
         if loaded.public_key_der() != self._public:
             raise KeyUnavailableError(
                 f"{self.description} in the TPM is not the key of its certificate any more "
-                "(was the TPM cleared or replaced?)",
+                "(was the TPM cleared or replaced?)", identity=self.identity,
                 hint="tpmid renew (or the daemon) re-creates an IDevID from its template and "
                 "enrolls the other identities again through it")
         self._loaded, self._generation = loaded, self.lease.generation
