@@ -418,7 +418,6 @@ def test_an_enrolled_device_cannot_obtain_a_certificate_for_another_device(
 # ---------------------------------------------------------------- 11. leftover transients
 
 
-@NOT_YET
 def test_check_flushes_objects_a_killed_tpmid_process_left_and_only_those(
         field: Field) -> None:
     # A real tpmid process loads two objects through the production wiring, then dies.

@@ -35,6 +35,7 @@ from tpmid.wiring.est import fetch_cacerts
 EXPECTED_CHECKS = [
     "config file permissions", "store permissions", "clock plausible", "TPM reachable",
     "TPM not in lockout",
+    "TPM object slots",
     *(f"{n}: {c}" for n in ("idevid", "ldevid", "edgeca")
       for c in ("key", "certificate valid now", "certificate chain", "certificate matches key")),
     "idevid: EST server", "ldevid: EST server", "edgeca: EST server",

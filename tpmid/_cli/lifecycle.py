@@ -68,9 +68,9 @@ def _recover(engine: RenewalEngine) -> None:
 
     recover(engine.store)  # logs each action itself
     with engine.open_tpm() as tpm:
-        for handle in tpm.flush_stale_transients():
-            log.warning("recovery: flushed transient object %#x left in the TPM by an "
-                        "interrupted process", handle)
+        stale = tpm.flush_stale_transients()
+        if stale.flushed:
+            log.warning("recovery: %s", stale.describe())
 
 
 def _summary(results: list[Any]) -> list[dict[str, Any]]:

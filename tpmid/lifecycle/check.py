@@ -218,7 +218,17 @@ def check_tpm(tpm: TpmConnection) -> list[CheckResult]:
     else:
         out.append(_ok("TPM not in lockout",
                        f"{lock['counter']}/{lock['max_tries']} failed authorizations"))
+    out.append(check_transients(tpm))
     return out
+
+
+def check_transients(tpm: TpmConnection) -> CheckResult:
+    """Objects killed tpmid processes left in the TPM's slots are flushed (only those)."""
+    try:
+        stale = tpm.flush_stale_transients()
+    except TpmidError as e:
+        return _from_error("TPM object slots", e)
+    return _ok("TPM object slots", stale.describe())
 
 
 def _key_checks(tpm: TpmConnection, ident: IdentityConfig,

@@ -18,6 +18,7 @@ from cryptography import x509
 from tpm2_pytss.types import TPM2B_PUBLIC
 
 from tpmid.csr import hardware_module_name
+from tpmid.store.ledger import TransientLedger
 from tpmid.tpm import ek, idevid, info, keyfile, nv
 from tpmid.tpm.context import (
     DEFAULT_COMMAND_TIMEOUT_S,
@@ -46,9 +47,10 @@ class TpmConnection(TpmContext):
 
     def __init__(self, tcti: str = DEFAULT_TCTI,
                  passwords: HierarchyPasswords = NO_PASSWORDS, *,
-                 timeout: float | None = DEFAULT_COMMAND_TIMEOUT_S) -> None:
+                 timeout: float | None = DEFAULT_COMMAND_TIMEOUT_S,
+                 ledger: TransientLedger | None = None) -> None:
         self._eks: list[EkInfo] | None = None
-        super().__init__(tcti, passwords, timeout=timeout)
+        super().__init__(tcti, passwords, timeout=timeout, ledger=ledger)
 
     def __enter__(self) -> TpmConnection:
         return self

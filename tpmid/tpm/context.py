@@ -29,6 +29,7 @@ from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_RC, TPM2_SU, TSS2_RC
 
 from tpmid.errors import TpmError, TpmidError
+from tpmid.store.ledger import LedgerEntry, TransientLedger
 from tpmid.tpm.rc import LAYER_MASK, TCTI_LAYER, describe_error, is_code, tpm_call
 from tpmid.tpm.tcti import SwtpmTcti, open_tcti
 
@@ -50,6 +51,27 @@ PT_FIXED_CACHED = PT_NV_BUFFER_MAX - PT_FIXED_FIRST + 1
 TRANSIENT_FIRST = 0x80000000
 PERSISTENT_FIRST = 0x81000000
 NV_INDEX_FIRST = 0x01000000
+
+
+@dataclass
+class StaleTransients:
+    """What :meth:`TpmContext.flush_stale_transients` did."""
+
+    flushed: list[LedgerEntry] = field(default_factory=list)
+    foreign: list[int] = field(default_factory=list)  # objects tpmid did not load: left alone
+
+    def describe(self) -> str:
+        """One line for the log and ``tpmid check``."""
+        parts = []
+        if self.flushed:
+            pids = ", ".join(sorted({str(e.pid) for e in self.flushed}))
+            parts.append(f"flushed {len(self.flushed)} transient object"
+                         f"{'s' if len(self.flushed) != 1 else ''} left by killed tpmid "
+                         f"process{'es' if ',' in pids else ''} (pid {pids})")
+        if self.foreign:
+            parts.append(f"left {len(self.foreign)} object{'s' if len(self.foreign) != 1 else ''} "
+                         "that tpmid did not load alone")
+        return "; ".join(parts) or "no leftover transient objects"
 
 
 @dataclass(frozen=True)
@@ -96,8 +118,12 @@ class TpmContext:
 
     def __init__(self, tcti: str = DEFAULT_TCTI,
                  passwords: HierarchyPasswords = NO_PASSWORDS, *,
-                 timeout: float | None = DEFAULT_COMMAND_TIMEOUT_S) -> None:
+                 timeout: float | None = DEFAULT_COMMAND_TIMEOUT_S,
+                 ledger: TransientLedger | None = None) -> None:
         self.tcti = tcti
+        # Records this process's transient objects (TPMs without a resource manager).
+        self.ledger = ledger
+        self._tracked: dict[int, int] = {}  # ESYS_TR -> TPM handle
         self.passwords = passwords
         self.lock = threading.RLock()
         self._esapi: ESAPI | None = None
@@ -267,21 +293,54 @@ class TpmContext:
         """Handles of the transient objects currently loaded in the TPM."""
         return self.handles(TRANSIENT_FIRST)
 
-    def flush_stale_transients(self) -> list[int]:
-        """Flush every transient object the TPM holds; return their handles.
+    def track(self, tr: Any, what: str) -> None:
+        """Record a transient object this process just loaded in the ledger (if any)."""
+        if self.ledger is None:
+            return
+        with self.lock:
+            handle = int(self.esapi.tr_get_tpm_handle(tr))
+            self._tracked[int(tr)] = handle
+            self.ledger.add(handle, bytes(self.esapi.tr_get_name(tr)), what)
 
-        For start-up recovery only, with the host-wide TPM lock held: without a
-        resource manager a tpmid process killed mid-command leaves its loaded
-        object in one of the TPM's few slots (3 on swtpm) until power-off. Under
-        a resource manager (``/dev/tpmrm0``, tabrmd) a new connection sees none.
+    def forget(self, tr: Any) -> None:
+        """Drop a flushed transient object from the ledger."""
+        handle = self._tracked.pop(int(tr), None)
+        if handle is not None and self.ledger is not None:
+            self.ledger.remove(handle)
+
+    def flush_stale_transients(self) -> StaleTransients:
+        """Flush the transient objects dead tpmid processes left; leave everything else.
+
+        With the host-wide TPM lock held (start-up recovery, ``tpmid check``):
+        without a resource manager a tpmid process killed while it held the TPM
+        leaves its objects in the TPM's few slots (3 on swtpm) until a reset. The
+        ledger (:mod:`tpmid.store.ledger`) says which objects a tpmid process loaded
+        and whether it is still alive; an object is flushed only if it is the one
+        recorded (same Name) and its process is gone. Under a resource manager
+        (``/dev/tpmrm0``, tabrmd) there is no ledger and nothing to do.
         """
-        flushed: list[int] = []
-        for handle in self.transient_handles():
-            with self.lock, tpm_call(f"flushing stale transient object {handle:#x}", self):
-                tr = self.esapi.tr_from_tpmpublic(handle)
+        result = StaleTransients()
+        if self.ledger is None:
+            return result
+        present = set(self.transient_handles())
+        kept: list[LedgerEntry] = []
+        for entry in self.ledger.entries():
+            if entry.handle not in present:
+                continue  # flushed, or the TPM was reset since
+            if entry.alive:
+                kept.append(entry)
+                continue
+            with self.lock, tpm_call(f"flushing stale transient object {entry.handle:#x}", self):
+                tr = self.esapi.tr_from_tpmpublic(entry.handle)
+                if bytes(self.esapi.tr_get_name(tr)).hex() != entry.name:
+                    self.esapi.tr_close(tr)  # another object took the slot since
+                    continue
                 self.esapi.flush_context(tr)
-            flushed.append(handle)
-        return flushed
+            present.discard(entry.handle)
+            result.flushed.append(entry)
+        self.ledger.keep_only(kept)
+        result.foreign = sorted(present - {e.handle for e in kept})
+        return result
 
     def persistent_handles(self) -> list[int]:
         """Handles of all persistent objects (0x81xxxxxx)."""

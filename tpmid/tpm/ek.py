@@ -193,6 +193,7 @@ def _create_ek_public(tpm: TpmContext, template: EkTemplate) -> TPM2B_PUBLIC | N
                       handles=("the endorsement hierarchy",)):
             handle, public, _, _, _ = esapi.create_primary(
                 TPM2B_SENSITIVE_CREATE(), template.public(), ESYS_TR.ENDORSEMENT)
+            tpm.track(handle, f"the {template.name} EK")
     except TpmError as e:
         if tpm_code(e) in UNSUPPORTED_CODES:
             log.info("TPM cannot create EK template %s (%s): %s", template.name, template.alg, e)

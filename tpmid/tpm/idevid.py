@@ -98,6 +98,7 @@ def derive_idevid(tpm: TpmContext, template: str) -> LoadedKey:
                       handles=("the endorsement hierarchy",)):
             handle, out_public, _, _, _ = tpm.esapi.create_primary(
                 TPM2B_SENSITIVE_CREATE(), public, ESYS_TR.ENDORSEMENT)
+            tpm.track(handle, f"the {template} IDevID")
         try:
             return LoadedKey(tpm, handle, out_public, transient=True,
                              description=f"ek-derived {template} IDevID")

@@ -38,6 +38,7 @@ def _create_storage_parent(tpm: TpmContext) -> ESYS_TR:
                   tpm, handles=("the owner hierarchy",)):
         handle, _, _, _, _ = tpm.esapi.create_primary(
             TPM2B_SENSITIVE_CREATE(), storage_parent_template(), ESYS_TR.OWNER)
+    tpm.track(handle, "the storage root key")
     if scope is not None:
         scope["primary"] = handle
     return handle
@@ -123,6 +124,7 @@ def create_loaded_key_file(tpm: TpmContext, alg: str) -> tuple[bytes, LoadedKey]
                     handle, private, public = tpm.esapi.create_loaded(
                         parent, TPM2B_SENSITIVE_CREATE(),
                         TPM2B_TEMPLATE(template.publicArea.marshal()))
+                    tpm.track(handle, "a new key-file key")
                 except Exception as e:
                     if not is_code(e, TPM2_RC.COMMAND_CODE):
                         raise
@@ -189,6 +191,7 @@ def load_key_file(tpm: TpmContext, pem: bytes) -> LoadedKey:
             try:
                 with tpm_call("loading the key file", tpm, handles=("the parent key",)):
                     handle = esapi.load(parent_tr, tss.private, public)
+                tpm.track(handle, "a key-file key")
             except TpmError as e:
                 if is_code(e, TPM2_RC.INTEGRITY):
                     last = e

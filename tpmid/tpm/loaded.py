@@ -44,6 +44,7 @@ def flush_transient(tpm: TpmContext, handle: ESYS_TR, what: str) -> None:
     try:
         with tpm_call(f"flushing {what}", tpm):
             tpm.esapi.flush_context(handle)
+        tpm.forget(handle)
     except TpmError as e:
         if not failing:
             raise

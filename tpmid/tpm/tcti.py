@@ -199,6 +199,18 @@ class SwtpmTcti(PyTCTI):
                 sock.close()
 
 
+def has_resource_manager(tcti: str) -> bool:
+    """True for TCTIs behind a resource manager (``/dev/tpmrm*``, tabrmd).
+
+    A resource manager flushes a client's transient objects when it goes away;
+    swtpm, mssim and ``/dev/tpm0`` keep them until they are flushed or the TPM resets.
+    """
+    name, _, conf = tcti.partition(":")
+    # A bare "device" may end up on /dev/tpm0: counted as without (a ledger is harmless
+    # behind a resource manager, a missing one is not without).
+    return "tabrmd" in name or (name.startswith("device") and "tpmrm" in conf)
+
+
 def open_tcti(tcti: str, timeout: float | None) -> SwtpmTcti | str:
     """What ESAPI gets for ``tcti``: a :class:`SwtpmTcti` for swtpm strings, else the string."""
     if timeout is None:

@@ -11,7 +11,9 @@ import logging
 from collections.abc import Iterator
 
 from tpmid.store import host_tpm_lock
+from tpmid.store.ledger import LEDGER_SUFFIX, TransientLedger
 from tpmid.tpm.connection import HierarchyPasswords, TpmConnection, TpmOpener
+from tpmid.tpm.tcti import has_resource_manager
 from tpmid.wiring import Runtime
 
 log = logging.getLogger("tpmid")
@@ -37,7 +39,12 @@ def tpm_opener(rt: Runtime) -> TpmOpener:
         lock = rt.tpm_lock_path()
         held = (host_tpm_lock(lock, timeout=tpm_config.lock_timeout, waiting=waiting)
                 if lock is not None else contextlib.nullcontext())
-        with held, TpmConnection(tpm_config.tcti, passwords, timeout=tpm_config.timeout) as tpm:
+        # Without a resource manager, the objects each process loads are recorded beside
+        # the lock, so that only a dead process's leftovers are ever flushed.
+        ledger = (TransientLedger(lock.with_name(lock.name + LEDGER_SUFFIX))
+                  if lock is not None and not has_resource_manager(tpm_config.tcti) else None)
+        with held, TpmConnection(tpm_config.tcti, passwords, timeout=tpm_config.timeout,
+                                 ledger=ledger) as tpm:
             yield tpm
 
     return open_tpm
