@@ -26,12 +26,12 @@ identities:
       issuer_anchors: [$work/est/manufacturer-ca.pem]
   ldevid:                                   # driver's licence: TPM key file, mTLS with the IDevID
     key: {kind: file, alg: ecc-p256}
-    subject: {cn: my-device-id}
+    subject: {cn: my-device-id, serial_number: DEMO-0001}   # the server binds it to the IDevID's
     est: {url: $base/.well-known/est/ldevid, auth: {client: idevid}}
     renew: {threshold: 80%, retry: 4%}
   edge-ca:                                  # Edge CA certificate, requested with the LDevID
     key: {kind: file, alg: ecc-p256}
-    subject: {cn: my-device-id Edge CA}
+    subject: {cn: my-device-id Edge CA, serial_number: DEMO-0001}
     profile: ca
     est: {url: $base/.well-known/est/edgeca, auth: {client: ldevid}}
     renew: {threshold: 80%, retry: 4%}

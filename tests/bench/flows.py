@@ -83,7 +83,7 @@ def renew_command(tpmid: list[str], env: Mapping[str, str]) -> tuple[list[str], 
     return ["enroll", "ldevid", "--reenroll"], "tpmid enroll ldevid --reenroll"
 
 
-def write_tpmid_config(rig: Rig, device: Device) -> Path:
+def write_tpmid_config(rig: Rig, device: Device, serial: str) -> Path:
     """The device's config file: a factory IDevID and an LDevID bootstrapped with it."""
     import yaml
 
@@ -106,10 +106,11 @@ def write_tpmid_config(rig: Rig, device: Device) -> Path:
                     "issuer_anchors": [str(srv.manufacturer_ca)],
                 },
             },
-            # As the walkthrough's LDevID: CN my-device-id, mutual TLS with the IDevID.
+            # As the walkthrough's LDevID: CN my-device-id, mutual TLS with the IDevID,
+            # carrying the IDevID's serialNumber (the server's subject_policy binds it).
             "ldevid": {
                 "key": {"kind": "file", "alg": "ecc-p256"},
-                "subject": {"cn": LDEVID_CN},
+                "subject": {"cn": LDEVID_CN, "serial_number": serial},
                 "est": {"url": srv.url("ldevid"), "auth": {"client": "idevid"}},
             },
         },
@@ -130,7 +131,7 @@ def run_tpmid_flow(rig: Rig, device: Device, serial: str, *, tpmid: list[str],
                    renew: tuple[list[str], str], count_processes: bool = False
                    ) -> list[StepResult]:
     """Provision, enroll and renew ``device`` with the tpmid CLI; stops at the first failure."""
-    config = write_tpmid_config(rig, device)
+    config = write_tpmid_config(rig, device, serial)
     env = tpmid_env(rig, config)
     steps: list[tuple[str, list[str], str]] = [
         ("provision",
@@ -216,7 +217,8 @@ source "$KIT/lib.sh"
 
 # A new signing key in the TPM, saved as a TSS2 PRIVATE KEY file.
 openssl genpkey -provider tpm2 -algorithm EC -pkeyopt group:P-256 -out ldevid.key
-openssl req -provider tpm2 -provider default -new -key ldevid.key -subj /CN=my-device-id \
+openssl req -provider tpm2 -provider default -new -key ldevid.key \
+    -subj "/CN=my-device-id/serialNumber=$SERIAL" \
     -out ldevid.csr
 fix_ecdsa_null ldevid.csr ldevid.der
 
@@ -237,7 +239,8 @@ RENEW_SH = r"""# Manual LDevID renewal with a new key. simplereenroll needs the 
 source "$KIT/lib.sh"
 
 openssl genpkey -provider tpm2 -algorithm EC -pkeyopt group:P-256 -out ldevid-next.key
-openssl req -provider tpm2 -provider default -new -key ldevid-next.key -subj /CN=my-device-id \
+openssl req -provider tpm2 -provider default -new -key ldevid-next.key \
+    -subj "/CN=my-device-id/serialNumber=$SERIAL" \
     -out ldevid-next.csr
 fix_ecdsa_null ldevid-next.csr ldevid-next.der
 

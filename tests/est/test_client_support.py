@@ -276,13 +276,14 @@ def identity_config(
             },
             "ldevid": {
                 "key": {"kind": "file", "alg": ldevid_alg or LDEVID_ALG[template]},
-                "subject": {"cn": "my-device-id"},
+                # The IDevID's serial: the server's ldevid/edgeca labels bind to it.
+                "subject": {"cn": "my-device-id", "serial_number": "TPMID-TEST-0001"},
                 "est": {"url": srv.url("ldevid"), "auth": {"client": "idevid"},
                         **(ldevid_est or {})},
             },
             "edgeca": {
                 "key": {"kind": "file", "alg": "ecc-p256"},
-                "subject": {"cn": "my-device-id Edge CA"},
+                "subject": {"cn": "my-device-id Edge CA", "serial_number": "TPMID-TEST-0001"},
                 "profile": "ca",
                 "est": {"url": srv.url("edgeca"), "auth": {"client": "ldevid"},
                         **(edgeca_est or {})},

@@ -12,6 +12,7 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -44,7 +45,13 @@ class Device:
 
 @pytest.fixture(params=["1.2", "1.3"], ids=["TLS 1.2", "TLS 1.3"])
 def device(request: pytest.FixtureRequest, swtpm: Swtpm, tmp_path: Path) -> Iterator[Device]:
-    srv = start_est_server(tmp_path / "srv", config=tls_versions(request.param))
+    def edit(d: dict[str, Any]) -> None:
+        tls_versions(request.param)(d)
+        # Only TPM signatures are counted here; the IDevID and the CSR carry no
+        # serialNumber, so the ldevid label does not bind subjects to it.
+        d["labels"]["ldevid"]["subject_policy"] = "any"
+
+    srv = start_est_server(tmp_path / "srv", config=edit)
     try:
         with TpmProxy(swtpm.host, swtpm.port, swtpm.ctrl_port).start() as proxy:
             tpm = TpmConnection(proxy.tcti)

@@ -30,11 +30,6 @@ from tpmid.errors import EstRetryLater
 from tpmid.policy import AttemptState, decide, jitter_rng
 from tpmid.tpm.connection import TpmConnection
 
-# Findings whose fix lands in a later commit of this series (strict: an unexpected
-# pass fails, so the mark must go with the fix).
-NOT_YET = pytest.mark.xfail(strict=True, reason="issue 10: fixed in a later commit")
-
-
 class BoundedClock:
     """``now``/``sleep`` for the 202 loop that refuses to be a busy loop."""
 
@@ -400,7 +395,6 @@ def test_est_server_on_an_impossible_port_is_a_clear_error(tmp_path: Path) -> No
 # ---------------------------------------------------------------- 10. server binds requests
 
 
-@NOT_YET
 def test_an_enrolled_device_cannot_obtain_a_certificate_for_another_device(
         field: Field) -> None:
     issued = len(field.server.issued())
@@ -408,6 +402,7 @@ def test_an_enrolled_device_cannot_obtain_a_certificate_for_another_device(
         cn="device-B", serial_number="FIELD-9999"))
     rc, _, err = field.cli("enroll", "ldevid")
     assert rc in (4, 5) and ("subject" in err or "serial" in err), err
+    assert "subject.serial_number" in err  # the hint says what to configure
     field.edit(lambda d: d["identities"]["edge-ca"]["subject"].update(
         cn="somebody else's Edge CA", serial_number="FIELD-9999"))
     rc, _, err = field.cli("enroll", "edge-ca")

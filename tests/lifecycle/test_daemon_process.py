@@ -42,13 +42,14 @@ def write_config(path: Path, server: RunningEstServer, tcti: str, store: Path,
             },
             "ldevid": {
                 "key": {"kind": "file", "alg": "ecc-p256"},
-                "subject": {"cn": "my-device-id"},
+                # The IDevID's serial: the server's ldevid/edgeca labels bind to it.
+                "subject": {"cn": "my-device-id", "serial_number": "DAEMON-0001"},
                 "est": {"url": server.url("ldevid"), "auth": {"client": "idevid"}},
                 "renew": renew,
             },
             "edge-ca": {
                 "key": {"kind": "file", "alg": "ecc-p256"},
-                "subject": {"cn": "my-edge-ca"},
+                "subject": {"cn": "my-edge-ca", "serial_number": "DAEMON-0001"},
                 "profile": "ca",
                 "est": {"url": server.url("edgeca"), "auth": {"client": "ldevid"}},
                 "renew": renew,

@@ -113,6 +113,11 @@ def _label(d: dict[str, Any], label: str, **settings: Any) -> None:
     d["labels"][label].update(settings)
 
 
+# identity_config's serialNumber (its IDevID's, bound by the server's client-serial labels)
+# as RFC 4514 writes it: serialNumber has no short name there.
+SN = "2.5.4.5=TPMID-TEST-0001"
+
+
 # --------------------------------------------------------------------------- the main flows
 
 
@@ -142,7 +147,7 @@ def test_idevid_by_secret_value_then_ldevid_over_mtls_with_the_tpm_idevid_key(
     ldevid = rig.enroll("ldevid")
 
     assert ldevid.certificate.issuer == load(rig.server.operator_ca)[0].subject
-    assert ldevid.certificate.subject.rfc4514_string() == "CN=my-device-id"
+    assert ldevid.certificate.subject.rfc4514_string() == f"{SN},CN=my-device-id"
     assert ldevid.key_path is not None
     stored_key = load_key_file(rig.tpm, ldevid.key_path.read_bytes())
     try:
@@ -151,7 +156,7 @@ def test_idevid_by_secret_value_then_ldevid_over_mtls_with_the_tpm_idevid_key(
         stored_key.close()
     # The LDevID request was authenticated by the TPM-held IDevID over the pinned version.
     assert (f"POST /.well-known/est/ldevid/simpleenroll label=ldevid status=200 "
-            f"client=2.5.4.5=TPMID-TEST-0001,CN=IDevID TLSv{tls}") in caplog.text
+            f"client={SN},CN=IDevID TLSv{tls}") in caplog.text
     # Durable, private files: key 0600 in a 0700 directory, certificates 0644.
     assert stat.S_IMODE(os.stat(ldevid.key_path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(ldevid.key_path.parent).st_mode) == 0o700
@@ -175,7 +180,7 @@ def test_ldevid_reenrolls_over_mtls_with_its_own_key_file_and_rotates_it(
     assert spki(second.certificate) != spki(first.certificate)  # rotate_key (default)
     assert second.certificate.subject == first.certificate.subject
     assert ("POST /.well-known/est/ldevid/simplereenroll label=ldevid status=200 "
-            "client=CN=my-device-id") in caplog.text
+            f"client={SN},CN=my-device-id") in caplog.text
     current = rig.store.current("ldevid")
     assert current is not None and current.cert == second.certificate
     assert first.key_path is not None and first.key_path.exists()  # previous version kept
@@ -209,7 +214,7 @@ def test_edge_ca_is_enrolled_at_the_edgeca_label_with_the_ldevid(
     bc = edge.certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
     assert bc.ca
     assert edge.certificate.issuer == load(rig.server.operator_ca)[0].subject
-    assert "label=edgeca status=200 client=CN=my-device-id" in caplog.text
+    assert f"label=edgeca status=200 client={SN},CN=my-device-id" in caplog.text
 
 
 def test_one_ldevid_enrollment_costs_the_documented_tpm_commands(
@@ -284,7 +289,8 @@ REJECTIONS: dict[str, tuple[str, dict[str, Any], type[Exception], str]] = {
         "issued a certificate for another key"),
     "rewritten subject (re-enrollment forcing)": (
         "edgeca", {"reenroll_forcing": True}, VerificationError,
-        "rewrote the subject: requested 'CN=my-device-id Edge CA', issued 'CN=my-device-id'"),
+        f"rewrote the subject: requested '{SN},CN=my-device-id Edge CA', "
+        f"issued '{SN},CN=my-device-id'"),
     "malformed body": (
         "ldevid", {"faults": {"malformed_body": True, "operations": ["simpleenroll"]}},
         EstProtocolError, "/ldevid/simpleenroll: the body is not a certs-only PKCS#7"),
@@ -329,8 +335,8 @@ def test_a_rewritten_subject_is_accepted_when_configured_and_reported(
     rig.enroll("ldevid")
     edge = rig.enroll("edgeca")
     assert edge.subject_rewritten
-    assert edge.summary()["requested_subject"] == "CN=my-device-id Edge CA"
-    assert edge.summary()["subject"] == "CN=my-device-id"
+    assert edge.summary()["requested_subject"] == f"{SN},CN=my-device-id Edge CA"
+    assert edge.summary()["subject"] == f"{SN},CN=my-device-id"
     assert "rewrote the subject" in caplog.text
 
 
@@ -560,7 +566,8 @@ def test_ldevid_over_mtls_with_a_software_key_file_for_bootstrap(
     """``auth.client: {cert, key}``: a software bootstrap credential, e.g. from a factory."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from tests.est.test_client import software_csr
+    from tpmid.config import SanConfig, SubjectConfig
+    from tpmid.csr import build_csr
     from tpmid.est.client import EstClient, make_session
     from tpmid.tls import client_tls
 
@@ -569,7 +576,11 @@ def test_ldevid_over_mtls_with_a_software_key_file_for_bootstrap(
     with client_tls(trust_anchors=load(rig.server.tls_ca)) as tls:
         boot = EstClient(rig.server.url("idevid"), make_session(tls), tls=tls,
                          headers={"Secret-Value": rig.server.secret})
-        cert = boot.simpleenroll(software_csr("bootstrap", key)[0]).certificate
+        # Like an IDevID, the factory credential names the device's serial, which the
+        # ldevid label (subject_policy client-serial) binds the LDevID's subject to.
+        boot_csr = build_csr(key, SubjectConfig(cn="bootstrap", serial_number="TPMID-TEST-0001"),
+                             SanConfig(), hash_name="sha256")
+        cert = boot.simpleenroll(boot_csr).certificate
     (tmp_path / "boot.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path = tmp_path / "boot.key"
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,

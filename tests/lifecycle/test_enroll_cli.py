@@ -36,7 +36,8 @@ def config_file(swtpm: Swtpm, est_server: RunningEstServer, tmp_path: Path,
             },
             "ldevid": {
                 "key": {"kind": "file", "alg": "ecc-p256"},
-                "subject": {"cn": "cli-device"},
+                # The IDevID's serial: the server's ldevid label binds to it.
+                "subject": {"cn": "cli-device", "serial_number": "CLI-0001"},
                 "est": {"url": est_server.url("ldevid"), "auth": {"client": "idevid"}},
             },
         },
@@ -65,7 +66,7 @@ def test_enroll_prints_subject_issuer_serial_expiry_fingerprint_and_paths(
     assert main(["enroll", "ldevid"]) == 0
     out = capsys.readouterr().out
     assert "enrolled ldevid (simpleenroll, version 0001)" in out
-    assert "subject:     CN=cli-device" in out
+    assert "subject:     2.5.4.5=CLI-0001,CN=cli-device" in out
     assert "key file:" in out and ".tss2.pem" in out
 
 

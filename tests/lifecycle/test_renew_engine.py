@@ -275,7 +275,8 @@ def test_config_reload_picks_up_a_changed_threshold(device: Device) -> None:
         "identities": {
             "idevid": {"key": {"kind": "persistent", "template": "H-2"},
                        "subject": {"cn": "IDevID", "serial_number": "TPMID-TEST-0001"}},
-            "ldevid": {"key": {"kind": "file"}, "subject": {"cn": "my-device-id"},
+            "ldevid": {"key": {"kind": "file"},
+                       "subject": {"cn": "my-device-id", "serial_number": "TPMID-TEST-0001"},
                        "est": {"url": device.server.url("ldevid"),
                                "auth": {"client": "idevid"}},
                        "renew": {"threshold": "60%", "jitter": "0%"}},

@@ -64,7 +64,7 @@ def test_status_of_an_enrolled_device_shows_certificate_key_placement_and_schedu
 
     ld = by_name["ldevid"]
     cert = enrolled.current("ldevid").cert
-    assert ld["subject"] == "CN=status-device"
+    assert ld["subject"] == "2.5.4.5=STATUS-0001,CN=status-device"
     assert ld["issuer"] == cert.issuer.rfc4514_string()
     assert ld["serial"] == f"{cert.serial_number:x}"
     assert ld["not_before"] == iso(cert.not_valid_before_utc)

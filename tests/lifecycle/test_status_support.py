@@ -122,12 +122,13 @@ def device_data(sim: Swtpm, srv: RunningEstServer, store: Path) -> dict[str, Any
             },
             "ldevid": {
                 "key": {"kind": "file", "alg": "ecc-p256"},
-                "subject": {"cn": "status-device"},
+                # The IDevID's serial: the server's ldevid/edgeca labels bind to it.
+                "subject": {"cn": "status-device", "serial_number": "STATUS-0001"},
                 "est": {"url": srv.url("ldevid"), "auth": {"client": "idevid"}},
             },
             "edgeca": {
                 "key": {"kind": "file", "alg": "ecc-p256"},
-                "subject": {"cn": "status-device Edge CA"},
+                "subject": {"cn": "status-device Edge CA", "serial_number": "STATUS-0001"},
                 "profile": "ca",
                 "est": {"url": srv.url("edgeca"), "auth": {"client": "ldevid"}},
             },

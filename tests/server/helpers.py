@@ -27,6 +27,9 @@ from tpmid.est import messages
 
 TLS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 HARDWARE_MODULE_NAME = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.4")  # RFC 4108 §5
+# The serialNumber of the device the helpers enroll: its IDevID carries it, and the
+# mTLS labels (subject_policy client-serial) issue only subjects that carry it too.
+DEVICE_SERIAL = "TEST-0001"
 
 
 @dataclass
@@ -110,14 +113,18 @@ def make_csr(
     key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
     cn: str | None = "device",
     *,
+    serial: str | None = None,
     dns: Sequence[str] = (),
     ips: Sequence[str] = (),
     hw_module: bytes | None = None,
     challenge: bytes | None = None,
     digest: hashes.HashAlgorithm | None = None,
 ) -> x509.CertificateSigningRequest:
-    """A CSR; ``hw_module`` is the DER of a HardwareModuleName (RFC 4108 §5)."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
+    """A CSR (CN, then serialNumber); ``hw_module`` is the DER of a HardwareModuleName."""
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []
+    if serial is not None:
+        attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial))
+    name = x509.Name(attrs)
     b = x509.CertificateSigningRequestBuilder().subject_name(name)
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
@@ -177,6 +184,7 @@ def enroll(
     name: str,
     *,
     cn: str | None = None,
+    serial: str | None = None,
     client: Identity | None = None,
     operation: str = "simpleenroll",
     headers: dict[str, str] | None = None,
@@ -189,7 +197,7 @@ def enroll(
     if label == "idevid" and "Secret-Value" not in hdrs:
         hdrs["Secret-Value"] = srv.secret
     reply = request(srv.url(label, operation), cafile=srv.tls_ca, method="POST",
-                    body=csr_body(make_csr(key, cn or name)), headers=hdrs,
+                    body=csr_body(make_csr(key, cn or name, serial=serial)), headers=hdrs,
                     cert=client.cert_path if client else None,
                     key=client.key_path if client else None, tls=tls)
     assert reply.status == 200, f"{label}/{operation}: {reply.status} {reply.text}"
@@ -198,13 +206,17 @@ def enroll(
                     write_cert(tmp / f"{name}.cert.pem", cert))
 
 
-def idevid(srv: RunningEstServer, tmp: Path, name: str = "idevid") -> Identity:
-    return enroll(srv, "idevid", tmp, name, cn="IDevID")
+def idevid(srv: RunningEstServer, tmp: Path, name: str = "idevid", *,
+           serial: str | None = DEVICE_SERIAL) -> Identity:
+    """An IDevID ``CN=IDevID, serialNumber=serial`` (no serialNumber when None)."""
+    return enroll(srv, "idevid", tmp, name, cn="IDevID", serial=serial)
 
 
 def ldevid(srv: RunningEstServer, tmp: Path, name: str = "ldevid",
-           cn: str = "my-device-id") -> Identity:
-    return enroll(srv, "ldevid", tmp, name, cn=cn, client=idevid(srv, tmp, f"{name}-idevid"))
+           cn: str = "my-device-id", *, serial: str = DEVICE_SERIAL) -> Identity:
+    """An LDevID with the serialNumber of the fresh IDevID that authenticates it."""
+    client = idevid(srv, tmp, f"{name}-idevid", serial=serial)
+    return enroll(srv, "ldevid", tmp, name, cn=cn, serial=serial, client=client)
 
 
 def b64(data: bytes) -> bytes:

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AttributeOID
 
 from tests.server.helpers import (
+    DEVICE_SERIAL,
     HARDWARE_MODULE_NAME,
     csr_body,
     enroll,
@@ -99,7 +100,7 @@ def test_csrattrs_configured_list_is_served_and_an_empty_one_is_204(
 def test_simpleenroll_at_idevid_issues_an_idevid_from_the_manufacturer_ca(
     est_server: RunningEstServer, tmp_path: Path
 ) -> None:
-    ident = idevid(est_server, tmp_path)
+    ident = idevid(est_server, tmp_path, serial=None)
     ident.cert.verify_directly_issued_by(ca_cert(est_server, "manufacturer"))
     assert ident.cert.subject.rfc4514_string() == "CN=IDevID"
     assert spki(ident.cert) == ident.key.public_key().public_bytes(
@@ -124,7 +125,7 @@ def test_simpleenroll_at_ldevid_and_edgeca_issue_from_the_operator_ca(
     dev = ldevid(est_server, tmp_path)
     dev.cert.verify_directly_issued_by(ca_cert(est_server, "operator"))
     edge = enroll(est_server, "edgeca", tmp_path, "edgeca", cn="my-device-id edge CA",
-                  client=dev)
+                  serial=DEVICE_SERIAL, client=dev)
     edge.cert.verify_directly_issued_by(ca_cert(est_server, "operator"))
     bc = edge.cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     assert (bc.ca, bc.path_length) == (True, 0)
@@ -133,7 +134,8 @@ def test_simpleenroll_at_ldevid_and_edgeca_issue_from_the_operator_ca(
 def test_label_less_enrollment_goes_to_the_default_label(est_server: RunningEstServer,
                                                          tmp_path: Path) -> None:
     dev = idevid(est_server, tmp_path)
-    cert = enroll(est_server, "", tmp_path, "default", cn="via-default", client=dev).cert
+    cert = enroll(est_server, "", tmp_path, "default", cn="via-default", serial=DEVICE_SERIAL,
+                  client=dev).cert
     cert.verify_directly_issued_by(ca_cert(est_server, "operator"))  # default label: ldevid
 
 
@@ -141,10 +143,11 @@ def test_every_issued_certificate_is_in_the_issue_log(fresh_est_server: RunningE
                                                      tmp_path: Path) -> None:
     dev = ldevid(fresh_est_server, tmp_path)
     records = fresh_est_server.issued()
+    serial = f"2.5.4.5={DEVICE_SERIAL}"  # RFC 4514 has no short name for serialNumber
     assert [(r["label"], r["subject"]) for r in records] == [
-        ("idevid", "CN=IDevID"), ("ldevid", "CN=my-device-id")]
+        ("idevid", f"{serial},CN=IDevID"), ("ldevid", f"{serial},CN=my-device-id")]
     assert records[-1]["serial"] == f"{dev.cert.serial_number:x}"
-    assert records[-1]["authenticated_as"] == "cert:CN=IDevID"
+    assert records[-1]["authenticated_as"] == f"cert:{serial},CN=IDevID"
 
 
 # --------------------------------------------------------------------------- /simplereenroll
@@ -154,8 +157,8 @@ def test_simplereenroll_renews_the_client_certificate_with_a_new_key(
     est_server: RunningEstServer, tmp_path: Path
 ) -> None:
     dev = ldevid(est_server, tmp_path)
-    renewed = enroll(est_server, "ldevid", tmp_path, "renewed", cn="my-device-id", client=dev,
-                     operation="simplereenroll")
+    renewed = enroll(est_server, "ldevid", tmp_path, "renewed", cn="my-device-id",
+                     serial=DEVICE_SERIAL, client=dev, operation="simplereenroll")
     assert renewed.cert.subject == dev.cert.subject
     assert spki(renewed.cert) != spki(dev.cert)
     assert renewed.cert.serial_number != dev.cert.serial_number
@@ -164,8 +167,8 @@ def test_simplereenroll_renews_the_client_certificate_with_a_new_key(
 def test_simplereenroll_with_the_same_key_is_allowed(est_server: RunningEstServer,
                                                      tmp_path: Path) -> None:
     dev = ldevid(est_server, tmp_path)
-    renewed = enroll(est_server, "ldevid", tmp_path, "renewed", cn="my-device-id", client=dev,
-                     operation="simplereenroll", key=dev.key)
+    renewed = enroll(est_server, "ldevid", tmp_path, "renewed", cn="my-device-id",
+                     serial=DEVICE_SERIAL, client=dev, operation="simplereenroll", key=dev.key)
     assert spki(renewed.cert) == spki(dev.cert)
 
 
@@ -178,14 +181,14 @@ def test_serverkeygen_returns_a_new_private_key_and_its_certificate(
     dev = idevid(est_server, tmp_path)
     csr_key = new_key()
     reply = request(est_server.url("ldevid", "serverkeygen"), cafile=est_server.tls_ca,
-                    method="POST", body=csr_body(make_csr(csr_key, "keygen-device")),
+                    method="POST", body=csr_body(make_csr(csr_key, "keygen-device", serial=DEVICE_SERIAL)),
                     headers={"Content-Type": messages.PKCS10},
                     cert=dev.cert_path, key=dev.key_path)
     assert reply.status == 200, reply.text
     key_der, certs = messages.parse_serverkeygen(reply.body, reply.headers["content-type"])
     key = serialization.load_der_private_key(key_der, password=None)
     (cert,) = certs
-    assert cert.subject.rfc4514_string() == "CN=keygen-device"
+    assert cert.subject.rfc4514_string() == f"2.5.4.5={DEVICE_SERIAL},CN=keygen-device"
     assert spki(cert) == key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     # RFC 7030 §4.4.1: the CSR's own key is ignored.
@@ -257,13 +260,15 @@ def test_oversized_request_body_is_413(est_server: RunningEstServer) -> None:
 @pytest.mark.parametrize("tls", ["1.2", "1.3"], ids=["tls1.2", "tls1.3"])
 def test_mtls_enrollment_works_over_tls_1_2_and_1_3(est_server: RunningEstServer,
                                                     tmp_path: Path, tls: str) -> None:
-    dev = enroll(est_server, "idevid", tmp_path, "idevid", cn="IDevID", tls=tls)
+    dev = enroll(est_server, "idevid", tmp_path, "idevid", cn="IDevID", serial=DEVICE_SERIAL,
+                 tls=tls)
     reply = request(est_server.url("ldevid", "simpleenroll"), cafile=est_server.tls_ca,
-                    method="POST", body=csr_body(make_csr(new_key(), "tls-" + tls)),
+                    method="POST",
+                    body=csr_body(make_csr(new_key(), "tls-" + tls, serial=DEVICE_SERIAL)),
                     headers={"Content-Type": messages.PKCS10},
                     cert=dev.cert_path, key=dev.key_path, tls=tls)
     assert reply.tls_version == f"TLSv{tls}"
-    assert reply.cert().subject.rfc4514_string() == f"CN=tls-{tls}"
+    assert reply.cert().subject.rfc4514_string() == f"2.5.4.5={DEVICE_SERIAL},CN=tls-{tls}"
 
 
 def test_tls_minimum_version_from_config_refuses_older_clients(est_server_factory) -> None:
@@ -286,7 +291,7 @@ def test_one_access_log_line_per_request_and_never_the_secret(
     fresh_est_server: RunningEstServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="tpmid.server")
-    idevid(fresh_est_server, tmp_path)
+    idevid(fresh_est_server, tmp_path, serial=None)
     request(fresh_est_server.url("idevid", "simpleenroll"), cafile=fresh_est_server.tls_ca,
             method="POST", body=csr_body(make_csr(new_key())),
             headers={"Content-Type": messages.PKCS10, "Secret-Value": "wrong-" + "x" * 8})

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.server.helpers import (
+    DEVICE_SERIAL,
     Identity,
     Reply,
     csr_body,
@@ -59,7 +60,8 @@ def device(est_server: RunningEstServer, tmp_path: Path) -> Identity:
     dev_id = idevid(est_server, tmp_path)
     key = new_key()
     reply = post(est_server, "ldevid",
-                 csr_body(make_csr(key, "my-device-id", dns=["dev.example"])), client=dev_id)
+                 csr_body(make_csr(key, "my-device-id", serial=DEVICE_SERIAL, dns=["dev.example"])),
+                 client=dev_id)
     cert = reply.cert()
     return Identity(key, cert, write_key(tmp_path / "dev.key", key),
                     write_cert(tmp_path / "dev.pem", cert))
@@ -79,7 +81,8 @@ def test_simplereenroll_requires_subject_and_san_equal_to_the_client_certificate
     est_server: RunningEstServer, device: Identity, cn: str, dns: list[str], status: int,
     complaint: str
 ) -> None:
-    reply = post(est_server, "ldevid", csr_body(make_csr(new_key(), cn, dns=dns)),
+    reply = post(est_server, "ldevid",
+                 csr_body(make_csr(new_key(), cn, serial=DEVICE_SERIAL, dns=dns)),
                  client=device, operation="simplereenroll")
     assert reply.status == status, reply.text
     assert complaint in reply.text
@@ -127,9 +130,9 @@ def test_reenrollment_forcing_copies_the_subject_of_a_certificate_from_the_same_
 ) -> None:
     dev = ldevid(fresh_est_server, tmp_path)
     fresh_est_server.configure("ldevid", reenroll_forcing=forcing)
-    reply = post(fresh_est_server, "ldevid", csr_body(make_csr(new_key(), "requested-name")),
-                 client=dev)
-    assert reply.cert().subject.rfc4514_string() == f"CN={expected_cn}"
+    reply = post(fresh_est_server, "ldevid",
+                 csr_body(make_csr(new_key(), "requested-name", serial=DEVICE_SERIAL)), client=dev)
+    assert reply.cert().subject.rfc4514_string() == f"2.5.4.5={DEVICE_SERIAL},CN={expected_cn}"
 
 
 def test_reenrollment_forcing_ignores_certificates_from_another_ca(
@@ -139,9 +142,9 @@ def test_reenrollment_forcing_ignores_certificates_from_another_ca(
     # not trigger the "upgrade" at the operator-CA label.
     fresh_est_server.configure("ldevid", reenroll_forcing=True)
     dev = idevid(fresh_est_server, tmp_path)
-    reply = post(fresh_est_server, "ldevid", csr_body(make_csr(new_key(), "my-device-id")),
-                 client=dev)
-    assert reply.cert().subject.rfc4514_string() == "CN=my-device-id"
+    reply = post(fresh_est_server, "ldevid",
+                 csr_body(make_csr(new_key(), "my-device-id", serial=DEVICE_SERIAL)), client=dev)
+    assert reply.cert().subject.rfc4514_string() == f"2.5.4.5={DEVICE_SERIAL},CN=my-device-id"
 
 
 def test_reenrollment_forcing_at_edgeca_gives_the_edge_ca_the_ldevid_subject(
@@ -150,7 +153,8 @@ def test_reenrollment_forcing_at_edgeca_gives_the_edge_ca_the_ldevid_subject(
     # The surprise the IoT Edge walkthrough asks GlobalSign to switch off.
     fresh_est_server.configure("edgeca", reenroll_forcing=True)
     dev = ldevid(fresh_est_server, tmp_path)
-    reply = post(fresh_est_server, "edgeca", csr_body(make_csr(new_key(), "edge ca")), client=dev)
+    reply = post(fresh_est_server, "edgeca",
+                 csr_body(make_csr(new_key(), "edge ca", serial=DEVICE_SERIAL)), client=dev)
     assert reply.cert().subject == dev.cert.subject
 
 
@@ -290,8 +294,9 @@ def _pop_body(challenge: str):
     def build(tls_unique: bytes | None) -> bytes:
         value = {"right": base64.b64encode(tls_unique or b""), "wrong": b"bm90IHRoZSB2YWx1ZQ=="}
         if challenge == "none":
-            return csr_body(make_csr(key, "pop-device"))
-        return csr_body(make_csr(key, "pop-device", challenge=value[challenge]))
+            return csr_body(make_csr(key, "pop-device", serial=DEVICE_SERIAL))
+        return csr_body(make_csr(key, "pop-device", serial=DEVICE_SERIAL,
+                                 challenge=value[challenge]))
 
     return build
 
@@ -412,11 +417,11 @@ def test_twenty_parallel_enrollments_all_succeed_with_distinct_certificates(
 
     def one(i: int) -> x509.Certificate:
         return enroll(fresh_est_server, "ldevid", tmp_path, f"dev{i}", cn=f"device-{i:02d}",
-                      client=dev).cert
+                      serial=DEVICE_SERIAL, client=dev).cert
 
     with ThreadPoolExecutor(max_workers=20) as pool:
         certs = list(pool.map(one, range(20)))
     assert sorted(c.subject.rfc4514_string() for c in certs) == [
-        f"CN=device-{i:02d}" for i in range(20)]
+        f"2.5.4.5={DEVICE_SERIAL},CN=device-{i:02d}" for i in range(20)]
     assert len({c.serial_number for c in certs}) == 20
     assert len([r for r in fresh_est_server.issued() if r["label"] == "ldevid"]) == 20

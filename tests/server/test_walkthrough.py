@@ -3,7 +3,8 @@
 From ``../shared/reference/iot-edge-est-walkthrough.txt`` (Microsoft's "Automatic
 IoT Edge Certificate Management with GlobalSign EST"): only the URL, the secret
 and ``--cacert`` (our TLS CA) are filled in. The same curl | openssl style is
-then used with ``--cert/--key`` (software keys) against the mTLS labels.
+then used with ``--cert/--key`` (software keys) against the mTLS labels, whose
+``subject_policy: client-serial`` wants the device's serialNumber in every subject.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-def idevid_walkthrough(srv: RunningEstServer, cwd: Path) -> None:
+def idevid_walkthrough(srv: RunningEstServer, cwd: Path, subj: str = "/CN=IDevID") -> None:
     cacert = shlex.quote(str(srv.tls_ca))
     idevid_cacerts = srv.url("idevid", "cacerts")
     idevid_enroll = srv.url("idevid", "simpleenroll")
@@ -48,7 +49,7 @@ def idevid_walkthrough(srv: RunningEstServer, cwd: Path) -> None:
     ok(f"curl --cacert {cacert} {idevid_cacerts}| openssl base64 -d | openssl pkcs7 -inform DER "
        "-outform PEM -print_certs | openssl x509 -out globalsign-root.cert.pem", cwd)
     # "Use openssl to create a new private key and certificate signing request (CSR)."
-    ok("openssl req -nodes -new -subj /CN=IDevID -sha256 -keyout IDevID.key.pem -out IDevID.csr",
+    ok(f"openssl req -nodes -new -subj {subj} -sha256 -keyout IDevID.key.pem -out IDevID.csr",
        cwd)
     # "Send the CSR to GlobalSign's simple enroll EST endpoint using curl ..."
     ok(f'curl -X POST --data-binary "@IDevID.csr" -H "Content-Transfer-Encoding:base64" '
@@ -83,7 +84,8 @@ def test_walkthrough_idevid_pipeline_fails_with_a_wrong_secret(est_server: Runni
 def test_mtls_pipelines_get_ldevid_and_edge_ca_with_curl_cert_and_key(
     est_server: RunningEstServer, tmp_path: Path
 ) -> None:
-    idevid_walkthrough(est_server, tmp_path)
+    # The device's serial is in its IDevID, and in every name it asks for with it.
+    idevid_walkthrough(est_server, tmp_path, "/CN=IDevID/serialNumber=WALK-0001")
     ca = f"--cacert {shlex.quote(str(est_server.tls_ca))}"
     as_idevid = "--cert IDevID.cert.pem --key IDevID.key.pem"
     as_ldevid = "--cert LDevID.cert.pem --key LDevID.key.pem"
@@ -92,15 +94,15 @@ def test_mtls_pipelines_get_ldevid_and_edge_ca_with_curl_cert_and_key(
     # LDevID: operator CA, authenticated by the IDevID.
     ok(f"curl {ca} {as_idevid} {est_server.url('ldevid', 'cacerts')} | {TO_PEM} "
        "operator-root.cert.pem", tmp_path)
-    ok("openssl req -nodes -new -subj /CN=my-device-id -sha256 -keyout LDevID.key.pem "
-       "-out LDevID.csr", tmp_path)
+    ok("openssl req -nodes -new -subj /CN=my-device-id/serialNumber=WALK-0001 -sha256 "
+       "-keyout LDevID.key.pem -out LDevID.csr", tmp_path)
     ok(f'curl {post} --data-binary "@LDevID.csr" {ca} {as_idevid} '
        f"{est_server.url('ldevid', 'simpleenroll')} | {TO_PEM} LDevID.cert.pem", tmp_path)
     assert ok("openssl verify -CAfile operator-root.cert.pem LDevID.cert.pem",
               tmp_path).strip() == "LDevID.cert.pem: OK"
 
     # Edge CA: operator CA, authenticated by the LDevID.
-    ok("openssl req -nodes -new -subj '/CN=my-device-id Edge CA' -sha256 "
+    ok("openssl req -nodes -new -subj '/CN=my-device-id Edge CA/serialNumber=WALK-0001' -sha256 "
        "-keyout EdgeCA.key.pem -out EdgeCA.csr", tmp_path)
     ok(f'curl {post} --data-binary "@EdgeCA.csr" {ca} {as_ldevid} '
        f"{est_server.url('edgeca', 'simpleenroll')} | {TO_PEM} EdgeCA.cert.pem", tmp_path)
@@ -110,8 +112,8 @@ def test_mtls_pipelines_get_ldevid_and_edge_ca_with_curl_cert_and_key(
     assert "CA:TRUE, pathlen:0" in constraints
 
     # Renewal of the LDevID: simplereenroll with the LDevID itself, new key.
-    ok("openssl req -nodes -new -subj /CN=my-device-id -sha256 -keyout LDevID2.key.pem "
-       "-out LDevID2.csr", tmp_path)
+    ok("openssl req -nodes -new -subj /CN=my-device-id/serialNumber=WALK-0001 -sha256 "
+       "-keyout LDevID2.key.pem -out LDevID2.csr", tmp_path)
     ok(f'curl {post} --data-binary "@LDevID2.csr" {ca} {as_ldevid} '
        f"{est_server.url('ldevid', 'simplereenroll')} | {TO_PEM} LDevID2.cert.pem", tmp_path)
     old, new = cert(tmp_path / "LDevID.cert.pem"), cert(tmp_path / "LDevID2.cert.pem")

@@ -19,8 +19,8 @@ from tpmid.errors import ConfigError
 
 _AUTH_NOTES = {
     "idevid": "Secret-Value header",
-    "ldevid": "client certificate: IDevID or LDevID",
-    "edgeca": "client certificate: LDevID",
+    "ldevid": "client certificate: IDevID or LDevID; subject serialNumber: the client's",
+    "edgeca": "client certificate: LDevID; subject serialNumber: the client's",
 }
 
 

@@ -503,12 +503,24 @@ class EstClient:
             return
         text = _printable(resp.body, self._secrets)
         said = f": {text}" if text else ""
-        if resp.status in (401, 403):
+        if resp.status == 401:
             raise EstAuthError(
                 f"{url}: the server rejected our credentials ({resp.status} {resp.reason}){said}",
                 status=resp.status, body=text,
                 hint="check the EST secret, user name/password or client certificate "
                 "configured in est.auth for this identity",
+            )
+        if resp.status == 403:
+            # RFC 9110 §15.5.4: understood and refused. Credentials, or what was asked for
+            # (a subject this client may not have); the server's words say which.
+            subject = "subject" in text.lower() or "serialnumber" in text.lower()
+            raise EstAuthError(
+                f"{url}: the server refused the request ({resp.status} {resp.reason}){said}",
+                status=resp.status, body=text,
+                hint=("configure the subject the CA allows for this device (for example the "
+                      "IDevID's serialNumber in subject.serial_number)" if subject else
+                      "check the EST secret, user name/password or client certificate "
+                      "configured in est.auth for this identity"),
             )
         if 300 <= resp.status < 400:
             where = resp.headers.get("location", "nowhere")

@@ -198,6 +198,9 @@ def _explain(e: Exception) -> str:
     text = text.replace("Python extension validator failed: ValueError: ", "")
     for oid, ext in _EXTENSION_NAMES.items():
         text = text.replace(f"invalid extension: {oid}:", f"extension {ext} ({oid}):")
+    if "candidates exhausted" in text and "interior errors" in text:
+        # No certificate in the store issued it: the verifier found no path at all.
+        text = "it was not issued by any of them (no chain to those CA certificates)"
     return text
 
 

@@ -86,14 +86,17 @@ def managed_identities(config: Config) -> list[str]:
     return ordered
 
 
-def plan_renewal(config: Config, store: Store, name: str, now: datetime) -> Decision:
+def plan_renewal(config: Config, store: Store, name: str, now: datetime, *,
+                 attempt: AttemptState | None = None) -> Decision:
     """The next event for ``name``; a missing certificate is due now (spaced by retry).
 
     Reads the store only (certificate, attempt state, journal): ``tpmid status``
-    calls it too, without a TPM or a network.
+    calls it too, without a TPM or a network. ``attempt`` overrides the stored
+    attempt state (the engine's, when the store could not record it).
     """
     ident = config.identity(name)
-    attempt = store.load_state(name)
+    if attempt is None:
+        attempt = store.load_state(name)
     try:
         current = store.current(name)
     except StoreError as e:
@@ -199,6 +202,7 @@ class RenewalEngine:
     follow_chains: bool = False
 
     _clients: EstClientFactory | None = field(default=None, init=False, repr=False)
+    _unsaved: dict[str, AttemptState] = field(default_factory=dict, init=False, repr=False)
 
     def clients(self) -> EstClientFactory:
         """The EST client factory, built on first use."""
@@ -214,7 +218,32 @@ class RenewalEngine:
     def plan(self, name: str, now: datetime) -> Decision:
         """The next event for ``name`` (see :func:`plan_renewal`), after repairing damage."""
         self.repair(name)
-        return plan_renewal(self.config, self.store, name, now)
+        return plan_renewal(self.config, self.store, name, now, attempt=self.load_state(name))
+
+    def load_state(self, name: str) -> AttemptState:
+        """The attempt state: the store's, or a newer one kept in memory (see :meth:`save_state`)."""
+        stored = self.store.load_state(name)
+        kept = self._unsaved.get(name)
+        if kept is None or (stored.last_attempt is not None and kept.last_attempt is not None
+                            and stored.last_attempt > kept.last_attempt):
+            return stored
+        return kept
+
+    def save_state(self, name: str, state: AttemptState) -> None:
+        """Record the attempt state; kept in memory when the store cannot take it.
+
+        A full or read-only disk must not turn the retry schedule into a loop:
+        the daemon then plans from what it remembers.
+        """
+        try:
+            self.store.save_state(name, state)
+        except StoreError as e:
+            if name not in self._unsaved:
+                log.error("%s: cannot record the renewal attempt in the store (%s); keeping "
+                          "it in memory", name, e)
+            self._unsaved[name] = state
+        else:
+            self._unsaved.pop(name, None)
 
     def repair(self, name: str) -> None:
         """Run recovery for ``name`` if its current version is damaged or its link lost.
@@ -244,31 +273,31 @@ class RenewalEngine:
         """
         ident = self.config.identity(name)
         self.repair(name)
-        attempt = self.store.load_state(name)
+        attempt = self.load_state(name)
         try:
             try:
                 result = self._enroll(name, ident, now, attempt)
             except KeyUnavailableError as e:
                 if not self._heal(name, e):
                     raise
-                attempt = self.store.load_state(name)
+                attempt = self.load_state(name)
                 result = self._enroll(name, ident, self.now(), attempt)
         except EstRetryLater as e:
-            self.store.save_state(name, attempt.pending(now, e.retry_after))
+            self.save_state(name, attempt.pending(now, e.retry_after))
             raise
         except Cancelled:
             raise  # stopping: not a failed attempt (a request sent stays in the journal)
         except TpmidError as e:
-            self.store.save_state(name, self.store.load_state(name).failed(
+            self.save_state(name, self.load_state(name).failed(
                 now, e.message, getattr(e, "retry_after", None)))
             raise
-        self.store.save_state(name, AttemptState.succeeded(self.now()))
+        self.save_state(name, AttemptState.succeeded(self.now()))
         self._retire_old_keys(name, ident, result.version)
         self._run_hooks(ident, result)
         for other in self.dependents(name):
             # Identities that lost their key and authenticate with this one: now they can.
             chained = self.follow_chains and self.config.identities[other].renew.chain
-            if not (chained or self.store.load_state(other).key_lost):
+            if not (chained or self.load_state(other).key_lost):
                 continue
             log.info("%s: renewing now, after %s (%s)", other, name,
                      "renew.chain" if chained else "its key was lost")
@@ -305,9 +334,9 @@ class RenewalEngine:
         return lost == name
 
     def _mark_key_lost(self, name: str) -> None:
-        state = self.store.load_state(name)
+        state = self.load_state(name)
         if not state.key_lost:
-            self.store.save_state(name, state.lost_key())
+            self.save_state(name, state.lost_key())
             est = self.config.identity(name).est
             via = est.auth.client if est is not None and est.auth.client else "est.auth"
             log.warning("%s: renewing now with a new key, authenticated through %s", name, via)
@@ -346,7 +375,7 @@ class RenewalEngine:
                     current = self.store.current(name)
                 except StoreError:
                     continue
-                if current is None or self.store.load_state(name).key_lost:
+                if current is None or self.load_state(name).key_lost:
                     continue
                 key = identity_key(self.config.identity(name))
                 try:

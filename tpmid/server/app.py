@@ -10,6 +10,9 @@ readable in one place:
 * CSR checks — syntax, signature, key strength, optional PoP (§3.5);
 * re-enrollment — the TLS client certificate is the identity being renewed,
   and the CSR's subject and SANs must equal it (§4.2.2);
+* subject policy — the label decides which subjects the authenticated client
+  may ask for at all (:mod:`tpmid.server.subject_policy`), for every operation
+  that issues;
 * behaviours of real services — pending (202), re-enrollment forcing, libest
   quirks — and the fault knobs used by the client's test suite.
 """
@@ -353,6 +356,11 @@ class EstApp:
             # certificate this CA issued is "upgraded" to a re-enrollment and
             # gets that certificate's names, whatever the CSR says.
             subject, san = client_cert.subject, _san_of(client_cert)
+        # Whatever the operation: the name about to be issued must be the
+        # requester's to ask for (fault knobs rewrite the subject only later).
+        refusal = label.subject_policy.refusal(subject, client_cert)
+        if refusal is not None:
+            raise _reject(403, refusal)
         if len(subject) == 0 and not san:
             raise _reject(400, "the CSR has neither a subject nor a subjectAltName")
 

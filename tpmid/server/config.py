@@ -21,6 +21,12 @@ from cryptography import x509
 from tpmid.config import MappingReader, parse_duration, read_yaml_file, shown
 from tpmid.errors import ConfigError
 from tpmid.est.messages import CsrAttr, der_oid
+from tpmid.server.subject_policy import (
+    SUBJECT_POLICIES,
+    AnySubject,
+    ClientSerialSubject,
+    SubjectPolicy,
+)
 
 CaName = Literal["manufacturer", "operator"]
 Profile = Literal["idevid", "ldevid", "edgeca"]
@@ -126,13 +132,18 @@ class Faults:
 
 @dataclass(frozen=True)
 class LabelConfig:
-    """One EST label (RFC 7030 §3.2.2): a CA, a certificate profile, an auth policy, behaviours."""
+    """One EST label (RFC 7030 §3.2.2): a CA, a certificate profile, an auth policy, behaviours.
+
+    ``subject_policy`` says which subjects the authenticated client may ask for
+    (:mod:`tpmid.server.subject_policy`).
+    """
 
     name: str
     ca: str
     profile: str
     lifetime: float
     auth: AuthPolicy
+    subject_policy: SubjectPolicy
     pending: int = 0  # first N requests per CSR key get 202 + Retry-After
     retry_after: float = 5.0
     reenroll_forcing: bool = False
@@ -214,6 +225,27 @@ def _auth(r: MappingReader) -> AuthPolicy:
     return policy
 
 
+def _subject_policy(r: MappingReader, auth: AuthPolicy) -> SubjectPolicy:
+    """The label's ``subject_policy``; if absent, ``client-serial`` under client_cert auth, else any.
+
+    Why that default: a label that authenticates devices by their certificate is
+    exactly where one device could ask for another's name, so it is bound unless
+    the file says ``any`` — which also protects config files written before the
+    key existed. A label authenticated by a shared secret, a password or nothing
+    has no client certificate to bind to, so ``client-serial`` there would refuse
+    every request and is a config error.
+    """
+    binds = isinstance(auth, ClientCertAuth)
+    kind = r.string("subject_policy", "client-serial" if binds else "any",
+                    choices=SUBJECT_POLICIES)
+    if kind == "any":
+        return AnySubject()
+    if not binds:
+        raise r.err("subject_policy", f"{kind} binds the subject to the TLS client certificate, "
+                    f"so it needs auth client_cert (this label uses {auth.kind}); use any")
+    return ClientSerialSubject()
+
+
 def parse_csrattrs(value: object, where: str, source: str) -> tuple[CsrAttr, ...]:
     """CSR attribute items from YAML: OID strings, or ``{type: OID, values: [OID, ...]}``."""
     if not isinstance(value, list):
@@ -292,6 +324,7 @@ def _label(name: str, r: MappingReader) -> LabelConfig:
     if "auth" not in r.data:
         raise r.err("auth", "is required (secret_value, basic, client_cert or anonymous)")
     auth = _auth(r.sub("auth"))
+    subject_policy = _subject_policy(r, auth)
     csrattrs = (parse_csrattrs(r.pop("csrattrs"), r.path("csrattrs"), r.source)
                 if r.has("csrattrs") else None)
     label = LabelConfig(
@@ -300,6 +333,7 @@ def _label(name: str, r: MappingReader) -> LabelConfig:
         profile=profile,
         lifetime=lifetime,
         auth=auth,
+        subject_policy=subject_policy,
         pending=r.whole("pending", 0),
         retry_after=r.duration("retry_after", 5),
         reenroll_forcing=r.flag("reenroll_forcing", False),

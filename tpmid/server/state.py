@@ -134,6 +134,8 @@ labels:
       secret_value:
         header: Secret-Value
         hash: "{secret_hash}"
+    # The factory names the device: whoever holds the secret may ask for any subject.
+    subject_policy: any
     csrattrs: {_default_csrattrs_yaml(alg)}
 
   # LDevID (device identity): operator CA; the client certificate is the
@@ -145,6 +147,9 @@ labels:
     auth:
       client_cert:
         issuers: [manufacturer, operator]
+    # The subject's serialNumber must be the client certificate's: a device gets
+    # certificates for itself only, never for another device's serial.
+    subject_policy: client-serial
     csrattrs: {_default_csrattrs_yaml(alg)}
 
   # Edge CA: operator CA, CA:TRUE pathlen 0; authenticated by the LDevID
@@ -156,6 +161,8 @@ labels:
     auth:
       client_cert:
         issuers: [operator]
+    # The Edge CA carries the serialNumber of the LDevID that asks for it.
+    subject_policy: client-serial
     csrattrs: {_default_csrattrs_yaml(alg)}
 
 # Behaviours and fault knobs, per label (all off by default):

@@ -81,6 +81,8 @@ class LedgerEntry:
 class TransientLedger:
     """The ledger file (see the module docstring); used only with the host TPM lock held."""
 
+    _warned = False
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._pid = os.getpid()
@@ -130,4 +132,7 @@ class TransientLedger:
             atomic_write(self.path, data + b"\n", 0o644, durable=False)
         except (OSError, StoreError) as e:
             # The TPM work goes on: at worst a leftover object is not flushed for us.
-            log.warning("cannot update the TPM object ledger %s: %s", self.path, e)
+            # Said once per process (a read-only store would say it for every object).
+            (log.debug if self._warned else log.warning)(
+                "cannot update the TPM object ledger %s: %s", self.path, e)
+            TransientLedger._warned = True

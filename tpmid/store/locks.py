@@ -14,6 +14,7 @@ There is no stale lock after a crash or power loss: the kernel releases
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -33,19 +34,22 @@ def acquire_lock(path: Path, *, wait: bool, timeout: float | None,
 
     ``timeout`` bounds a wait (None: no bound); ``waiting(holder)`` is told once,
     after a second, that the lock is held by someone else (the holder named as
-    "pid N (command)"). The wait is :func:`~tpmid.cancel.interruptible`.
+    "pid N: tpmid renew ldevid"). The wait is :func:`~tpmid.cancel.interruptible`.
     """
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except PermissionError:
-        # A lock file created by another user: flock works on a read-only fd too.
+    except OSError as first:
+        if not isinstance(first, PermissionError) and first.errno != errno.EROFS:
+            raise StoreError(f"cannot open lock file {path}: {first.strerror}") from first
+        # A lock file created by another user, or a read-only file system: flock
+        # works on a read-only descriptor too.
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise StoreError(f"cannot open lock file {path}: {e.strerror}",
-                             hint="run tpmid as the user that owns the store") from e
-    except OSError as e:
-        raise StoreError(f"cannot open lock file {path}: {e.strerror}") from e
+            why = first if e.errno == errno.ENOENT else e  # it cannot be created
+            raise StoreError(f"cannot open lock file {path}: {why.strerror}",
+                             hint="run tpmid as the user that owns the store, on a writable "
+                             "file system") from e
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     told = waiting is None
