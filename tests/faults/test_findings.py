@@ -30,6 +30,7 @@ from tpmid.errors import EstRetryLater
 from tpmid.policy import AttemptState, decide, jitter_rng
 from tpmid.tpm.connection import TpmConnection
 
+
 class BoundedClock:
     """``now``/``sleep`` for the 202 loop that refuses to be a busy loop."""
 
