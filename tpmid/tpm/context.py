@@ -20,8 +20,10 @@ use its subclass :class:`tpmid.tpm.connection.TpmConnection`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,7 @@ from tpmid.errors import TpmError, TpmidError
 from tpmid.store.ledger import LedgerEntry, TransientLedger
 from tpmid.tpm.rc import LAYER_MASK, TCTI_LAYER, describe_error, is_code, tpm_call
 from tpmid.tpm.tcti import SwtpmTcti, open_tcti
+from tpmid.tpm.templates import template_fields
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +296,29 @@ class TpmContext:
         """Handles of the transient objects currently loaded in the TPM."""
         return self.handles(TRANSIENT_FIRST)
 
+    @contextlib.contextmanager
+    def creating(self, what: str, *, template: Any = None, public: Any = None) -> Iterator[None]:
+        """Around a command that creates or loads a transient object: ledger it first.
+
+        ``template`` (a TPM2B_PUBLIC/TPMT_PUBLIC the object is made from) or
+        ``public`` (the public area of a key being loaded) lets a later clean-up
+        recognise the object if this process dies before :meth:`track` records it.
+        """
+        if self.ledger is None:
+            yield
+            return
+        if public is not None:
+            area = public.publicArea if hasattr(public, "publicArea") else public
+            match = "name:" + bytes(area.get_name()).hex()
+        else:
+            match = "fields:" + template_fields(template).hex()
+        self.ledger.expect(match, what)
+        try:
+            yield
+        except BaseException:
+            self.ledger.settle()
+            raise
+
     def track(self, tr: Any, what: str) -> None:
         """Record a transient object this process just loaded in the ledger (if any)."""
         if self.ledger is None:
@@ -323,8 +349,16 @@ class TpmContext:
         if self.ledger is None:
             return result
         present = set(self.transient_handles())
+        entries = self.ledger.entries()
+        recorded = {e.handle for e in entries if not e.pending}
         kept: list[LedgerEntry] = []
-        for entry in self.ledger.entries():
+        for entry in entries:
+            if entry.pending:
+                if entry.alive:
+                    kept.append(entry)
+                else:  # killed between the TPM's answer and the ledger's update
+                    self._flush_unrecorded(entry, present - recorded, result)
+                continue
             if entry.handle not in present:
                 continue  # flushed, or the TPM was reset since
             if entry.alive:
@@ -339,8 +373,28 @@ class TpmContext:
             present.discard(entry.handle)
             result.flushed.append(entry)
         self.ledger.keep_only(kept)
-        result.foreign = sorted(present - {e.handle for e in kept})
+        result.foreign = sorted(present - {e.handle for e in kept}
+                                - {e.handle for e in result.flushed})
         return result
+
+    def _flush_unrecorded(self, entry: LedgerEntry, candidates: set[int],
+                          result: StaleTransients) -> None:
+        """Flush the one unrecorded object that a dead process's pending entry describes."""
+        kind, _, value = entry.match.partition(":")
+        for handle in sorted(candidates - {e.handle for e in result.flushed}):
+            with self.lock, tpm_call(f"reading transient object {handle:#x}", self):
+                tr = self.esapi.tr_from_tpmpublic(handle)
+                if kind == "name":
+                    same = bytes(self.esapi.tr_get_name(tr)).hex() == value
+                else:
+                    public, _, _ = self.esapi.read_public(tr)
+                    same = template_fields(public).hex() == value
+                if not same:
+                    self.esapi.tr_close(tr)
+                    continue
+                self.esapi.flush_context(tr)
+            result.flushed.append(LedgerEntry(handle, "", entry.what, entry.pid, entry.start))
+            return
 
     def persistent_handles(self) -> list[int]:
         """Handles of all persistent objects (0x81xxxxxx)."""

@@ -189,10 +189,12 @@ def _create_ek_public(tpm: TpmContext, template: EkTemplate) -> TPM2B_PUBLIC | N
 
     esapi = tpm.esapi
     try:
-        with tpm_call(f"creating the EK from template {template.name}", tpm,
-                      handles=("the endorsement hierarchy",)):
+        ek_template = template.public()
+        with tpm.creating(f"the {template.name} EK", template=ek_template), \
+                tpm_call(f"creating the EK from template {template.name}", tpm,
+                         handles=("the endorsement hierarchy",)):
             handle, public, _, _, _ = esapi.create_primary(
-                TPM2B_SENSITIVE_CREATE(), template.public(), ESYS_TR.ENDORSEMENT)
+                TPM2B_SENSITIVE_CREATE(), ek_template, ESYS_TR.ENDORSEMENT)
             tpm.track(handle, f"the {template.name} EK")
     except TpmError as e:
         if tpm_code(e) in UNSUPPORTED_CODES:

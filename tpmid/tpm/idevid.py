@@ -94,8 +94,9 @@ def derive_idevid(tpm: TpmContext, template: str) -> LoadedKey:
     """
     public = idevid_template(template)
     with tpm.lock:
-        with tpm_call(f"creating the {template} IDevID in the endorsement hierarchy", tpm,
-                      handles=("the endorsement hierarchy",)):
+        with tpm.creating(f"the {template} IDevID", template=public), \
+                tpm_call(f"creating the {template} IDevID in the endorsement hierarchy", tpm,
+                         handles=("the endorsement hierarchy",)):
             handle, out_public, _, _, _ = tpm.esapi.create_primary(
                 TPM2B_SENSITIVE_CREATE(), public, ESYS_TR.ENDORSEMENT)
             tpm.track(handle, f"the {template} IDevID")
