@@ -45,6 +45,7 @@ from tpmid.errors import (
     VerificationError,
 )
 from tpmid.lifecycle.enroll import EnrollResult
+from tpmid.render import name as render_name
 from tpmid.store import Store
 from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
@@ -115,7 +116,7 @@ def _label(d: dict[str, Any], label: str, **settings: Any) -> None:
 
 # identity_config's serialNumber (its IDevID's, bound by the server's client-serial labels)
 # as RFC 4514 writes it: serialNumber has no short name there.
-SN = "2.5.4.5=TPMID-TEST-0001"
+SN = "serialNumber=TPMID-TEST-0001"
 
 
 # --------------------------------------------------------------------------- the main flows
@@ -147,7 +148,7 @@ def test_idevid_by_secret_value_then_ldevid_over_mtls_with_the_tpm_idevid_key(
     ldevid = rig.enroll("ldevid")
 
     assert ldevid.certificate.issuer == load(rig.server.operator_ca)[0].subject
-    assert ldevid.certificate.subject.rfc4514_string() == f"{SN},CN=my-device-id"
+    assert render_name(ldevid.certificate.subject) == f"{SN},CN=my-device-id"
     assert ldevid.key_path is not None
     stored_key = load_key_file(rig.tpm, ldevid.key_path.read_bytes())
     try:
@@ -496,7 +497,7 @@ def test_pop_linked_enrollment_signs_tls_unique_into_the_csr_with_the_tpm(
     # RFC 7030 §3.5 needs tls-unique, so tpmid capped these connections at TLS 1.2.
     assert "POST /.well-known/est/idevid/simpleenroll label=idevid status=200 client=- " \
            "TLSv1.2" in caplog.text
-    assert "label=ldevid status=200 client=2.5.4.5=TPMID-TEST-0001,CN=IDevID TLSv1.2" \
+    assert "label=ldevid status=200 client=serialNumber=TPMID-TEST-0001,CN=IDevID TLSv1.2" \
         in caplog.text
     assert transient_handles(rig.tcti) == []
 
@@ -554,7 +555,7 @@ def test_http_basic_credentials_from_a_0600_file(
     from tpmid.secrets import resolve_secret
 
     result = rig.enroll("idevid", secrets=lambda ref: resolve_secret(ref, {}, None))
-    assert result.certificate.subject.rfc4514_string() == "2.5.4.5=TPMID-TEST-0001,CN=IDevID"
+    assert render_name(result.certificate.subject) == "serialNumber=TPMID-TEST-0001,CN=IDevID"
     pw_file.chmod(0o644)
     with pytest.raises(ConfigError, match="accessible by group or others"):
         rig.enroll("idevid", secrets=lambda ref: resolve_secret(ref, {}, None))
@@ -618,7 +619,7 @@ def test_est_accept_cmc_ra_admits_an_ra_certificate_that_does_not_name_the_host(
             create_persistent_idevid(tpm, "H-2", 0x81020000)
             if accept_cmc_ra:
                 result = enroll(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})
-                assert result.certificate.subject.rfc4514_string() == "CN=IDevID"
+                assert render_name(result.certificate.subject) == "CN=IDevID"
             else:
                 with pytest.raises(EstTransportError, match="IP address mismatch"):
                     enroll(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})

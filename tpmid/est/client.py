@@ -55,6 +55,8 @@ from tpmid.errors import (
 from tpmid.est import messages
 from tpmid.est.verify import check_pinned_root, spki_der, verify_server_certificate
 from tpmid.policy import MAX_RETRY_AFTER_S, clamp_retry_after
+from tpmid.render import name as render_name
+from tpmid.render import quoted_name
 from tpmid.tls.adapter import BoundedHTTPAdapter, SSLContextAdapter
 from tpmid.tls.context import ClientTls
 from tpmid.tls.deadline import DeadlineExceeded
@@ -318,7 +320,7 @@ class EstClient:
             verify_server_certificate(leaf, root=root, intermediates=certs, host=self._host,
                                       now=self._now())
             log.info("pinned /cacerts bootstrap: root %s matches the pin and the server's "
-                     "certificate chains to it", root.subject.rfc4514_string())
+                     "certificate chains to it", render_name(root.subject))
         return certs
 
     def csrattrs(self) -> list[messages.CsrAttr]:
@@ -657,11 +659,11 @@ class EstClient:
             eku = None
         if eku is not None and OID_KP_CMC_RA in eku:
             log.info("%s: server certificate %s does not name %s but carries id-kp-cmcRA "
-                     "(RFC 7030 §3.6.1)", url, leaf.subject.rfc4514_string(), self._host)
+                     "(RFC 7030 §3.6.1)", url, render_name(leaf.subject), self._host)
             return leaf
         raise EstTransportError(
             f"{url}: certificate verify failed: the server certificate "
-            f"{leaf.subject.rfc4514_string()!r} neither names {self._host!r} nor carries "
+            f"{quoted_name(leaf.subject)} neither names {self._host!r} nor carries "
             "id-kp-cmcRA (RFC 7030 §3.6.1)",
         )
 

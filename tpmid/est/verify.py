@@ -56,6 +56,9 @@ from cryptography.x509.verification import (
 from cryptography.x509.verification import VerificationError as _X509VerificationError
 
 from tpmid.errors import VerificationError
+from tpmid.render import name as render_name
+from tpmid.render import quoted_name
+from tpmid.render import serial as render_serial
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ def check_public_key(cert: x509.Certificate, expected_spki_der: bytes) -> None:
         raise VerificationError(
             "the EST server issued a certificate for another key: certificate key "
             f"SHA-256 {_short_fp(got)}…, our key SHA-256 {_short_fp(expected_spki_der)}… "
-            f"(certificate {cert.subject.rfc4514_string()!r}, serial {cert.serial_number:x})",
+            f"(certificate {quoted_name(cert.subject)}, serial {render_serial(cert.serial_number)})",
             hint="the server may have answered with a stale certificate; do not use it, "
             "and report the serial number to the CA operator",
         )
@@ -119,7 +122,7 @@ def check_subject(cert: x509.Certificate, requested: x509.Name, *, accept_rewrit
     """
     if cert.subject == requested:
         return False
-    issued_s, requested_s = cert.subject.rfc4514_string(), requested.rfc4514_string()
+    issued_s, requested_s = render_name(cert.subject), render_name(requested)
     if not accept_rewritten:
         raise VerificationError(
             f"the EST server rewrote the subject: requested {requested_s!r}, "
@@ -237,12 +240,12 @@ def verify_chain(
     try:
         verified = builder.build_client_verifier().verify(cert, list(intermediates))
     except _X509VerificationError as e:
-        names = ", ".join(repr(c.subject.rfc4514_string()) for c in issuers)
+        names = ", ".join(quoted_name(c.subject) for c in issuers)
         reason = _explain(e)
         if "required EKU not found" in reason:
             reason = "its extendedKeyUsage does not include id-kp-clientAuth"
         raise VerificationError(
-            f"the issued certificate {cert.subject.rfc4514_string()!r} does not validate "
+            f"the issued certificate {quoted_name(cert.subject)} does not validate "
             f"against the issuing CA certificates ({names}) for the {profile} profile: {reason}",
             hint="check that the identity enrolls at the right EST label and that "
             "est.issuer_anchors (if set) names the CA of that label",
@@ -279,8 +282,8 @@ def verify_enrollment(
 
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:
-    """Colon-separated upper-case SHA-256 fingerprint (as ``openssl x509 -fingerprint``)."""
-    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    """SHA-256 of the DER certificate: lower-case hex without separators (tpmid.render)."""
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def normalize_pin(pin: str) -> str:
@@ -302,19 +305,19 @@ def check_pinned_root(certs: Sequence[x509.Certificate], pin: str) -> x509.Certi
         if c.fingerprint(hashes.SHA256()).hex() == want:
             if c.issuer != c.subject:
                 raise VerificationError(
-                    f"the pinned certificate {c.subject.rfc4514_string()!r} is not a root "
-                    f"(issued by {c.issuer.rfc4514_string()!r})",
+                    f"the pinned certificate {quoted_name(c.subject)} is not a root "
+                    f"(issued by {quoted_name(c.issuer)})",
                     hint="pin the SHA-256 fingerprint of the self-signed root CA certificate",
                 )
             try:
                 c.verify_directly_issued_by(c)
             except Exception as e:  # InvalidSignature, ValueError, TypeError
                 raise VerificationError(
-                    f"the pinned root {c.subject.rfc4514_string()!r} has a bad self-signature"
+                    f"the pinned root {quoted_name(c.subject)} has a bad self-signature"
                 ) from e
             return c
     offered = "; ".join(
-        f"{c.subject.rfc4514_string()!r} {c.fingerprint(hashes.SHA256()).hex()}" for c in certs
+        f"{quoted_name(c.subject)} {c.fingerprint(hashes.SHA256()).hex()}" for c in certs
     ) or "no certificates"
     raise VerificationError(
         f"no certificate from /cacerts matches the pinned SHA-256 fingerprint {want}; "
@@ -351,9 +354,9 @@ def verify_server_certificate(
         builder.build_server_verifier(subject).verify(leaf, list(intermediates))
     except _X509VerificationError as e:
         raise VerificationError(
-            f"the EST server's TLS certificate {leaf.subject.rfc4514_string()!r} does not "
+            f"the EST server's TLS certificate {quoted_name(leaf.subject)} does not "
             f"validate for {host!r} against the pinned root "
-            f"{root.subject.rfc4514_string()!r}: {_explain(e)}",
+            f"{quoted_name(root.subject)}: {_explain(e)}",
             hint="the server's TLS certificate is not from the pinned CA; trust the CA that "
             "issued it instead (--trusted-certs, trust.est_anchors or est.trust_anchors)",
         ) from e

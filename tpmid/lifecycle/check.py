@@ -57,6 +57,8 @@ from tpmid.est.verify import check_validity as verify_validity
 from tpmid.est.verify import spki_der, spki_sha256, verify_chain
 from tpmid.policy import CLOCK_SKEW, RELEASE_DATE
 from tpmid.render import iso
+from tpmid.render import name as render_name
+from tpmid.render import serial as render_serial
 from tpmid.secrets import check_private_file
 from tpmid.store import Store, StoredIdentity, check_private_path
 from tpmid.tpm.identity import identity_key
@@ -253,7 +255,7 @@ def _key_checks(tpm: TpmConnection, ident: IdentityConfig,
         tpm_fp = hashlib.sha256(key.public_key_der()).hexdigest()[:16]
         return _ok(key_name, detail), _fail(
             match_name,
-            f"the stored certificate (serial {stored.cert.serial_number:x}) certifies another "
+            f"the stored certificate (serial {render_serial(stored.cert.serial_number)}) certifies another "
             f"key: certificate public key SHA-256 {cert_fp[:16]}…, TPM key {tpm_fp}…",
             f"the certificate cannot be used with this key; re-enroll: tpmid reset {n} --yes "
             f"&& tpmid enroll {n}" if _reenrollable(ident) else
@@ -312,7 +314,7 @@ def check_chain(config: Config, ident: IdentityConfig, stored: StoredIdentity,
                              profile="ca" if ident.profile == "ca" else "device", now=at)
     except TpmidError as e:
         return _from_error(name, e)
-    top = chain[-1].subject.rfc4514_string() if chain else "?"
+    top = render_name(chain[-1].subject) if chain else "?"
     return _ok(name, f"chains to {top!r} from {what}")
 
 

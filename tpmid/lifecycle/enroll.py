@@ -54,6 +54,9 @@ from tpmid.csr import build_csr, build_subject
 from tpmid.errors import ConfigError, EstRetryLater, StoreError
 from tpmid.est.messages import decode_csr
 from tpmid.est.verify import fingerprint_sha256, spki_der, verify_enrollment
+from tpmid.render import name as render_name
+from tpmid.render import quoted_name
+from tpmid.render import serial as render_serial
 from tpmid.secrets import check_private_file
 from tpmid.store import JournalEntry, Store, StoredIdentity
 from tpmid.tpm.identity import IdentityKey, identity_key
@@ -112,15 +115,15 @@ class EnrollResult:
             "identity": self.name,
             "operation": self.operation,
             "version": self.version,
-            "subject": c.subject.rfc4514_string(),
+            "subject": render_name(c.subject),
             "requested_subject": self.requested_subject,
             "subject_rewritten": self.subject_rewritten,
-            "issuer": c.issuer.rfc4514_string(),
-            "serial": f"{c.serial_number:x}",
+            "issuer": render_name(c.issuer),
+            "serial": f"{render_serial(c.serial_number)}",
             "not_before": c.not_valid_before_utc.isoformat(),
             "not_after": c.not_valid_after_utc.isoformat(),
             "sha256_fingerprint": fingerprint_sha256(c),
-            "chain": [x.subject.rfc4514_string() for x in self.chain],
+            "chain": [render_name(x.subject) for x in self.chain],
             "cert_path": str(self.cert_path),
             "chain_path": str(self.chain_path),
             "key_path": str(self.key_path) if self.key_path else None,
@@ -368,8 +371,8 @@ def _requested_subject(run: _Enrollment, current: StoredIdentity | None) -> x509
         assert current is not None
         if requested != current.cert.subject:
             raise ConfigError(
-                f"{run.name}: the configured subject {requested.rfc4514_string()!r} differs "
-                f"from the current certificate's {current.cert.subject.rfc4514_string()!r}; "
+                f"{run.name}: the configured subject {quoted_name(requested)} differs "
+                f"from the current certificate's {quoted_name(current.cert.subject)}; "
                 "simplereenroll must keep it (RFC 7030 §4.2.2)",
                 hint=f"use `tpmid enroll {run.name}` (simpleenroll) for a new subject",
             )
@@ -456,11 +459,11 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
     stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path)
     run.entry = None  # commit cleared the journal
     log.info("%s: enrolled %s (serial %x, until %s) via %s", run.name,
-             verified.certificate.subject.rfc4514_string(), verified.certificate.serial_number,
+             render_name(verified.certificate.subject), verified.certificate.serial_number,
              verified.certificate.not_valid_after_utc.isoformat(), run.operation)
     return EnrollResult(
         name=run.name, operation=run.operation, certificate=stored.cert, chain=stored.chain,
         version=stored.version, cert_path=stored.cert_path, chain_path=stored.chain_path,
-        key_path=stored.key_file, requested_subject=requested.rfc4514_string(),
+        key_path=stored.key_file, requested_subject=render_name(requested),
         subject_rewritten=verified.subject_rewritten, resumed=resumed,
     )

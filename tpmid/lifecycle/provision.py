@@ -84,6 +84,8 @@ from tpmid.errors import (
 from tpmid.est.verify import spki_der, verify_chain
 from tpmid.lifecycle.enroll import EstClientFactory, enroll_identity
 from tpmid.manifest import EkCertificate, ProvisionRecord, append_record, open_manifest
+from tpmid.render import name as render_name
+from tpmid.render import serial as render_serial
 from tpmid.store import Store, StoredIdentity
 from tpmid.tpm.connection import already_open
 from tpmid.tpm.identity import IdentityKey, identity_key
@@ -115,7 +117,6 @@ _SERIAL_RE = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]{1,64}")
 
 
 # RFC 4514 has no short name for serialNumber; spell it out rather than "2.5.4.5=".
-_NAMES = {NameOID.SERIAL_NUMBER: "serialNumber"}
 
 
 def _sha256(data: bytes) -> str:
@@ -173,9 +174,9 @@ class _Run:
     def set_certificate(self, cert: x509.Certificate) -> None:
         self.fields.update(
             idevid_cert_sha256=_sha256(cert.public_bytes(serialization.Encoding.DER)),
-            idevid_cert_serial=f"{cert.serial_number:x}",
-            idevid_cert_issuer=cert.issuer.rfc4514_string(_NAMES),
-            idevid_cert_subject=cert.subject.rfc4514_string(_NAMES),
+            idevid_cert_serial=f"{render_serial(cert.serial_number)}",
+            idevid_cert_issuer=render_name(cert.issuer),
+            idevid_cert_subject=render_name(cert.subject),
             idevid_cert_not_after=cert.not_valid_after_utc.isoformat(),
         )
 
@@ -415,8 +416,8 @@ def _enroll(run: _Run, config: Config, ident: IdentityConfig, key: IdentityKey,
                                      now=now, hw_module=hw)
             committed = True
             run.set_certificate(result.certificate)
-            st.text = (f"ok  {ident.est.url}: serial {result.certificate.serial_number:x}, "
-                       f"issuer {result.certificate.issuer.rfc4514_string()}")
+            st.text = (f"ok  {ident.est.url}: serial {render_serial(result.certificate.serial_number)}, "
+                       f"issuer {render_name(result.certificate.issuer)}")
         stored = store.current(ident.name)
         if stored is None:  # enroll_identity just committed it
             raise StoreError(f"{ident.name}: the certificate just stored cannot be read back")
@@ -449,7 +450,7 @@ def _check_existing(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: Tpm
                        else f"no {key.describe()} key")
             raise IdentityMismatchError(
                 f"the store holds an IDevID certificate for {ident.name} (serial "
-                f"{current.cert.serial_number:x}) but the TPM has {missing} "
+                f"{render_serial(current.cert.serial_number)}) but the TPM has {missing} "
                 "(was the TPM cleared, or is this disk from another device?)",
                 hint="nothing was changed; `tpmid provision --force` creates the key again "
                 "and enrolls a new certificate",
@@ -459,7 +460,7 @@ def _check_existing(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: Tpm
         st.text = f"found {key.describe()}, public key {_short(_sha256(spki))}"
     with run.step("stored certificate") as st:
         run.set_certificate(current.cert)
-        st.text = (f"found version {current.version} (serial {current.cert.serial_number:x}); "
+        st.text = (f"found version {current.version} (serial {render_serial(current.cert.serial_number)}); "
                    "already provisioned, no EST request")
     with run.step("proving the identity") as st:
         st.text, _ = _prove(tpm, ident, key, current.cert, current.chain,
@@ -482,8 +483,8 @@ def _adopt(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: TpmConnectio
         cert = tpm.read_certificate_nv(nv_index)
         run.set_certificate(cert)
         run.fields["device_serial"] = run.fields["device_serial"] or _cert_serial(cert)
-        st.text = (f"ok  {nv_index:#010x}: serial {cert.serial_number:x}, subject "
-                   f"{cert.subject.rfc4514_string(_NAMES)}")
+        st.text = (f"ok  {nv_index:#010x}: serial {render_serial(cert.serial_number)}, subject "
+                   f"{render_name(cert.subject)}")
     with run.step("proving the identity") as st:
         anchors = _adoption_anchors(ident, clients)
         st.text, chain = _prove(tpm, ident, key, cert, (), run.fields["device_serial"], now=now,
@@ -496,8 +497,8 @@ def _adopt(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: TpmConnectio
         if current is not None and not force:
             raise IdentityMismatchError(
                 f"the store holds another IDevID certificate for {ident.name} (serial "
-                f"{current.cert.serial_number:x}) than NV {nv_index:#010x} (serial "
-                f"{cert.serial_number:x})",
+                f"{render_serial(current.cert.serial_number)}) than NV {nv_index:#010x} (serial "
+                f"{render_serial(cert.serial_number)})",
                 hint="nothing was changed; --force replaces the stored certificate with the "
                 "one from NV",
             )
@@ -582,7 +583,7 @@ def _prove(tpm: TpmConnection, ident: IdentityConfig, ikey: IdentityKey, cert: x
         spki = key.public_key_der()
         if spki != _spki(cert):
             raise IdentityMismatchError(
-                f"the IDevID certificate (serial {cert.serial_number:x}, public key "
+                f"the IDevID certificate (serial {render_serial(cert.serial_number)}, public key "
                 f"{_short(_sha256(_spki(cert)))}) does not certify the TPM's {ikey.describe()} "
                 f"(public key {_short(_sha256(spki))})",
                 hint="nothing was changed; find out why (another device's disk? a replaced key?) "

@@ -138,7 +138,7 @@ def _in_flight(store: Store, name: str, now: datetime,
     if entry.phase == "pending" and entry.retry_after is not None and entry.updated:
         delay = clamp_retry_after(entry.retry_after)
         when = as_utc(entry.updated) + timedelta(seconds=delay)
-        reason = f"request pending at the server, Retry-After {delay:g}s"
+        reason = f"request pending at the server, Retry-After {delay:g} s"
         if current is not None:
             chance = last_chance(current.not_before, current.not_after)
             if when > chance and as_utc(entry.updated) < chance:
@@ -157,12 +157,12 @@ def _plan_unenrolled(ident: IdentityConfig, attempt: AttemptState, now: datetime
     if attempt.retry_after is not None:
         delay = clamp_retry_after(attempt.retry_after)
         when = last + timedelta(seconds=delay)
-        reason = f"server Retry-After {delay:g}s"
+        reason = f"server Retry-After {delay:g} s"
     else:
         r = ident.renew.retry
         delay = r.seconds if r.seconds is not None else UNENROLLED_RETRY_S
         when = last + timedelta(seconds=max(1.0, delay))
-        reason = f"retry {delay:g}s after failed first enrollment"
+        reason = f"retry {delay:g} s after failed first enrollment"
     if when <= now:
         return Decision("renew-now", now, reason)
     return Decision("retry-at", when, reason)

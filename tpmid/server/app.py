@@ -36,6 +36,9 @@ from cryptography.x509.oid import AttributeOID
 
 from tpmid.errors import EstProtocolError
 from tpmid.est import messages
+from tpmid.render import name as render_name
+from tpmid.render import quoted_name
+from tpmid.render import serial as render_serial
 from tpmid.server import auth
 from tpmid.server.ca import (
     CertificateAuthority,
@@ -395,7 +398,7 @@ class EstApp:
         except (ValueError, TypeError) as e:
             raise _reject(400, f"cannot issue a certificate for this CSR: {e}") from None
         self._record(label, operation, cert, verdict.principal)
-        note = f"issued serial={cert.serial_number:x} subject={cert.subject.rfc4514_string()}"
+        note = f"issued serial={render_serial(cert.serial_number)} subject={render_name(cert.subject)}"
         if faults.wrong_key:
             note += " [fault: wrong key]"
         if key_der is not None:
@@ -472,8 +475,8 @@ class EstApp:
                           f"of label {label.name!r}, so it cannot be renewed here")
         if csr.subject != client_cert.subject:
             raise _reject(400, "simplereenroll: the CSR subject "
-                          f"{csr.subject.rfc4514_string()!r} differs from the certificate being "
-                          f"renewed ({client_cert.subject.rfc4514_string()!r}); RFC 7030 §4.2.2")
+                          f"{quoted_name(csr.subject)} differs from the certificate being "
+                          f"renewed ({quoted_name(client_cert.subject)}); RFC 7030 §4.2.2")
         if _san_set(_san_of(csr)) != _san_set(_san_of(client_cert)):
             raise _reject(400, "simplereenroll: the CSR subjectAltName differs from the "
                           "certificate being renewed; RFC 7030 §4.2.2")
@@ -502,8 +505,8 @@ class EstApp:
             "operation": operation,
             "profile": label.profile,
             "ca": label.ca,
-            "serial": f"{cert.serial_number:x}",
-            "subject": cert.subject.rfc4514_string(),
+            "serial": f"{render_serial(cert.serial_number)}",
+            "subject": render_name(cert.subject),
             "not_before": cert.not_valid_before_utc.isoformat(),
             "not_after": cert.not_valid_after_utc.isoformat(),
             "sha256": cert.fingerprint(hashes.SHA256()).hex(),

@@ -33,6 +33,7 @@ from typing import Any
 from cryptography import x509
 
 from tpmid.errors import ConfigError
+from tpmid.render import name as render_name
 from tpmid.server.app import EstApp, Request
 from tpmid.server.ca import IssueLog, cert_pem
 from tpmid.server.config import ServerConfig, load_server_config
@@ -140,7 +141,7 @@ class _Handler(BaseHTTPRequestHandler):
         client = "-"
         if peer:
             try:
-                client = x509.load_der_x509_certificate(peer).subject.rfc4514_string()
+                client = render_name(x509.load_der_x509_certificate(peer).subject)
             except ValueError:
                 client = "(unparseable)"
         body = b""
