@@ -58,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    # Under systemd, journald stamps every line itself (and says so in JOURNAL_STREAM):
+    # one timestamp per line, not two.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=stamp + "%(levelname)s %(name)s: %(message)s")
     # tpm2-tss logs every failed command at WARNING/ERROR on its own; tpmid explains them.
     logging.getLogger("esys").setLevel(logging.CRITICAL)
 
@@ -98,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tpmid: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `tpmid ... | head`: the reader has gone; the command's work is done. Point
+        # stdout at /dev/null so that Python's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

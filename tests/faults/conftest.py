@@ -120,12 +120,13 @@ class Field:
         out, err = self.capsys.readouterr()
         return rc, out, err
 
-    def run(self, *args: str, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
-        """``tpmid --config FILE ARGS`` as a real process."""
+    def run(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None,
+            **kw: Any) -> subprocess.CompletedProcess[str]:
+        """``tpmid --config FILE ARGS`` as a real process (``env``: extra variables)."""
         return subprocess.run(
             [sys.executable, "-m", "tpmid.cli", "--config", str(self.config_path), *args],
             capture_output=True, text=True, timeout=timeout, cwd=REPO,
-            env={**os.environ, **self.env}, **kw)
+            env={**os.environ, **self.env, **(env or {})}, **kw)
 
     def state(self, name: str) -> dict[str, Any]:
         path = self.store_dir / "state" / f"{name}.json"

@@ -181,7 +181,7 @@ def cmd_enroll(ctx: Ctx) -> int:
     # The TPM is borrowed only while it works, never across the network.
     result = enroll_identity(rt.config, name, store=rt.store(),
                              lease=TpmLease(tpm_opener(rt)),
-                             clients=EstClients(rt.config, rt.secret),
+                             clients=EstClients(rt.config, rt.secret, progress=ctx.progress),
                              reenroll=bool(ctx.args.reenroll))
 
     def human(d: dict[str, Any]) -> str:

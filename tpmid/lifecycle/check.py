@@ -37,7 +37,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +49,7 @@ from tpmid.config import Config, IdentityConfig, SecretRef
 from tpmid.errors import (
     ConfigError,
     EstTransportError,
+    KeyUnavailableError,
     StoreError,
     TpmidError,
     VerificationError,
@@ -154,13 +155,44 @@ def _store_paths(root: Path) -> list[Path]:
     return [p for p in paths if os.path.lexists(p)]
 
 
+def _provision_hint(ident: IdentityConfig) -> str:
+    serial = "" if ident.subject.serial_number else " with the device's serial number (--serial)"
+    return (f"provision the device: tpmid provision{serial} (at the factory, see "
+            "docs/manufacturing.md)")
+
+
+def _first_step(config: Config) -> str:
+    """What a device with nothing in its store does first: provision, or enroll."""
+    for ident in config.identities.values():
+        if identity_key(ident).birth:
+            return _provision_hint(ident)
+    for ident in config.identities.values():
+        if ident.est is not None:
+            return f"enroll it: tpmid enroll {ident.name} (the daemon does it at start-up)"
+    return "add an identity with an est section to the config (docs/config.md)"
+
+
+def _enroll_hint(config: Config, ident: IdentityConfig,
+                 stored: Mapping[str, StoredIdentity | None]) -> str:
+    """How to get a certificate for ``ident``: provision its bootstrap identity first if needed."""
+    boot = ident.est.auth.client if ident.est is not None else None
+    if boot is not None and boot in config.identities and stored.get(boot) is None:
+        first = config.identity(boot)
+        if identity_key(first).birth:
+            return f"{_provision_hint(first)}; then: tpmid enroll {ident.name}"
+        return f"enroll {boot} first: tpmid enroll {boot}; then: tpmid enroll {ident.name}"
+    if identity_key(ident).birth:
+        return _provision_hint(ident)
+    return f"enroll it: tpmid enroll {ident.name}"
+
+
 def check_store_permissions(config: Config) -> CheckResult:
     """The store and every key directory / key file are safe from other users."""
     name = "store permissions"
     root = Path(config.store.dir)
     if not root.is_dir():
         return _fail(name, f"store directory {root} does not exist (nothing enrolled yet)",
-                     "enroll the device: tpmid enroll NAME (the daemon does it at start-up)")
+                     _first_step(config))
     problems: list[StoreError] = []
     paths = _store_paths(root)
     for p in paths:
@@ -241,6 +273,22 @@ def _key_checks(tpm: TpmConnection, ident: IdentityConfig,
     ikey = identity_key(ident)
     try:
         key, detail = ikey.inspect(tpm, stored.key_file if stored is not None else None)
+    except KeyUnavailableError as e:
+        if ikey.birth and stored is None:
+            # No key and no certificate: never provisioned (not a cleared TPM).
+            return (CheckResult(key_name, False, f"{ikey.describe()}: no key and no "
+                                "certificate: the device has not been provisioned",
+                                _provision_hint(ident)),
+                    _skip(match_name, "the key is not usable"))
+        hint: str | None
+        if ikey.birth:
+            hint = ("the daemon (at start-up) and `tpmid renew` of the identities it "
+                    "authenticates persist it again from its template")
+        else:
+            hint = (f"the daemon renews it with a new key at once; by hand: tpmid renew {n}"
+                    if ident.est is not None else e.hint)
+        return (CheckResult(key_name, False, e.message, hint),
+                _skip(match_name, "the key is not usable"))
     except TpmidError as e:
         return (CheckResult(key_name, False, e.message, e.hint),
                 _skip(match_name, "the key is not usable"))
@@ -475,7 +523,7 @@ def _identity_checks(config: Config, ident: IdentityConfig, stored: _Stored,
     if ident.est is not None:
         return [key_res, _fail(f"{n}: certificate",
                                f"no certificate in the store ({config.store.dir})",
-                               f"enroll it: tpmid enroll {n}")]
+                               _enroll_hint(config, ident, stored.current))]
     return [key_res, _fail(
         f"{n}: certificate", f"no certificate in the store ({config.store.dir}) and no est "
         "section to enroll it",

@@ -439,8 +439,8 @@ def _send(run: _Enrollment, client: EstClient,
         if run.entry is not None and run.entry.csr_pem:
             # RFC 7030 §4.2.3: the same request is to be resent later; keep it.
             run.journal(phase="pending", retry_after=e.retry_after)
-            e.hint = (f"the CSR is kept; run `tpmid enroll {run.name}` again after "
-                      f"{e.retry_after:g} s to resend it")
+            e.hint = (f"the CSR is kept: `tpmid renew {run.name}` (or the daemon) resends it "
+                      f"after {e.retry_after:g} s")
         else:
             # A PoP-linked CSR is bound to its TLS session and cannot be resent.
             run.rollback()

@@ -109,7 +109,7 @@ class ProvisionClients(EstClientFactory, Protocol):
         """``GET /cacerts`` of ``est``'s label with the configured server trust."""
         ...
 
-TOTAL_STEPS = 6
+TOTAL_STEPS = 7
 DEFAULT_IDENTITY = "idevid"
 EXIT_INTERRUPTED = 130
 # X.520 serialNumber is a PrintableString (RFC 5280 Appendix A: ub-serial-number 64).
@@ -160,7 +160,7 @@ class _Run:
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[_Status]:
-        """One numbered step: ``[i/6] label ... status`` or ``... FAILED``."""
+        """One numbered step: ``[i/7] label ... status`` or ``... FAILED``."""
         self.index += 1
         status = _Status()
         try:
@@ -339,11 +339,23 @@ def _provision(run: _Run, config: Config, store: Store,
     if nv_index is not None:
         run.fields["nv_index"] = f"{nv_index:#010x}"
 
+    current = store.current(ident.name)
+    with run.step("configuration") as st:
+        # Pre-flight: what can fail without the TPM or the CA fails before either is
+        # touched (a missing secret, an unreadable anchor file).
+        if adopt or ident.est is None or (current is not None and not force):
+            st.text = "ok  no EST enrollment ahead"
+        else:
+            headers, basic = clients.credentials(ident.est)
+            clients.trust(ident.est, f"identities.{ident.name}.est")
+            what = [*(f"header {h}" for h in headers), *(["Basic password"] if basic else [])]
+            st.text = (f"ok  credentials resolved ({', '.join(what) or 'none needed'}), "
+                       "EST server trust loaded")
+
     with run.step("reading EK") as st:
         tpm = tpm_source if not callable(tpm_source) else stack.enter_context(tpm_source())
         st.text = _read_ek(run, tpm)
 
-    current = store.current(ident.name)
     if adopt:
         _adopt(run, ident, key, tpm, store, clients, current, nv_index, force=force, now=now)
     elif current is not None and not force:

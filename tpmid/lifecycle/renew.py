@@ -311,6 +311,9 @@ class RenewalEngine:
                 attempt: AttemptState) -> EnrollResult:
         current = self.store.current(name)
         reenroll, self_auth, why = self._method(ident, current, now, attempt)
+        resumed = self._resumable_method(name, current, now, attempt)
+        if resumed is not None:
+            reenroll, self_auth, why = resumed
         log.info("%s: renewing via %s (%s)", name,
                  "simplereenroll" if reenroll else "simpleenroll", why)
         self._drop_unresumable_journal(name, reenroll)
@@ -422,10 +425,33 @@ class RenewalEngine:
         if now >= as_utc(current.not_after):
             return False, False, "certificate expired: falling back to first-enrollment authentication"
         if ident.profile == "ca":
-            return False, False, "CA certificate cannot be a TLS client: first-enrollment authentication"
+            via = ident.est.auth.client if ident.est is not None and ident.est.auth.client \
+                else "est.auth"
+            return False, False, f"a CA certificate renews with simpleenroll, authenticated by {via}"
         if ident.renew.method == "simpleenroll":
             return False, True, "method simpleenroll, authenticated with the current certificate"
         return True, True, "authenticated with the current certificate"
+
+    def _resumable_method(self, name: str, current: StoredIdentity | None, now: datetime,
+                          attempt: AttemptState) -> tuple[bool, bool, str] | None:
+        """The method of a request in flight that can be resent as it is (RFC 7030 §4.2.3).
+
+        A ``tpmid enroll`` answered with 202 is resent by ``tpmid renew`` or the
+        daemon with the same CSR and the same authentication; a simplereenroll
+        only while the certificate that authenticates it is still valid.
+        """
+        try:
+            entry = self.store.journal_get(name)
+        except StoreError:
+            return None
+        if entry is None or not entry.csr_pem or attempt.key_lost \
+                or entry.phase not in ("submitted", "pending", "issued"):
+            return None
+        if entry.method == "simpleenroll":
+            return False, False, "resending the simpleenroll in flight"
+        if current is not None and now < as_utc(current.not_after):
+            return True, True, "resending the simplereenroll in flight"
+        return None
 
     def _drop_unresumable_journal(self, name: str, reenroll: bool) -> None:
         """A pending request for the other method (e.g. the cert expired meanwhile) is abandoned."""
