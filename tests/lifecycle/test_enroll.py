@@ -263,7 +263,7 @@ def test_pending_beyond_max_wait_keeps_the_csr_and_the_next_run_resends_it(
     with pytest.raises(EstRetryLater) as info:
         rig.enroll("ldevid")
     assert info.value.retry_after == 60
-    assert "run `tpmid enroll ldevid` again" in (info.value.hint or "")
+    assert "`tpmid renew ldevid` (or the daemon) resends it" in (info.value.hint or "")
     entry = rig.store.journal_get("ldevid")
     assert entry is not None and entry.phase == "pending" and entry.retry_after == 60
     assert entry.csr_pem and entry.version == "0001"

@@ -8,8 +8,12 @@ on a device that was never provisioned sends the operator to `tpmid provision`.
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.faults.conftest import IDEVID_HANDLE, Field
 from tpmid.tpm.connection import TpmConnection
@@ -69,3 +73,17 @@ def test_check_on_a_device_never_provisioned_points_at_tpmid_provision(
     assert hints and all("TPM2_Clear" not in h for h in hints)
     assert any("tpmid provision" in h for h in hints)
     assert not any(marker in h for h in hints for marker in ("NAME", "<", ">"))
+
+
+def test_a_retry_checks_the_server_before_it_makes_a_new_tpm_key(
+        field: Field, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tpmid")
+    with socket.socket() as s:  # a port nobody listens on: the server is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    field.edit(lambda d: d["identities"]["ldevid"]["est"].update(
+        url=f"https://127.0.0.1:{port}/.well-known/est/ldevid"))
+    assert field.cli("renew", "ldevid", "--force")[0] == 4  # first attempt: a key, then down
+    assert field.cli("renew", "ldevid", "--force")[0] == 4  # the retry: checked first
+    assert caplog.text.count("created a new ecc-p256 key in the TPM") == 1
+    assert "checking that https://127.0.0.1" in caplog.text

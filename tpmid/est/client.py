@@ -472,10 +472,11 @@ class EstClient:
                 if elapsed + wait > self.max_wait:
                     waited = (f" after {format_duration(elapsed)} of waiting" if elapsed >= 1
                               else "")
+                    limit = (f"this command waits at most {format_duration(self.max_wait)}"
+                             if self.max_wait > 0 else "this command does not wait for it")
                     raise EstRetryLater(
                         f"{url}: the server is still processing the request (202 Accepted, "
-                        f"Retry-After {wait:g} s){waited}; this command waits at most "
-                        f"{format_duration(self.max_wait)} (est.max_wait)",
+                        f"Retry-After {wait:g} s){waited}; {limit} (est.max_wait)",
                         retry_after=wait,
                         hint="the request is probably waiting for manual approval at the CA; "
                         "run the command again later",

@@ -283,7 +283,8 @@ def _key_checks(tpm: TpmConnection, ident: IdentityConfig,
         hint: str | None
         if ikey.birth:
             hint = ("the daemon (at start-up) and `tpmid renew` of the identities it "
-                    "authenticates persist it again from its template")
+                    "authenticates persist it again from its template; by hand: tpmid key "
+                    f"create {n}")
         else:
             hint = (f"the daemon renews it with a new key at once; by hand: tpmid renew {n}"
                     if ident.est is not None else e.hint)

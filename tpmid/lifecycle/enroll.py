@@ -83,6 +83,10 @@ class EstClientFactory(Protocol):
         """The resolved header and Basic credentials of ``est``."""
         ...
 
+    def fetch_cacerts(self, est: EstConfig) -> Any:
+        """``GET /cacerts`` with server authentication only (no client key, no TPM)."""
+        ...
+
     def open(self, est: EstConfig, trust: Any, *, key: TlsSigningKey | None = None,
              cert: x509.Certificate | None = None, chain: Sequence[x509.Certificate] = (),
              key_file: Path | None = None,

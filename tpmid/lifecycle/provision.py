@@ -307,7 +307,10 @@ def _check_request(serial: str | None, nv_index: int | None, adopt: bool) -> Non
         _check_serial(serial)
     if adopt and nv_index is None:
         raise ConfigError("adopting a vendor-provisioned IDevID needs the NV index of its "
-                          "certificate", hint="pass --cert-nv INDEX")
+                          "certificate",
+                          hint="pass --cert-nv with the NV index the vendor wrote the "
+                          "certificate to (tpm2_getcap handles-nv-index lists them), or set "
+                          "key.cert_nv")
     if nv_index is not None:
         check_nv_index(nv_index)
 
@@ -411,8 +414,9 @@ def _enroll(run: _Run, config: Config, ident: IdentityConfig, key: IdentityKey,
             ensured = key.ensure(tpm)
         except KeyMismatchError as e:
             e.hint = ("tpmid provision never replaces a key it did not create: if the TPM "
-                      "vendor provisioned it, use --adopt --cert-nv INDEX; if it is really "
-                      f"unwanted, delete it deliberately (tpmid key delete {ident.name})")
+                      "vendor provisioned it, use --adopt with --cert-nv and the NV index of "
+                      "its certificate; if it is really unwanted, delete it deliberately "
+                      f"(tpmid key delete {ident.name})")
             raise
         run.fields["idevid_key_action"] = ensured.action
         spki = _key_spki(run, tpm, key, ensured.public_der)

@@ -317,6 +317,11 @@ class RenewalEngine:
         log.info("%s: renewing via %s (%s)", name,
                  "simplereenroll" if reenroll else "simpleenroll", why)
         self._drop_unresumable_journal(name, reenroll)
+        if attempt.retrying and attempt.retry_after is None and ident.est is not None:
+            # The last attempt failed: before a new TPM key is made (seconds for RSA on a
+            # real TPM), check that the server answers at all.
+            log.info("%s: checking that %s answers before retrying", name, ident.est.url)
+            self.clients().fetch_cacerts(ident.est)
         with TpmLease(self.open_tpm) as lease:
             return enroll_identity(
                 self.config, name, store=self.store, lease=lease, clients=self.clients(),

@@ -275,7 +275,7 @@ class ServerState:
         paths = ServerPaths(dir.resolve())
         if not paths.dir.is_dir():
             raise ConfigError(f"EST server directory {paths.dir} does not exist",
-                              hint="create it with: tpmid est-server init --dir DIR")
+                              hint=f"create it with: tpmid est-server init --dir {paths.dir}")
         config = load_server_config(paths.config)
         cas = {name: load_ca(name, paths.ca_cert(name), paths.ca_key(name))
                for name in ("manufacturer", "operator")}

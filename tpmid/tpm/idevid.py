@@ -173,8 +173,8 @@ def open_persistent(tpm: TpmContext, handle: int,
             raise KeyUnavailableError(
                 f"no key at {handle:#010x} — the persistent IDevID is missing (TPM2_Clear "
                 "removes every key persisted by the owner)",
-                hint="create it again from its template (tpmid key create NAME); the same "
-                "key comes back, so its certificate verifies again",
+                hint="create it again from its template (`tpmid key create` with the identity's "
+                "name); the same key comes back, so its certificate verifies again",
             )
         try:
             with tpm_call(f"reading the key at {handle:#010x}", tpm):
@@ -185,7 +185,7 @@ def open_persistent(tpm: TpmContext, handle: int,
                         f"{handle:#010x} holds {describe_public(public)}, not an IDevID from "
                         f"template {expect_template}",
                         hint="fix key.template in the config, or recreate the key from the "
-                        "template (tpmid key create NAME --force)",
+                        "template (`tpmid key create --force` with the identity's name)",
                     )
             return LoadedKey(tpm, tr, public, transient=False,
                              description=f"persistent key {handle:#010x}", tpm_handle=handle)
