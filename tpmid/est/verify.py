@@ -125,8 +125,8 @@ def check_subject(cert: x509.Certificate, requested: x509.Name, *, accept_rewrit
     issued_s, requested_s = render_name(cert.subject), render_name(requested)
     if not accept_rewritten:
         raise VerificationError(
-            f"the EST server rewrote the subject: requested {requested_s!r}, "
-            f"issued {issued_s!r}",
+            f"the EST server rewrote the subject: requested '{requested_s}', "
+            f"issued '{issued_s}'",
             hint="some services (GlobalSign 're-enrollment forcing') replace the subject "
             "when the request is authenticated with an earlier certificate; ask the "
             "operator to turn that off, or set est.accept_rewritten_subject: true",

@@ -364,7 +364,7 @@ def check_chain(config: Config, ident: IdentityConfig, stored: StoredIdentity,
     except TpmidError as e:
         return _from_error(name, e)
     top = render_name(chain[-1].subject) if chain else "?"
-    return _ok(name, f"chains to {top!r} from {what}")
+    return _ok(name, f"chains to '{top}' from {what}")
 
 
 # --------------------------------------------------------------------------- EST
