@@ -61,9 +61,14 @@ class TpmConnection(TpmContext):
         """Re-create the ``template`` IDevID primary in the endorsement hierarchy (transient)."""
         return idevid.derive_idevid(self, template)
 
-    def open_persistent(self, handle: int, expect_template: str | None = None) -> LoadedKey:
-        """The persistent key at ``handle`` (KeyMismatchError if not from ``expect_template``)."""
-        return idevid.open_persistent(self, handle, expect_template)
+    def open_persistent(self, handle: int, expect_template: str | None = None,
+                        expect_spki: bytes | None = None) -> LoadedKey:
+        """The persistent key at ``handle`` (KeyMismatchError if not from ``expect_template``).
+
+        ``expect_spki`` (the certificate's key) saves the second TPM2_ReadPublic when the
+        object is exactly that key made from that template.
+        """
+        return idevid.open_persistent(self, handle, expect_template, expect_spki)
 
     def persist_idevid(self, template: str, handle: int = DEFAULT_IDEVID_HANDLE, *,
                        force: bool = False, expect_spki: bytes | None = None
