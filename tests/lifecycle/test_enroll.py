@@ -67,7 +67,8 @@ class Rig:
 
     def enroll(self, name: str, *, config: Config | None = None, **kw: Any) -> EnrollResult:
         kw.setdefault("secrets", {SECRET_ENV: self.server.secret})
-        return enroll(config or self.config, name, tpm=self.tpm, **kw)
+        kw.setdefault("tpm", self.tpm)
+        return enroll(config or self.config, name, **kw)
 
     def reconfigure(self, **kw: Any) -> Config:
         self.config = identity_config(self.server, self.store_dir, self.tcti, **kw)
@@ -232,7 +233,8 @@ def test_one_ldevid_enrollment_costs_the_documented_tpm_commands(
     proxy = rig.proxy
     assert proxy is not None
     proxy.reset()
-    rig.enroll("ldevid")
+    with TpmConnection(rig.tcti) as tpm:  # a command's own connection, as the CLI opens
+        rig.enroll("ldevid", tpm=tpm)
     assert Counter(proxy.commands) == Counter({
         "TPM2_CreatePrimary": 1, "TPM2_CreateLoaded": 1, "TPM2_FlushContext": 2,
         "TPM2_ReadPublic": 1, "TPM2_Sign": 2,

@@ -286,8 +286,7 @@ class _Enrollment:
                    credentials: tuple[dict[str, str], tuple[str, str] | None]) -> EstClient:
         # Loaded when the handshake signs, and given back right after (tpmid.tpm.lease).
         spki = spki_der(stored.cert.public_key())
-        leased = LeasedKey(self.lease,
-                           lambda tpm: key.open_certified(tpm, stored.key_file, spki), spki,
+        leased = LeasedKey(self.lease, lambda tpm: key.open(tpm, stored.key_file), spki,
                            description=f"{key.name}'s key ({key.describe()})",
                            identity=key.name)
         return self.stack.enter_context(self.clients.open(

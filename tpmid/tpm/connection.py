@@ -61,14 +61,9 @@ class TpmConnection(TpmContext):
         """Re-create the ``template`` IDevID primary in the endorsement hierarchy (transient)."""
         return idevid.derive_idevid(self, template)
 
-    def open_persistent(self, handle: int, expect_template: str | None = None,
-                        expect_spki: bytes | None = None) -> LoadedKey:
-        """The persistent key at ``handle`` (KeyMismatchError if not from ``expect_template``).
-
-        ``expect_spki`` (the certificate's key) saves the second TPM2_ReadPublic when the
-        object is exactly that key made from that template.
-        """
-        return idevid.open_persistent(self, handle, expect_template, expect_spki)
+    def open_persistent(self, handle: int, expect_template: str | None = None) -> LoadedKey:
+        """The persistent key at ``handle`` (KeyMismatchError if not from ``expect_template``)."""
+        return idevid.open_persistent(self, handle, expect_template)
 
     def persist_idevid(self, template: str, handle: int = DEFAULT_IDEVID_HANDLE, *,
                        force: bool = False, expect_spki: bytes | None = None
@@ -103,13 +98,15 @@ class TpmConnection(TpmContext):
 
     # ------------------------------------------------------------ EKs, NV, facts
 
-    def eks(self) -> list[EkInfo]:
+    def eks(self, *, from_certificates: bool = False) -> list[EkInfo]:
         """Every endorsement key tpmid can find, with its certificate if the TPM has one.
 
-        Read once per connection (EKs do not change while one is open).
+        Read once per connection (EKs do not change while one is open), the first
+        time in the way asked: ``from_certificates`` reads only the EKs that have a
+        certificate, without creating or reading an EK (:func:`tpmid.tpm.ek.read_eks`).
         """
         if self._eks is None:
-            self._eks = ek.read_eks(self)
+            self._eks = ek.read_eks(self, from_certificates=from_certificates)
         return self._eks
 
     def primary_ek(self) -> EkInfo:

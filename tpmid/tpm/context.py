@@ -29,6 +29,7 @@ from typing import Any, cast
 
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_RC, TPM2_SU, TSS2_RC
+from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPM2B_PUBLIC
 
 from tpmid.errors import TpmError, TpmidError
 from tpmid.store.ledger import LedgerEntry, TransientLedger
@@ -111,6 +112,11 @@ def _unreachable(tcti: str, exc: BaseException) -> TpmError:
     return TpmError(f"TPM not reachable through TCTI {tcti!r}: {text}", rc=rc, hint=hint)
 
 
+# ESAPI calls after which persistent handles may hold something else (TPM 2.0 Part 3
+# §24.6 TPM2_Clear evicts the owner's persistent objects).
+_FORGETTING = frozenset({"clear", "clear_control", "change_eps", "change_pps"})
+
+
 class _StartingEsapi:
     """ESAPI that sends TPM2_Startup(CLEAR) once if a command finds the TPM uninitialised.
 
@@ -130,6 +136,9 @@ class _StartingEsapi:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            if name in _FORGETTING:
+                # Persistent objects may vanish: what the connection knew of them goes.
+                self._context._forget_persistent()
             try:
                 return attr(*args, **kwargs)
             except TSS2_Exception as e:
@@ -240,11 +249,40 @@ class TpmContext:
             self._trs[handle] = (tr, 1)
             return tr
 
+    def public_of(self, tr: Any) -> Any:
+        """The public area ESAPI read when it opened ``tr`` (TPM2B_PUBLIC or TPM2B_NV_PUBLIC).
+
+        TR_FromTPMPublic already sent TPM2_ReadPublic (NV_ReadPublic for an NV index)
+        and keeps the answer; tpm2-pytss does not expose it, but ESAPI's serialized
+        form of the object (the format tpm2-tools saves contexts in: handle, Name,
+        resource type, public area) holds it. It is used only if its Name is the
+        object's, so a misread never passes. None: ask the TPM instead.
+        """
+        try:
+            data = bytes(self.esapi.tr_serialize(tr))
+            name_len = int.from_bytes(data[4:6], "big")
+            offset = 4 + 2 + name_len + 4  # handle, TPM2B_NAME, resource type
+            name = bytes(self.esapi.tr_get_name(tr))
+            for kind in (TPM2B_PUBLIC, TPM2B_NV_PUBLIC):
+                try:
+                    public, _ = kind.unmarshal(data[offset:])
+                    area = public.publicArea if kind is TPM2B_PUBLIC else public.nvPublic
+                    if bytes(area.get_name()) == name:
+                        return public
+                except Exception:  # noqa: BLE001, S112 - not this kind of public area
+                    continue
+        except Exception as e:  # noqa: BLE001 - any surprise: ask the TPM
+            log.debug("public area of %r not taken from ESAPI: %s", tr, e)
+        return None
+
     def close_handle(self, handle: int, tr: Any, *, forget: bool = False) -> None:
         """Release ``tr`` from :meth:`open_handle`; ``forget`` drops it for every user.
 
-        ``forget`` is for an object that no longer exists (evicted): ESAPI's
-        record of it must go, or the next TR_FromTPMPublic of the handle fails.
+        The ESYS_TR of a persistent object stays known to the connection (a later
+        open costs no TPM2_ReadPublic): while a connection is open the host TPM lock
+        is held, so nobody else can change what is at the handle. ``forget`` is for an object
+        that no longer exists (evicted): ESAPI's record of it must go, or the next
+        TR_FromTPMPublic of the handle fails.
         """
         with self.lock:
             entry = self._trs.get(handle)
@@ -253,9 +291,29 @@ class TpmContext:
             if entry[1] > 1 and not forget:
                 self._trs[handle] = (tr, entry[1] - 1)
                 return
+            if not forget and handle >> 24 == PERSISTENT_FIRST >> 24:
+                # A persistent object stays known; NV indices change when written.
+                self._trs[handle] = (tr, 0)
+                return
             del self._trs[handle]
             if self._esapi is not None:
                 self._esapi.tr_close(tr)
+
+    def _forget_persistent(self) -> None:
+        with self.lock:
+            for handle, (tr, count) in list(self._trs.items()):
+                if handle >> 24 == PERSISTENT_FIRST >> 24 and count == 0:
+                    del self._trs[handle]
+                    if self._esapi is not None:
+                        self._esapi.tr_close(tr)
+
+    def remember_handle(self, handle: int, tr: Any) -> None:
+        """Keep the ESYS_TR a command returned for ``handle`` (EvictControl's new object)."""
+        with self.lock:
+            old = self._trs.get(handle)
+            if old is not None and old[0] != tr and self._esapi is not None:
+                self._esapi.tr_close(old[0])
+            self._trs[handle] = (tr, 0)
 
     def __enter__(self) -> TpmContext:
         return self

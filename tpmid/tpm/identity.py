@@ -184,15 +184,6 @@ class IdentityKey(ABC):
             key.close()
             raise
 
-    def open_certified(self, tpm: TpmConnection, key_file: Path | None,
-                       cert_spki: bytes) -> LoadedKey:
-        """:meth:`open` for the key of a certificate whose public key is ``cert_spki``.
-
-        The caller still compares the opened key with the certificate; a kind may use
-        the known key to spare a TPM command.
-        """
-        return self.open(tpm, key_file)
-
     def public_key_der(self, tpm: TpmConnection, key_file: Path | None = None) -> bytes:
         """The key's SubjectPublicKeyInfo (the key is opened and closed again)."""
         with self.open(tpm, key_file) as key:
@@ -275,14 +266,6 @@ class PersistentIdevid(_Idevid):
     def open(self, tpm: TpmConnection, key_file: Path | None = None) -> LoadedKey:
         try:
             return tpm.open_persistent(self.handle, expect_template=self.template)
-        except TpmidError as e:
-            raise self._named(e) from None
-
-    def open_certified(self, tpm: TpmConnection, key_file: Path | None,
-                       cert_spki: bytes) -> LoadedKey:
-        try:
-            return tpm.open_persistent(self.handle, expect_template=self.template,
-                                       expect_spki=cert_spki)
         except TpmidError as e:
             raise self._named(e) from None
 

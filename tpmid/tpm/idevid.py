@@ -31,7 +31,6 @@ from tpmid.tpm.templates import (
     idevid_template,
     public_key_from_tpm,
     template_fields,
-    with_public_key,
 )
 
 log = logging.getLogger(__name__)
@@ -80,8 +79,10 @@ def read_persistent_public(tpm: TpmContext, handle: int) -> TPM2B_PUBLIC | None:
     if tr is None:
         return None
     try:
-        with tpm_call(f"reading the key at {handle:#010x}", tpm):
-            public, _, _ = tpm.esapi.read_public(tr)
+        public = tpm.public_of(tr)
+        if public is None:
+            with tpm_call(f"reading the key at {handle:#010x}", tpm):
+                public, _, _ = tpm.esapi.read_public(tr)
     finally:
         tpm.close_handle(handle, tr)
     return public
@@ -153,15 +154,15 @@ def create_persistent_idevid(tpm: TpmContext, template: str,
             with tpm_call(f"persisting the {template} IDevID at {handle:#010x}", tpm,
                           handles=("the owner hierarchy", "the new IDevID")):
                 new = tpm.esapi.evict_control(ESYS_TR.OWNER, key.handle, handle)
-                tpm.esapi.tr_close(new)
+            tpm.remember_handle(handle, new)  # the next open of it costs no ReadPublic
             log.info("IDevID %s persisted at %#010x", template, handle)
             return PersistentResult(handle=handle, created=True, public=key.public)
         finally:
             key.close()
 
 
-def open_persistent(tpm: TpmContext, handle: int, expect_template: str | None = None,
-                    expect_spki: bytes | None = None) -> LoadedKey:
+def open_persistent(tpm: TpmContext, handle: int,
+                    expect_template: str | None = None) -> LoadedKey:
     """The persistent key at ``handle`` as a :class:`LoadedKey` (nothing is loaded).
 
     Raises TpmError when the handle is empty (e.g. after TPM2_Clear) and
@@ -178,7 +179,7 @@ def open_persistent(tpm: TpmContext, handle: int, expect_template: str | None = 
                 "name); the same key comes back, so its certificate verifies again",
             )
         try:
-            public = _expected_public(tpm, tr, expect_template, expect_spki)
+            public = tpm.public_of(tr)
             if public is None:
                 with tpm_call(f"reading the key at {handle:#010x}", tpm):
                     public, _, _ = tpm.esapi.read_public(tr)
@@ -195,28 +196,6 @@ def open_persistent(tpm: TpmContext, handle: int, expect_template: str | None = 
         except BaseException:
             tpm.close_handle(handle, tr)
             raise
-
-
-def _expected_public(tpm: TpmContext, tr: Any, template: str | None,
-                     spki: bytes | None) -> TPM2B_PUBLIC | None:
-    """The public area of ``tr`` without asking the TPM, when it is the expected one.
-
-    Opening the handle (TPM2_ReadPublic inside TR_FromTPMPublic) gave the object's
-    Name, a hash of its whole public area. If that is the Name of ``template``
-    holding the certificate's key, the public area is known: no second ReadPublic.
-    Anything else falls back to reading it (and to the precise error).
-    """
-    if template is None or spki is None:
-        return None
-    try:
-        expected = with_public_key(idevid_template(template), spki)
-    except ValueError:
-        return None
-    if expected is None:
-        return None
-    if bytes(tpm.esapi.tr_get_name(tr)) != bytes(expected.publicArea.get_name()):
-        return None
-    return expected
 
 
 def evict_persistent(tpm: TpmContext, handle: int) -> None:

@@ -216,24 +216,3 @@ def public_key_from_tpm(public: TPM2B_PUBLIC) -> PublicKeyTypes:
         return rsa.RSAPublicNumbers(e, n).public_key()
     raise TpmError(f"unsupported key type {int(area.type):#x}")
 
-
-def with_public_key(template: TPM2B_PUBLIC, spki_der: bytes) -> TPM2B_PUBLIC | None:
-    """``template`` with the key of ``spki_der`` as its ``unique``: the object a TPM
-    made from that template holds if it is that key (None if the key does not fit)."""
-    from cryptography.hazmat.primitives.serialization import load_der_public_key
-
-    key = load_der_public_key(spki_der)
-    copy, _ = TPM2B_PUBLIC.unmarshal(template.marshal())
-    area = copy.publicArea
-    if area.type == TPM2_ALG.ECC and isinstance(key, ec.EllipticCurvePublicKey):
-        size = (key.curve.key_size + 7) // 8
-        numbers = key.public_numbers()
-        area.unique.ecc = TPMS_ECC_POINT(x=numbers.x.to_bytes(size, "big"),
-                                         y=numbers.y.to_bytes(size, "big"))
-    elif area.type == TPM2_ALG.RSA and isinstance(key, rsa.RSAPublicKey):
-        n = key.public_numbers().n
-        area.unique.rsa = TPM2B_PUBLIC_KEY_RSA(n.to_bytes((n.bit_length() + 7) // 8, "big"))
-    else:
-        return None
-    return copy
-
