@@ -657,6 +657,11 @@ def test_the_lock_holder_is_named_by_its_tpmid_command(root: Path, tmp_path: Pat
     p = subprocess.Popen([sys.executable, str(fake), "--config", "/etc/tpmid/config.yaml",
                           "renew", "ldevid", "--force"])
     try:
+        # Until the child has exec'd, /proc/PID/cmdline is still the parent's (pytest's).
+        deadline = time.monotonic() + 10
+        while b"renew" not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the fake tpmid process did not start"
+            time.sleep(0.01)
         lock.write_text(f"{p.pid}\n")
         assert lock_holder(lock) == f"pid {p.pid}: tpmid renew ldevid"
     finally:
