@@ -23,8 +23,8 @@ from tests.server.helpers import (
     new_key,
     request,
 )
-from tests.server_fixtures import RunningEstServer
 from tpmid.est import messages
+from tpmid.testing.estserver import RunningEstServer
 
 LABEL_CA = {"idevid": "manufacturer", "ldevid": "operator", "edgeca": "operator"}
 

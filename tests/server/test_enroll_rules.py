@@ -29,8 +29,8 @@ from tests.server.helpers import (
     write_cert,
     write_key,
 )
-from tests.server_fixtures import RunningEstServer
 from tpmid.est import messages
+from tpmid.testing.estserver import RunningEstServer
 
 FIXTURES = Path(__file__).parent.parent / "est" / "fixtures"
 

@@ -10,8 +10,9 @@ directory (``DIR/localca``), never the host-wide ``/var/lib/swtpm-localca``.
 ``swtpm`` TCTI expects the control channel at port + 1), waits until the
 control channel answers, and can power-cycle the TPM through that channel.
 
-This module is used by ``tests/conftest.py``, ``scripts/demo``, ``scripts/bench``
-and the ``swtpm/`` scripts; it is not part of the device-side library.
+This module is used by the pytest plugin (:mod:`tpmid.testing.plugin`),
+``scripts/demo``, ``scripts/bench`` and the ``swtpm/`` scripts; it is not part of
+the device-side library.
 """
 
 from __future__ import annotations
