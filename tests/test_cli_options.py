@@ -54,7 +54,7 @@ def test_the_walk_finds_every_command_group() -> None:
     groups = {path[0] for path in COMMANDS}
     assert {"tpm", "key", "csr", "est", "enroll", "renew", "daemon", "status", "check",
             "reset", "provision", "est-server"} <= groups
-    assert ("est-server", "run") in COMMANDS
+    assert ("est-server", "run") in COMMANDS and ("est-server", "label") in COMMANDS
 
 
 @pytest.mark.parametrize("path", sorted(COMMANDS), ids=" ".join)

@@ -33,7 +33,9 @@ import yaml
 
 from tpmid.server import EstServer, init_server_dir
 from tpmid.server.ca import IssueLog
-from tpmid.server.state import est_url
+from tpmid.server.config import LabelConfig
+from tpmid.server.lab import LabChange, reload_running, update_label
+from tpmid.server.state import ServerPaths, est_url
 
 START_TIMEOUT = 30.0
 SECRET_ENV = "TPMID_TEST_EST_SECRET"
@@ -89,14 +91,24 @@ class RunningEstServer:
             self.server.reload()
             return
         assert self.process is not None
-        log = self.dir / "run.log"
-        before = log.read_text().count("configuration reloaded")
-        self.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while log.read_text().count("configuration reloaded") <= before:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server did not reload; log:\n{log.read_text()[-2000:]}")
-            time.sleep(0.02)
+        if reload_running(ServerPaths(self.dir)) is None:
+            raise AssertionError(f"the server process of {self.dir} is not running "
+                                 f"(exit {self.process.poll()})")
+
+    def lab(self, label: str, *, lifetime: str | None = None, pending: int | None = None,
+            retry_after: str | None = None, faults: Mapping[str, Any] | None = None,
+            clear_faults: bool = False, reset: bool = False) -> LabelConfig:
+        """Change ``label`` as ``tpmid est-server label`` does; return its new settings.
+
+        Checked, saved in ``DIR/lab.yaml`` and applied before this returns (a process
+        server is signalled and confirms; an in-process one reloads).
+        """
+        change = LabChange(lifetime=lifetime, pending=pending, retry_after=retry_after,
+                           faults=dict(faults or {}), clear_faults=clear_faults, reset=reset)
+        result = update_label(self.dir, label, change)
+        if self.server is not None and change.changes_anything:
+            self.server.reload()
+        return result.label
 
     def issued(self) -> list[dict[str, Any]]:
         """The issued-certificate log (JSON Lines) as a list of records."""
