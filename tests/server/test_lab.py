@@ -107,6 +107,18 @@ def test_a_bad_value_is_refused_before_anything_is_written(tmp_path: Path,
     assert not (d / "lab.yaml").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "label"])
+def test_a_directory_without_a_server_is_a_clear_error_and_stays_untouched(
+        command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["est-server", command, *(["ldevid"] if command == "label" else []), "--dir"]
+    assert main([*args, str(tmp_path / "missing")]) == 2
+    assert main([*args, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "holds no EST server" in err
+    assert "hint: create one with: tpmid est-server init --dir DIR" in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_without_options_the_command_shows_the_label(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     d = init_server_dir(tmp_path / "srv").dir

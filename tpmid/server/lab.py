@@ -241,6 +241,7 @@ class ServerRun:
 
     def claim(self) -> ServerRun:
         """Take ``run.lock``; refuse if another server runs for this directory."""
+        _require_server_dir(self.paths)
         self._fd = acquire_lock(
             self.paths.run_lock, wait=False, timeout=None,
             busy=lambda holder: f"another EST server runs for {self.paths.dir} ({holder})",
@@ -291,6 +292,13 @@ class LabResult:
     server: RunInfo | None  # the running server that applied it (None: none runs)
 
 
+def _require_server_dir(paths: ServerPaths) -> None:
+    if not paths.config.is_file():
+        what = "does not exist" if not paths.dir.exists() else "holds no EST server (no config.yaml)"
+        raise ConfigError(f"EST server directory {paths.dir} {what}",
+                          hint="create one with: tpmid est-server init --dir DIR")
+
+
 def _read_lab(paths: ServerPaths) -> LabOverrides:
     if not paths.lab.exists():
         return {}
@@ -310,9 +318,7 @@ def update_label(dir: Path, label: str, change: LabChange, *,
     directory take turns (``DIR/lab.lock``), each waiting for its own reload.
     """
     paths = ServerPaths(dir.resolve())
-    if not paths.config.is_file():
-        raise ConfigError(f"{paths.dir} is not an EST server directory (no config.yaml)",
-                          hint="create one with: tpmid est-server init --dir DIR")
+    _require_server_dir(paths)
     try:
         fd = acquire_lock(paths.dir / LAB_LOCK, wait=True, timeout=timeout,
                           busy=lambda holder: f"another lab command is changing {paths.dir} "
