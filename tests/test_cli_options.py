@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,3 +111,29 @@ def test_provision_with_the_config_after_the_command_reads_that_file(tmp_path: P
     assert proc.returncode == 2, proc.stderr
     assert "unrecognized arguments" not in proc.stderr
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_est_server_run_takes_json_after_itself(tmp_path: Path) -> None:
+    from tpmid.server import init_server_dir
+    from tpmid.testing.estserver import tpmid_command
+
+    res = init_server_dir(tmp_path / "srv")
+    out = tmp_path / "run.json.out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(tpmid_command("est-server", "run", "--dir", str(res.dir),
+                                              "--port", "0", "--json"),
+                                stdout=f, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                data = json.loads(out.read_text())
+                break
+            except ValueError:
+                assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+                time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert data["listening"] == f"https://127.0.0.1:{data['port']}/"
+    assert set(data["urls"]) == {"idevid", "ldevid", "edgeca"}

@@ -56,6 +56,7 @@ RELOAD_TIMEOUT = 15.0
 LAB_LOCK = "lab.lock"
 _LAB_HEADER = ("# Lab overrides per label, on top of config.yaml; written by "
                "`tpmid est-server label` (docs/est-server.md).\n")
+_FAULT_HINT = "see tpmid est-server label --help and docs/est-server.md"
 _TRUE = ("", "true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -119,16 +120,19 @@ def parse_fault(text: str) -> tuple[str, Any]:
             return key, True
         if value.lower() in _FALSE:
             return key, False
-        raise ConfigError(f"--fault {shown(text)}: {key} is on or off (write {key} or "
-                          f"{key}=false)")
+        raise ConfigError(f"--fault {shown(text)}: {key} is on or off",
+                          hint=f"write --fault {key} to switch it on, --fault {key}=false to "
+                          "switch it off")
     if not sep or not value:
         example = {"int": "503", "duration": "2s", "str": "'CN=x'", "list": "simpleenroll"}[kind]
-        raise ConfigError(f"--fault {shown(text)}: {key} needs a value, e.g. {key}={example}")
+        raise ConfigError(f"--fault {shown(text)}: {key} needs a value, e.g. {key}={example}",
+                          hint=_FAULT_HINT)
     if kind == "int":
         try:
             return key, int(value)
         except ValueError:
-            raise ConfigError(f"--fault {shown(text)}: {key} takes a whole number") from None
+            raise ConfigError(f"--fault {shown(text)}: {key} takes a whole number",
+                              hint=_FAULT_HINT) from None
     if kind == "list":
         return key, [v.strip() for v in value.split(",") if v.strip()]
     return key, value
