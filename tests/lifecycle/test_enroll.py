@@ -31,7 +31,6 @@ from tests.est.test_client_support import (
     tls_versions,
     transient_handles,
 )
-from tests.server_fixtures import RunningEstServer, start_est_server
 from tests.support.wiring import enroll
 from tpmid.config import Config
 from tpmid.errors import (
@@ -47,6 +46,7 @@ from tpmid.errors import (
 from tpmid.lifecycle.enroll import EnrollResult
 from tpmid.render import name as render_name
 from tpmid.store import Store
+from tpmid.testing.estserver import RunningEstServer, start_est_server
 from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
 from tpmid.tpm.connection import TpmConnection

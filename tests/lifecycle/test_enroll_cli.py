@@ -11,10 +11,10 @@ import yaml
 from cryptography import x509
 
 from tests.est.test_client_support import SECRET_ENV
-from tests.server_fixtures import RunningEstServer
 from tpmid.cli import main
 from tpmid.render import name as render_name
 from tpmid.render import serial as render_serial
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.idevid import create_persistent_idevid

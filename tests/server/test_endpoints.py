@@ -23,10 +23,10 @@ from tests.server.helpers import (
     new_key,
     request,
 )
-from tests.server_fixtures import RunningEstServer
 from tpmid.est import messages
 from tpmid.render import name as render_name
 from tpmid.render import serial as render_serial
+from tpmid.testing.estserver import RunningEstServer
 
 LABEL_CA = {"idevid": "manufacturer", "ldevid": "operator", "edgeca": "operator"}
 
