@@ -18,7 +18,7 @@ import importlib
 from collections.abc import Iterator
 
 # Order here is the order in `tpmid --help`.
-MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "est_server")
+MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "secret", "est_server")
 
 # Where ``-v`` given after a command is counted (one name per depth), so that
 # ``-v est-server -v run -v`` adds up to -vvv: argparse parses a subcommand into a

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from tpmid.certfiles import load_pem_certificates
 from tpmid.clock import as_utc
-from tpmid.config import Config, IdentityConfig, SecretRef
+from tpmid.config import Config, IdentityConfig
 from tpmid.errors import (
     ConfigError,
     EstTransportError,
@@ -108,20 +108,6 @@ def _skip(name: str, why: str) -> CheckResult:
 # --------------------------------------------------------------------------- files
 
 
-def _secret_refs(config: Config) -> list[tuple[str, SecretRef]]:
-    refs: list[tuple[str, SecretRef | None]] = [
-        (f"tpm.auth.{h}", getattr(config.tpm.auth, h)) for h in ("owner", "endorsement", "lockout")
-    ]
-    for ident in config.identities.values():
-        if ident.est is None:
-            continue
-        where = f"identities.{ident.name}.est.auth"
-        if ident.est.auth.basic is not None:
-            refs.append((f"{where}.basic.password", ident.est.auth.basic.password))
-        refs += [(f"{where}.headers.{h}", ref) for h, ref in ident.est.auth.headers]
-    return [(w, r) for w, r in refs if r is not None]
-
-
 def check_config_file(config: Config, config_path: Path | None) -> CheckResult:
     """The config file (and secret files) cannot be changed or read by other users."""
     name = "config file permissions"
@@ -130,7 +116,7 @@ def check_config_file(config: Config, config_path: Path | None) -> CheckResult:
         if config_path is not None:
             check_private_path(config_path, "config file", error=ConfigError)
             checked.append(f"{config_path} is not writable by group or others")
-        for where, ref in _secret_refs(config):
+        for where, ref in config.secret_refs():
             if ref.file is not None:
                 check_private_file(ref.file, f"secret file ({where})")
                 checked.append(f"secret file {ref.file} is private")
