@@ -167,7 +167,9 @@ def test_sealing_twice_needs_force(device: dict[str, Any]) -> None:
     second = tpmid("secret", "seal", "est-password", stdin="other")
     assert second.returncode == 7
     assert "already sealed" in second.stderr and "--force" in second.stderr
-    assert tpmid("secret", "seal", "est-password", "--force", stdin="other").returncode == 0
+    assert opened(device["config"]) == PASSWORD
+    assert tpmid("secret", "seal", "est-password", "--force", stdin="other\r\n").returncode == 0
+    assert opened(device["config"]) == "other"
 
 
 @pytest.mark.slow
@@ -195,3 +197,61 @@ def test_a_pcr_bound_password_stops_enrollment_with_a_tpm_error_after_the_pcr_ch
     err = capsys.readouterr().err
     assert "sealed secret est-password is bound to PCRs sha256:16, which changed" in err
     assert "hint:" in err and "tpmid secret seal est-password --force" in err
+
+
+def test_on_a_terminal_seal_prompts_twice_without_echo(device: dict[str, Any]) -> None:
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:  # the pty becomes the child's /dev/tty
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(tpmid_command("secret", "seal", "est-password"), stdin=slave,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=controlling_terminal)
+    os.close(slave)
+    seen = b""
+
+    def read_until(text: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while text not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        assert text in seen, seen
+
+    try:
+        read_until(b"value of sealed secret est-password: ")
+        os.write(master, PASSWORD.encode() + b"\n")
+        read_until(b"again: ")
+        os.write(master, PASSWORD.encode() + b"\n")
+        out, err = proc.communicate(timeout=60)
+        try:
+            while select.select([master], [], [], 0.2)[0]:
+                seen += os.read(master, 4096)
+        except OSError:
+            pass  # the terminal closed with the process
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert PASSWORD.encode() not in seen  # typed, never echoed
+    assert b"sealed est-password" in out
+    assert opened(device["config"]) == PASSWORD
+
+
+def opened(config_path: Path) -> str:
+    """The sealed est-password as tpmid's secret resolver unseals it."""
+    from tpmid.config import SecretRef, load_config
+    from tpmid.wiring import Runtime
+    from tpmid.wiring.tpm import tpm_opener
+
+    rt = Runtime(load_config(config_path))
+    tpm_opener(rt)
+    return rt.secret(SecretRef(sealed="est-password"))

@@ -164,3 +164,44 @@ def test_blob_file_format_names_its_binding_but_no_value(swtpm: Swtpm) -> None:
     assert doc["format"] == "tpmid-sealed-secret/1"
     assert (doc["name"], doc["pcr_bank"], doc["pcrs"]) == ("est", "sha256", [16, 7])
     assert SealedBlob.from_json(doc) == blob
+
+
+def test_why_not_a_sealed_object_a_keyedhash_child_of_an_endorsement_primary_dies_with_clear(
+    swtpm: Swtpm,
+) -> None:
+    """The design note of docs/sealed-secrets.md, kept true: TPM2_Clear changes the
+    endorsement hierarchy's proof, and a sealed *object* under an endorsement primary no
+    longer loads afterwards, while the primary itself comes back the same."""
+    from tpm2_pytss.constants import TPMA_OBJECT
+    from tpm2_pytss.types import (
+        TPM2B_PUBLIC,
+        TPM2B_SENSITIVE_CREATE,
+        TPM2B_SENSITIVE_DATA,
+        TPMS_SENSITIVE_CREATE,
+        TPMT_PUBLIC,
+    )
+
+    from tpmid.tpm.templates import storage_parent_template
+
+    sealed_object = TPM2B_PUBLIC(TPMT_PUBLIC(
+        type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=(TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+                          | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA)))
+    sealed_object.publicArea.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
+    with TpmConnection(swtpm.tcti) as tpm:
+        e = tpm.esapi
+        parent, before, *_ = e.create_primary(TPM2B_SENSITIVE_CREATE(), storage_parent_template(),
+                                              ESYS_TR.ENDORSEMENT)
+        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(
+            data=TPM2B_SENSITIVE_DATA(VALUE)))
+        private, public, *_ = e.create(parent, sensitive, sealed_object)
+        e.flush_context(parent)
+        e.clear(ESYS_TR.PLATFORM)
+        parent, after, *_ = e.create_primary(TPM2B_SENSITIVE_CREATE(), storage_parent_template(),
+                                             ESYS_TR.ENDORSEMENT)
+        try:
+            assert bytes(after.publicArea.unique.ecc.x) == bytes(before.publicArea.unique.ecc.x)
+            with pytest.raises(Exception, match="integrity"):
+                e.load(parent, private, public)
+        finally:
+            e.flush_context(parent)
