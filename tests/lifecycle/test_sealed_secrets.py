@@ -190,9 +190,12 @@ def test_a_pcr_bound_password_stops_enrollment_with_a_tpm_error_after_the_pcr_ch
     assert main(["key", "create", "idevid"]) == 0
     assert main(["enroll", "idevid"]) == 0
     capsys.readouterr()
+    assert sealed_check() == (True, "stored and openable by this TPM (bound to sha256:16)")
     with TpmConnection(swtpm.tcti) as tpm:
         digest = TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=b"\x01" * 32))
         tpm.esapi.pcr_extend(ESYS_TR.PCR16, TPML_DIGEST_VALUES([digest]))
+    ok, detail = sealed_check()  # found before a request needs it
+    assert not ok and "which changed since it was sealed" in detail
     assert main(["enroll", "idevid"]) == 3
     err = capsys.readouterr().err
     assert "sealed secret est-password is bound to PCRs sha256:16, which changed" in err
@@ -244,6 +247,14 @@ def test_on_a_terminal_seal_prompts_twice_without_echo(device: dict[str, Any]) -
     assert PASSWORD.encode() not in seen  # typed, never echoed
     assert b"sealed est-password" in out
     assert opened(device["config"]) == PASSWORD
+
+
+def sealed_check() -> tuple[bool, str]:
+    """What `tpmid check` says of the sealed est-password."""
+    done = tpmid("check", "--no-est", "--json")
+    (item,) = [c for c in json.loads(done.stdout)
+               if c["name"] == "sealed secret est-password"]
+    return item["ok"], item["detail"]
 
 
 def opened(config_path: Path) -> str:

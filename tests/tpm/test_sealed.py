@@ -76,7 +76,10 @@ def test_a_pcr_bound_secret_stops_opening_when_the_pcr_changes(swtpm: Swtpm) -> 
         blob = tpm.seal_secret("est", VALUE, pcrs=(16,), sealed_at=NOW)
         assert blob.bound() == "sha256:16"
         assert tpm.unseal_secret(blob) == VALUE  # PCR 16 unchanged
+        tpm.check_sealed_secret(blob)
         extend_pcr16(tpm)
+        with pytest.raises(SealedSecretError, match="would refuse to open it"):
+            tpm.check_sealed_secret(blob)  # tells without unsealing
         with pytest.raises(SealedSecretError) as e:
             tpm.unseal_secret(blob)
         assert "bound to PCRs sha256:16, which changed since it was sealed" in e.value.message

@@ -105,6 +105,10 @@ class TpmConnection(TpmContext):
         return sealed.seal_secret(self, name, value, pcr_bank=pcr_bank, pcrs=pcrs,
                                   sealed_at=sealed_at)
 
+    def check_sealed_secret(self, blob: SealedBlob) -> None:
+        """SealedSecretError if ``blob`` would not open now (PCRs, another TPM); unseals nothing."""
+        sealed.check_sealed_secret(self, blob)
+
     def unseal_secret(self, blob: SealedBlob) -> bytearray:
         """The value of a sealed secret; the caller wipes the bytearray after use."""
         return sealed.unseal_secret(self, blob)

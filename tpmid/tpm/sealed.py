@@ -240,6 +240,35 @@ def _zgen(tpm: TpmContext, handle: Any, blob: SealedBlob) -> bytearray:
             esapi.flush_context(session)
 
 
+def _wrong_key(blob: SealedBlob) -> SealedSecretError:
+    return SealedSecretError(
+        f"sealed secret {blob.name} was sealed to another key than this TPM's "
+        "(another TPM, or its endorsement seed changed since)",
+        hint=f"seal it again on this device: `tpmid secret seal {blob.name} --force`")
+
+
+def check_sealed_secret(tpm: TpmContext, blob: SealedBlob) -> None:
+    """Raise SealedSecretError if :func:`unseal_secret` would fail, without unsealing.
+
+    The sealing key must come back with the blob's Name, and the PCRs must still
+    give the blob's policy digest (a trial session: nothing secret is computed).
+    """
+    with tpm.lock:
+        handle, _ = _create_sealing_key(tpm, blob.policy)
+        try:
+            same = bytes(tpm.esapi.tr_get_name(handle)) == blob.key_name
+        finally:
+            flush_transient(tpm, handle, _KEY)
+        if not same:
+            raise _wrong_key(blob)
+        if blob.pcrs and pcr_policy(tpm, blob.pcr_bank, blob.pcrs) != blob.policy:
+            raise SealedSecretError(
+                f"sealed secret {blob.name} is bound to PCRs {blob.bound()}, which changed "
+                "since it was sealed: the TPM would refuse to open it",
+                hint="if the new PCR values are expected (a firmware or boot change), "
+                f"seal it again: `tpmid secret seal {blob.name} --force`")
+
+
 def unseal_secret(tpm: TpmContext, blob: SealedBlob) -> bytearray:
     """The secret ``blob`` holds, in a bytearray the caller wipes when done with it.
 
@@ -250,11 +279,7 @@ def unseal_secret(tpm: TpmContext, blob: SealedBlob) -> bytearray:
         handle, public = _create_sealing_key(tpm, blob.policy)
         try:
             if bytes(tpm.esapi.tr_get_name(handle)) != blob.key_name:
-                raise SealedSecretError(
-                    f"sealed secret {blob.name} was sealed to another key than this TPM's "
-                    "(another TPM, or its endorsement seed changed since)",
-                    hint=f"seal it again on this device: `tpmid secret seal {blob.name} "
-                    "--force`")
+                raise _wrong_key(blob)
             z = _zgen(tpm, handle, blob)
         finally:
             flush_transient(tpm, handle, _KEY)
