@@ -43,6 +43,7 @@ import requests
 from cryptography import x509
 
 from tpmid import cancel
+from tpmid.certfiles import spki_der
 from tpmid.clock import utcnow
 from tpmid.errors import (
     ConfigError,
@@ -53,7 +54,7 @@ from tpmid.errors import (
     EstTransportError,
 )
 from tpmid.est import messages
-from tpmid.est.verify import check_pinned_root, spki_der, verify_server_certificate
+from tpmid.est.verify import check_pinned_root, verify_server_certificate
 from tpmid.policy import MAX_RETRY_AFTER_S, clamp_retry_after
 from tpmid.render import format_duration, quoted_name
 from tpmid.render import name as render_name

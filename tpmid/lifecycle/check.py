@@ -46,7 +46,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tpmid.certfiles import load_pem_certificates
+from tpmid.certfiles import load_pem_certificates, spki_der, spki_sha256
 from tpmid.clock import as_utc
 from tpmid.config import Config, IdentityConfig
 from tpmid.errors import (
@@ -58,7 +58,7 @@ from tpmid.errors import (
     VerificationError,
 )
 from tpmid.est.verify import check_validity as verify_validity
-from tpmid.est.verify import spki_der, spki_sha256, verify_chain
+from tpmid.est.verify import verify_chain
 from tpmid.policy import CLOCK_SKEW, RELEASE_DATE
 from tpmid.render import iso
 from tpmid.render import name as render_name
