@@ -160,7 +160,7 @@ def _flow_rows(result: BenchResult) -> list[Row]:
     rows = [_filled(Row(id="flow_time", label="Whole device flow: time, median (p95)"),
                     result, lambda c, f: fmt_summary(Summary.of(c.flow_times_ms(f)))),
             _filled(Row(id="flow_tpm_wait",
-                        label="Whole device flow: of which TPM latency (proxy delay), median"),
+                        label="Whole device flow: of which TPM latency, median"),
                     result, lambda c, f: fmt_summary(Summary.of(c.flow_tpm_wait_ms(f))))]
 
     speed = Row(id="flow_speedup", label="Flow speed-up: manual ÷ tpmid (medians)",
@@ -189,7 +189,7 @@ def _cpu_rows(result: BenchResult) -> list[Row]:
     for step in STEPS:
         goal = TARGET_CPU_MS[step]
         row = _filled(Row(id=f"{step}_cpu",
-                          label=f"{STEP_LABELS[step]}: CPU (user + sys), median (p95)",
+                          label=f"{STEP_LABELS[step]}: CPU user+sys, median (p95)",
                           target=f"tpmid ≤ {goal:g} ms on swtpm"),
                       result, _cpu_cell(step))
         for kind in KINDS:
@@ -201,7 +201,7 @@ def _cpu_rows(result: BenchResult) -> list[Row]:
         rows.append(row)
 
     st = result.status
-    status = Row(id="status_cpu", label="`tpmid status` (enrolled device): CPU / wall, median",
+    status = Row(id="status_cpu", label="`tpmid status` (enrolled): CPU / wall, median",
                  target=f"CPU ≤ {TARGET_STATUS_CPU_MS:g} ms", tpmid_delayed="same",
                  tpmid_discrete="same")
     if st is None or not st.measured or st.cpu_median_ms is None:
@@ -364,12 +364,12 @@ def _daemon_rows(result: BenchResult) -> list[Row]:
 def _load_rows(result: BenchResult) -> list[Row]:
     """The EST server under load; the values sit in the first column (they are the server's)."""
     o = result.options
-    what = f"EST server, {o.load_clients} clients × {o.load_seconds:g} s"
-    rows = [Row(id="load_rate", label=f"{what}: enrollments per second"),
-            Row(id="load_latency", label=f"{what}: enrollment latency p50 / p99"),
+    what = "EST server under load"  # the parameters line gives clients and seconds
+    rows = [Row(id="load_rate", label=f"{what}: enrollments/s"),
+            Row(id="load_latency", label=f"{what}: latency p50 / p99"),
             Row(id="load_errors", label=f"{what}: errors", target=f"{TARGET_LOAD_ERRORS}"),
-            Row(id="load_rss", label=f"{what}: server RSS, max (start)"),
-            Row(id="load_cpu", label=f"{what}: server CPU per enrollment")]
+            Row(id="load_rss", label=f"{what}: server RSS max (before)"),
+            Row(id="load_cpu", label=f"{what}: server CPU/enrollment")]
     ld = result.load
     if ld is None or not ld.measured:
         why = "not measured: " + (ld.reason if ld and ld.reason else
