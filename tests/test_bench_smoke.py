@@ -10,6 +10,8 @@ the targets are benchmarks, not tests.
 from __future__ import annotations
 
 import json
+import os
+import pstats
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +157,23 @@ def test_manual_kit_makes_tpm2_tools_derive_the_same_idevid_as_tpmid(swtpm: Swtp
         finally:
             key.close()
     assert tools_x == tpmid_x
+
+
+def test_server_profiler_sees_the_work_done_in_threads_not_only_the_main_thread(
+    tmp_path: Path,
+) -> None:
+    """python -m cProfile would miss it: the EST server answers in one thread per connection."""
+    (tmp_path / "threaded_job.py").write_text(
+        "import threading\n"
+        "def work_in_a_thread():\n"
+        "    return sum(i * i for i in range(20000))\n"
+        "t = threading.Thread(target=work_in_a_thread)\n"
+        "t.start(); t.join()\n"
+        "raise SystemExit(3)\n")
+    out = tmp_path / "job.prof"
+    proc = subprocess.run([sys.executable, "-m", "tests.bench.cprofile_threads", str(out),
+                           "-m", "threaded_job"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 3, proc.stderr  # the module's exit status, passed through
+    functions = {name for _file, _line, name in pstats.Stats(str(out)).stats}
+    assert "work_in_a_thread" in functions

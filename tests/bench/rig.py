@@ -41,6 +41,7 @@ from pathlib import Path
 from tpmid.testing.swtpm import Swtpm, copy_state, manufacture
 from tpmid.testing.tpmproxy import LatencyFunction, TpmProxy
 
+REPO = Path(__file__).resolve().parents[2]  # the checkout (for python -m tests.bench...)
 SERVER_START_TIMEOUT = 30.0
 STEP_TIMEOUT = 180.0
 # Follow forks, one output file per process, report successful and failed execve only.
@@ -204,8 +205,9 @@ class Rig:
                  server_cprofile: Path | None = None) -> None:
         """Prepare a rig in ``workdir``; ``base_env`` is the environment children start from.
 
-        With ``server_cprofile``, the EST server runs under ``python -m cProfile``
-        and writes its profile there when it stops.
+        With ``server_cprofile``, the EST server runs under
+        :mod:`tests.bench.cprofile_threads` (every thread profiled) and writes its
+        profile there when it stops.
         """
         self.workdir = workdir
         self.server_cprofile = server_cprofile
@@ -250,11 +252,13 @@ class Rig:
         out = open(res.dir / "run.stdout", "wb")  # noqa: SIM115 - owned by the child
         err = open(res.dir / "run.log", "wb")  # noqa: SIM115
         try:
-            profile = ([] if self.server_cprofile is None
-                       else ["-m", "cProfile", "-o", str(self.server_cprofile.resolve())])
+            # python -m cProfile would see only the main thread; the server answers
+            # each connection in a thread of its own.
+            profile = ([] if self.server_cprofile is None else
+                       ["-m", "tests.bench.cprofile_threads", str(self.server_cprofile.resolve())])
             proc = subprocess.Popen(
                 [sys.executable, *profile, "-m", "tpmid.cli", "est-server", "run",
-                 "--dir", str(res.dir), "--port", "0"],
+                 "--dir", str(res.dir), "--port", "0"], cwd=REPO,
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                 env={**self.base_env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         finally:

@@ -247,8 +247,8 @@ def _parser() -> argparse.ArgumentParser:
                    "the EST server in the load test (default 50; 0: no load test)")
     p.add_argument("--load-seconds", type=float, help="load test window (default 60)")
     p.add_argument("--cprofile-server", type=Path, metavar="FILE",
-                   help="run the EST server under cProfile and write its stats to FILE "
-                   "(read with python -m pstats FILE)")
+                   help="run the EST server under cProfile (every thread) and write its "
+                   "stats to FILE when it stops (read with python -m pstats FILE)")
     p.add_argument("--out-md", type=Path, help="Markdown report (default docs/benchmarks.md)")
     p.add_argument("--out-json", type=Path, help="JSON report (default docs/benchmarks.json)")
     p.add_argument("--workdir", type=Path, help="keep devices and server here (default: a "
