@@ -230,11 +230,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scripts/bench",
         description="Benchmark tpmid's device flow against the manual path with standard "
-        "tools, on simulated TPMs (plain and with a per-command delay) and the reference EST "
-        "server; print a table and write docs/benchmarks.md and docs/benchmarks.json.")
+        "tools, on simulated TPMs (plain, with a per-command delay, with a discrete-TPM "
+        "latency profile) and the reference EST server; CPU per command, `tpmid status`, "
+        "start-up, the idle daemon, the EST server under load; print a table and write "
+        "docs/benchmarks.md and docs/benchmarks.json.")
     p.add_argument("--quick", action="store_true",
-                   help="tiny counts (1 device, 3 handshakes, 3 s idle); writes nothing "
-                   "unless --out-md/--out-json are given")
+                   help="tiny counts (1 device, 3 handshakes, 3 s idle, 3 status runs, 10 "
+                   "load clients for 3 s); writes nothing unless --out-md/--out-json are given")
     p.add_argument("--devices", type=int, help="fresh devices per flow and column (default 20)")
     p.add_argument("--handshakes", type=int, help="handshakes per key and column (default 50)")
     p.add_argument("--delay-ms", type=float, help="proxy delay per TPM command (default 20)")
