@@ -180,3 +180,26 @@ def test_issue_log_appends_one_json_line_per_record(tmp_path: Path) -> None:
     log.append({"serial": "02"})
     assert [r["serial"] for r in log.records()] == ["01", "02"]
     assert len((tmp_path / "issued.jsonl").read_text().splitlines()) == 2
+
+
+def test_concurrent_issue_log_appends_never_interleave_and_all_reach_the_file(
+        tmp_path: Path) -> None:
+    import threading
+
+    log = IssueLog(tmp_path / "issued.jsonl")
+    # Lines longer than a pipe buffer, from many threads at once.
+    payload = "x" * 9000
+
+    def worker(n: int) -> None:
+        for i in range(20):
+            log.append({"thread": n, "i": i, "payload": payload})
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    records = log.records()  # json.loads of every line: a torn line would raise
+    assert sorted((r["thread"], r["i"]) for r in records) == [
+        (n, i) for n in range(8) for i in range(20)]
+    assert all(r["payload"] == payload for r in records)

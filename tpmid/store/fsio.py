@@ -237,13 +237,25 @@ def remove_tree(path: Path) -> None:
 
 
 
-def append_line(fd: int, data: bytes, path: Path) -> None:
+def open_append(path: Path, mode: int) -> tuple[int, bool]:
+    """An ``O_APPEND`` descriptor for ``path`` and whether this call created the file."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, mode), True
+    except FileExistsError:
+        return os.open(path, flags), False
+
+
+def append_line(fd: int, data: bytes, path: Path, *, new_file: bool = True) -> None:
     """Append ``data`` (one record) to the ``O_APPEND`` descriptor ``fd`` durably.
 
     One ``write(2)`` under an exclusive ``flock(2)``, so concurrent appenders (other
-    devices on a station share) never interleave; a short write (full disk, quota)
-    is cut back off so that no reader ever sees half a line; then ``fsync`` of the
-    file and of its directory (a new file's entry must be durable too).
+    devices on a station share, other threads of a server) never interleave; a
+    short write (full disk, quota) is cut back off so that no reader ever sees half a
+    line. Then, with the lock released so that appenders do not queue behind each
+    other's disk flush, ``fsync`` of the file, and of its directory when the file is
+    new (``new_file``; :func:`open_append` tells): its entry must be durable too.
+    The call returns only once the record is on disk.
     """
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -254,11 +266,13 @@ def append_line(fd: int, data: bytes, path: Path) -> None:
                 os.ftruncate(fd, os.fstat(fd).st_size - n)
                 raise StoreError(f"{path} is full: wrote {n} of {len(data)} bytes",
                                  hint="free space on the file system that holds it")
-            os.fsync(fd)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
+        os.fsync(fd)
     except OSError as e:
         raise StoreError(f"cannot append to {path}: {e.strerror}") from e
+    if not new_file:
+        return
     try:
         fsync_dir(Path(path).parent)
     except StoreError as e:
