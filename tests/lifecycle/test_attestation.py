@@ -464,3 +464,60 @@ def hashes_sha256(data: bytes) -> bytes:
     h = hashes.Hash(hashes.SHA256())
     h.update(data)
     return h.finalize()
+
+
+# --------------------------------------------------------------------------- provisioning
+
+
+@pytest.mark.slow
+def test_provision_creates_the_iak_with_the_idevid_and_a_second_tpm_has_another(
+    swtpm: Swtpm, tmp_path: Path,
+) -> None:
+    """`tpmid provision` with key.iak persists the IAK next to the IDevID; its template
+    is the TCG one (restricted signing, never decrypt) and another TPM derives another key.
+    (Its certificate comes from the manufacturer CA: see docs/attestation.md for what is
+    not done yet.)"""
+    from tpm2_pytss.constants import TPMA_OBJECT
+
+    from tests.lifecycle.test_provision import SECRET_ENV as STATION_SECRET_ENV
+    from tests.lifecycle.test_provision import Device as StationDevice
+    from tests.lifecycle.test_provision import run_provision
+    from tpmid.testing.swtpm import manufacture
+
+    srv = start_est_server(tmp_path / "srv")
+    try:
+        config = tmp_path / "device" / "config.yaml"
+        config.parent.mkdir()
+        import yaml
+        config.write_text(yaml.safe_dump({
+            "tpm": {"tcti": swtpm.tcti}, "store": {"dir": str(tmp_path / "device" / "store")},
+            "trust": {"est_anchors": [str(srv.tls_ca)]},
+            "identities": {"idevid": {
+                "key": {"kind": "persistent", "handle": 0x81020000, "template": "H-2",
+                        "iak": True, "iak_handle": IAK_HANDLE},
+                "subject": {"cn": "sensor-{serial}"},
+                "est": {"url": srv.url("idevid"),
+                        "auth": {"headers": {"Secret-Value": {"env": STATION_SECRET_ENV}}}},
+            }},
+        }))
+        device = StationDevice(sim=swtpm, dir=config.parent, config=config)
+        proc = run_provision(device, tmp_path / "manifest.jsonl", srv.secret, "--serial", "SN-1",
+                             json_out=False)
+        assert proc.returncode == 0, proc.stderr
+        assert f"created IAK at {IAK_HANDLE:#010x}" in proc.stdout + proc.stderr
+    finally:
+        srv.stop()
+    with TpmConnection(swtpm.tcti) as tpm, tpm.open_persistent_iak(IAK_HANDLE) as iak:
+        attrs = iak.public.publicArea.objectAttributes
+        assert attrs & TPMA_OBJECT.RESTRICTED and attrs & TPMA_OBJECT.SIGN_ENCRYPT
+        assert not attrs & TPMA_OBJECT.DECRYPT
+        with tpm.derive_iak() as again:
+            assert again.public_key_der() == iak.public_key_der()  # re-derivable
+        first = iak.public_key_der()
+    # A TPM manufactured on its own (not a copy of the template state): its own seeds.
+    other = Swtpm(manufacture(tmp_path / "other-tpm", ca_dir=swtpm.ca_dir)).start()
+    try:
+        with TpmConnection(other.tcti) as tpm, tpm.derive_iak() as iak:
+            assert iak.public_key_der() != first
+    finally:
+        other.stop()
