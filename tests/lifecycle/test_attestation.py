@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from tests.est.test_client import load
-from tests.est.test_client_support import SECRET_ENV, tls_versions
+from tests.est.test_client_support import SECRET_ENV, tls_versions, transient_handles
 from tests.support.wiring import enroll
 from tpmid.config import Config, SanConfig, SubjectConfig, parse_config
 from tpmid.csr import ChannelBinding, ChannelBoundCsr, build_csr_with_attribute
@@ -82,7 +82,7 @@ class Device:
 
 
 def device_config(srv: RunningEstServer, store: Path, tpm: TpmConnection, *,
-                  attestation: str = "include") -> Config:
+                  attestation: str = "include", idevid_kind: str = "persistent") -> Config:
     """tests.est.test_client_support.identity_config's IDevID and LDevID, with an IAK."""
     subject = {"serial_number": "TPMID-TEST-0001"}
     return parse_config({
@@ -90,7 +90,7 @@ def device_config(srv: RunningEstServer, store: Path, tpm: TpmConnection, *,
         "trust": {"est_anchors": [str(srv.tls_ca)]},
         "identities": {
             "idevid": {
-                "key": {"kind": "persistent", "template": "H-2", "handle": 0x81020000,
+                "key": {"kind": idevid_kind, "template": "H-2", "handle": 0x81020000,
                         "iak": True, "iak_handle": IAK_HANDLE},
                 "subject": {"cn": "IDevID", **subject},
                 "est": {"url": srv.url("idevid"),
@@ -100,6 +100,13 @@ def device_config(srv: RunningEstServer, store: Path, tpm: TpmConnection, *,
                 "key": {"kind": "file", "alg": "ecc-p256"},
                 "subject": {"cn": "my-device-id", **subject},
                 "est": {"url": srv.url("ldevid"), "auth": {"client": "idevid"},
+                        "attestation": attestation},
+            },
+            "edgeca": {
+                "key": {"kind": "file", "alg": "ecc-p256"},
+                "subject": {"cn": "my-device-id Edge CA", **subject},
+                "profile": "ca",
+                "est": {"url": srv.url("edgeca"), "auth": {"client": "ldevid"},
                         "attestation": attestation},
             },
         },
@@ -160,6 +167,43 @@ def test_ldevid_with_evidence_is_issued_with_the_proven_policy_and_the_verdict_l
         "result": "proven", "iak": "serialNumber=TPMID-TEST-0001,CN=IAK",
         "attributes": "fixedTPM|fixedParent|sensitiveDataOrigin|sign",
         "binding": "tls-exporter" if version == "1.3" else "tls-unique"}
+
+
+def test_no_transient_object_is_left_and_the_edge_ca_is_attested_the_same_way(
+    device: Device,
+) -> None:
+    device.server.configure("edgeca", attestation="require")
+    device.enroll("ldevid")
+    edgeca = device.enroll("edgeca")
+    assert edgeca.certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert device.server.issued()[-1]["label"] == "edgeca"
+    assert device.server.issued()[-1]["attestation"]["result"] == "proven"
+    assert transient_handles(device.tpm.tcti) == []
+
+
+def test_an_ek_derived_iak_is_re_created_for_the_evidence_within_the_tpm_s_three_slots(
+    swtpm: Swtpm, tmp_path: Path,
+) -> None:
+    """swtpm holds three transient objects: the storage parent, the new key and the
+    re-derived IAK fit, and all are flushed again."""
+    srv = start_est_server(tmp_path / "srv", config=lambda d: d["labels"]["ldevid"].update(
+        attestation="require"))
+    tpm = TpmConnection(swtpm.tcti)
+    try:
+        store_dir = tmp_path / "store"
+        dev = Device(tpm, srv, device_config(srv, store_dir, tpm, idevid_kind="ek-derived"),
+                     store_dir)
+        with tpm.derive_iak() as iak:
+            iak_cert = issue_iak_certificate(srv, iak)
+        dev.store.save_attestation_certs("idevid", [iak_cert])
+        dev.enroll("idevid")
+        dev.enroll("ldevid")
+        assert srv.issued()[-1]["attestation"]["result"] == "proven"
+        assert transient_handles(swtpm.tcti) == []
+        assert IAK_HANDLE not in tpm.persistent_handles()
+    finally:
+        tpm.close()
+        srv.stop()
 
 
 def test_a_label_that_only_verifies_issues_without_evidence_and_logs_it_absent(
