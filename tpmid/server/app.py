@@ -37,12 +37,13 @@ from cryptography.x509.oid import AttributeOID
 from tpmid.csr import ChannelBinding
 from tpmid.errors import EstProtocolError
 from tpmid.est import messages
+from tpmid.est.verify import spki_der
 from tpmid.evidence import ID_AA_ATTESTATION
 from tpmid.render import name as render_name
 from tpmid.render import quoted_name
 from tpmid.render import serial as render_serial
 from tpmid.server import auth
-from tpmid.server.attestation import AttestationVerdict, spki_of, verify_csr_evidence
+from tpmid.server.attestation import AttestationVerdict, verify_csr_evidence
 from tpmid.server.ca import (
     CertificateAuthority,
     IssueLog,
@@ -486,7 +487,7 @@ class EstApp:
         anchors = [self.cas[label.attestation_ca].cert]
         try:
             verdict = verify_csr_evidence(
-                csr.public_bytes(serialization.Encoding.DER), spki_of(csr.public_key()),
+                csr.public_bytes(serialization.Encoding.DER), spki_der(csr.public_key()),
                 anchors=anchors, binding=req.channel_binding, now=self.cas[label.ca].now())
         except EvidenceRejected as e:
             raise _reject(403, f"attestation refused ({e.check}): {e.message}") from None

@@ -23,7 +23,6 @@ from datetime import datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tpmid.csr import ChannelBinding
 from tpmid.evidence import (
@@ -138,8 +137,3 @@ def verify_csr_evidence(csr_der: bytes, csr_spki: bytes, *,
                                    qualifying_data=binding.value)
     return AttestationVerdict("proven", iak=render_name(signer.subject),
                               attributes=certified.attributes_text, binding=binding.kind)
-
-
-def spki_of(key: object) -> bytes:
-    """SubjectPublicKeyInfo DER of a ``cryptography`` public key."""
-    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # type: ignore[attr-defined]
