@@ -565,3 +565,63 @@ def test_provision_creates_the_iak_with_the_idevid_and_a_second_tpm_has_another(
             assert iak.public_key_der() != first
     finally:
         other.stop()
+
+
+def test_attestation_off_runs_the_same_tpm_commands_as_a_device_without_an_iak(
+    swtpm: Swtpm, tmp_path: Path,
+) -> None:
+    """With est.attestation: off nothing new reaches the TPM (the benchmark configuration);
+    with include exactly one TPM2_Certify is added. Counted outside tpmid by a proxy."""
+    from tpmid.testing.tpmproxy import TpmProxy
+
+    srv = start_est_server(tmp_path / "srv", config=lambda d: d["labels"]["ldevid"].update(
+        attestation="verify"))
+    try:
+        with TpmProxy(swtpm.host, swtpm.port, swtpm.ctrl_port).start() as proxy:
+            tpm = TpmConnection(proxy.tcti)
+            try:
+                create_persistent_idevid(tpm, "H-2")
+                assert tpm.persist_iak(IAK_HANDLE)
+                runs: dict[str, list[str]] = {}
+                for mode in ("no IAK", "off", "include"):
+                    store_dir = tmp_path / mode.replace(" ", "-")
+                    config = (parse_config(_without_iak(srv, store_dir, tpm), "test-config")
+                              if mode == "no IAK"
+                              else device_config(srv, store_dir, tpm, attestation=mode))
+                    dev = Device(tpm, srv, config, store_dir)
+                    with dev.iak() as iak:
+                        dev.store.save_attestation_certs(
+                            "idevid", [issue_iak_certificate(srv, iak)])
+                    dev.enroll("idevid")
+                    proxy.reset()
+                    dev.enroll("ldevid")
+                    runs[mode] = proxy.commands
+            finally:
+                tpm.close()
+    finally:
+        srv.stop()
+    assert runs["off"] == runs["no IAK"]
+    assert "TPM2_Certify" not in runs["off"]
+    assert runs["include"].count("TPM2_Certify") == 1
+
+
+def _without_iak(srv: RunningEstServer, store: Path, tpm: TpmConnection) -> dict[str, Any]:
+    """device_config's IDevID and LDevID as before attestation existed."""
+    subject = {"serial_number": "TPMID-TEST-0001"}
+    return {
+        "tpm": {"tcti": tpm.tcti}, "store": {"dir": str(store)},
+        "trust": {"est_anchors": [str(srv.tls_ca)]},
+        "identities": {
+            "idevid": {
+                "key": {"kind": "persistent", "template": "H-2", "handle": 0x81020000},
+                "subject": {"cn": "IDevID", **subject},
+                "est": {"url": srv.url("idevid"),
+                        "auth": {"headers": {"Secret-Value": {"env": SECRET_ENV}}}},
+            },
+            "ldevid": {
+                "key": {"kind": "file", "alg": "ecc-p256"},
+                "subject": {"cn": "my-device-id", **subject},
+                "est": {"url": srv.url("ldevid"), "auth": {"client": "idevid"}},
+            },
+        },
+    }
