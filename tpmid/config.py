@@ -28,6 +28,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/tpmid/config.yaml")
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 DEFAULT_STORE_DIR = Path("/var/lib/tpmid")
 DEFAULT_IDEVID_HANDLE = 0x81020000
+DEFAULT_IAK_HANDLE = 0x81020001  # tpmid's default for a persistent IAK
 DEFAULT_TPM_TIMEOUT_S = 120.0
 DEFAULT_LOCK_TIMEOUT_S = 300.0
 DEFAULT_EXCHANGE_DEADLINE_S = 120.0
@@ -212,6 +213,10 @@ class KeyConfig:
     # persistent and ek-derived: the NV index holding a copy of the certificate
     # (tpmid provision --write-nv), rewritten when TPM2_Clear deleted it.
     cert_nv: int | None = None
+    # persistent and ek-derived: an IAK (TCG DevID attestation key) lives with this
+    # IDevID, placed the same way (persistent at iak_handle, or re-derived).
+    iak: bool = False
+    iak_handle: int = DEFAULT_IAK_HANDLE
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,9 @@ class EstConfig:
     pin: str | None = None  # SHA-256 of the root, for /cacerts bootstrap without anchors
     allow_http: bool = False
     pop: bool = False  # RFC 7030 §3.5 tls-unique linking
+    # Key-attestation evidence in the CSR (docs/attestation.md): off, include, or
+    # required-by-server (only when the label's /csrattrs asks for it).
+    attestation: Literal["off", "include", "required-by-server"] = "off"
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     # One deadline per EST exchange: connect + TLS + request + the whole answer.
@@ -341,6 +349,10 @@ class Config:
             raise ConfigError(
                 f"{self.source}: no identity named {shown(name)} (configured: {known})"
             ) from None
+
+    def attestation_identity(self) -> IdentityConfig | None:
+        """The identity whose IDevID carries the IAK (``key.iak``), if any."""
+        return next((i for i in self.identities.values() if i.key.iak), None)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -549,8 +561,13 @@ def _key(r: MappingReader) -> KeyConfig:
                                                   "0x01800100")
     if cert_nv is not None and not 0x01000000 <= cert_nv <= 0x01FFFFFF:
         raise r.err("cert_nv", f"{cert_nv:#x} is not an NV index (0x01000000 to 0x01ffffff)")
+    iak = r.flag("iak", False)
+    iak_handle = _handle(r.pop("iak_handle", DEFAULT_IAK_HANDLE), r.path("iak_handle"), r.source)
+    if iak and iak_handle == handle:
+        raise r.err("iak_handle", f"{iak_handle:#x} is the IDevID's own handle")
     r.done()
-    return KeyConfig(kind=kind, template=template, handle=handle, alg=alg, cert_nv=cert_nv)
+    return KeyConfig(kind=kind, template=template, handle=handle, alg=alg, cert_nv=cert_nv,
+                     iak=iak, iak_handle=iak_handle)
 
 
 def _check_url(r: MappingReader, url: str) -> None:
@@ -610,6 +627,7 @@ def _est(r: MappingReader) -> EstConfig:
         pin=r.string("pin"),
         allow_http=r.flag("allow_http", False),
         pop=r.flag("pop", False),
+        attestation=_choice(r, "attestation", ("off", "include", "required-by-server"), "off"),
         connect_timeout=connect,
         read_timeout=read,
         total_timeout=total,
@@ -741,6 +759,16 @@ def parse_config(data: object, source: str = "<config>") -> Config:
                 f"{source}: identities.{ident.name}.renew.chain: chaining renews this identity "
                 "after the one in est.auth.client, and it has none"
             )
+    with_iak = [i.name for i in identities.values() if i.key.iak]
+    if len(with_iak) > 1:
+        raise ConfigError(f"{source}: key.iak is set for {', '.join(with_iak)}; a device has "
+                          "one IAK")
+    for ident in identities.values():
+        if ident.est and ident.est.attestation != "off" and not with_iak:
+            raise ConfigError(
+                f"{source}: identities.{ident.name}.est.attestation: evidence is signed by "
+                "the IAK, and no identity has one",
+                hint="set key.iak: true on the IDevID identity and provision it")
     return Config(tpm=tpm, store=store, trust=trust, identities=identities, source=source,
                   sealed=sealed)
 

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AttributeOID, NameOID, ObjectIdentifier
 
 from tpmid.config import SanConfig, SubjectConfig
@@ -30,6 +36,7 @@ from tpmid.der import (
     read_tlv,
 )
 from tpmid.errors import ConfigError
+from tpmid.evidence import add_attribute, assemble_csr, csr_parts
 
 # RFC 4108 §5: id-on-hardwareModuleName.
 OID_HARDWARE_MODULE_NAME = "1.3.6.1.5.5.7.8.4"
@@ -164,3 +171,127 @@ def build_csr(key: Any, subject: SubjectConfig, san: SanConfig, *, hash_name: st
         builder = builder.add_attribute(AttributeOID.CHALLENGE_PASSWORD,
                                         challenge_password.encode("utf-8"))
     return builder.sign(key, _HASHES[hash_name]())
+
+
+# --------------------------------------------------------------------------- CSRs with evidence
+
+
+class _DraftEcKey(ec.EllipticCurvePrivateKey):
+    """Stands in for the real key while ``cryptography`` lays out the request.
+
+    The request with the evidence attribute is signed once, by the real key,
+    after the attribute was added: this stand-in's signature is thrown away.
+    """
+
+    def __init__(self, public: ec.EllipticCurvePublicKey) -> None:
+        self._public = public
+
+    def sign(self, data: Any, signature_algorithm: Any) -> bytes:
+        return bytes(encode_dss_signature(1, 1))
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._public
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return self._public.curve
+
+    @property
+    def key_size(self) -> int:
+        return int(self._public.curve.key_size)
+
+    def exchange(self, algorithm: Any, peer_public_key: Any) -> bytes:
+        raise NotImplementedError
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        raise NotImplementedError
+
+    def private_bytes(self, encoding: Any, format: Any, encryption_algorithm: Any) -> bytes:
+        raise NotImplementedError
+
+    def __copy__(self) -> _DraftEcKey:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> _DraftEcKey:
+        return self
+
+
+class _DraftRsaKey(rsa.RSAPrivateKey):
+    """The RSA counterpart of :class:`_DraftEcKey`."""
+
+    def __init__(self, public: rsa.RSAPublicKey) -> None:
+        self._public = public
+
+    def sign(self, data: Any, padding: Any, algorithm: Any) -> bytes:
+        return bytes(self._public.key_size // 8)
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        return self._public
+
+    @property
+    def key_size(self) -> int:
+        return int(self._public.key_size)
+
+    def decrypt(self, ciphertext: bytes, padding: Any) -> bytes:
+        raise NotImplementedError
+
+    def private_numbers(self) -> rsa.RSAPrivateNumbers:
+        raise NotImplementedError
+
+    def private_bytes(self, encoding: Any, format: Any, encryption_algorithm: Any) -> bytes:
+        raise NotImplementedError
+
+    def __copy__(self) -> _DraftRsaKey:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> _DraftRsaKey:
+        return self
+
+
+def build_csr_with_attribute(key: Any, subject: SubjectConfig, san: SanConfig, *,
+                             hash_name: str, attribute_der: bytes,
+                             hw_module: tuple[str, bytes] | None = None,
+                             challenge_password: str | None = None,
+                             ) -> x509.CertificateSigningRequest:
+    """:func:`build_csr` plus one more Attribute (DER) ``cryptography`` cannot express.
+
+    The request is laid out by ``cryptography`` (with a stand-in key, no
+    signature), the Attribute is added to its CertificationRequestInfo in DER
+    order, and ``key`` signs the result once (one TPM2_Sign for a TPM key).
+    """
+    public = key.public_key()
+    draft_key: Any = (_DraftEcKey(public) if isinstance(public, ec.EllipticCurvePublicKey)
+                      else _DraftRsaKey(public))
+    draft = build_csr(draft_key, subject, san, hash_name=hash_name, hw_module=hw_module,
+                      challenge_password=challenge_password)
+    _, algorithm, _ = csr_parts(draft.public_bytes(Encoding.DER))
+    tbs = add_attribute(draft.tbs_certrequest_bytes, attribute_der)
+    hash_alg = _HASHES[hash_name]()
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        signature = key.sign(tbs, ec.ECDSA(hash_alg))
+    else:
+        signature = key.sign(tbs, PKCS1v15(), hash_alg)
+    csr = x509.load_der_x509_csr(assemble_csr(tbs, algorithm, signature))
+    if not csr.is_signature_valid:
+        raise ConfigError("the request with the evidence attribute does not verify")
+    return csr
+
+
+@dataclass(frozen=True)
+class ChannelBinding:
+    """One TLS channel binding (RFC 5056 type name and value); see :mod:`tpmid.tls.binding`."""
+
+    kind: str  # "tls-unique" (RFC 5929) | "tls-exporter" (RFC 9266)
+    value: bytes
+
+
+@dataclass(frozen=True)
+class ChannelBoundCsr:
+    """A CSR made once the TLS connection is up, from that connection's channel binding.
+
+    ``make`` receives the :class:`ChannelBinding` of the very connection the
+    request goes over (tls-unique on TLS 1.2, tls-exporter on TLS 1.3):
+    attestation evidence is bound to it (docs/attestation.md).
+    """
+
+    make: Callable[[ChannelBinding], x509.CertificateSigningRequest]

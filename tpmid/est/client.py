@@ -48,6 +48,7 @@ from cryptography import x509
 from tpmid import cancel
 from tpmid.certfiles import spki_der
 from tpmid.clock import utcnow
+from tpmid.csr import ChannelBinding, ChannelBoundCsr
 from tpmid.errors import (
     ConfigError,
     EstAuthError,
@@ -55,6 +56,7 @@ from tpmid.errors import (
     EstRetryLater,
     EstServerError,
     EstTransportError,
+    TlsShimError,
 )
 from tpmid.est import messages
 from tpmid.est.verify import check_pinned_root, verify_server_certificate
@@ -62,6 +64,7 @@ from tpmid.policy import MAX_RETRY_AFTER_S, clamp_retry_after
 from tpmid.render import format_duration, quoted_name
 from tpmid.render import name as render_name
 from tpmid.tls.adapter import BoundedHTTPAdapter, SSLContextAdapter
+from tpmid.tls.binding import channel_binding
 from tpmid.tls.context import ClientTls
 from tpmid.tls.deadline import DeadlineExceeded
 from tpmid.tls.deadline import clamp as clamp_to_deadline
@@ -93,7 +96,7 @@ CsrInput = x509.CertificateSigningRequest
 # Proof-of-possession: called with the connection's tls-unique, returns the CSR
 # carrying it as challengePassword (RFC 7030 §3.5).
 CsrFactory = Callable[[bytes], x509.CertificateSigningRequest]
-_BodyFactory = Callable[[bytes], bytes]
+_BodyFactory = Callable[[ssl.SSLSocket, str], bytes]
 
 
 class TlsHandle(Protocol):
@@ -350,16 +353,18 @@ class EstClient:
             raise EstProtocolError(f"{self._where('csrattrs')}: malformed CSR attributes: "
                                    f"{e}") from e
 
-    def simpleenroll(self, csr: CsrInput | CsrFactory) -> EnrollResponse:
+    def simpleenroll(self, csr: CsrInput | CsrFactory | ChannelBoundCsr) -> EnrollResponse:
         """POST /simpleenroll (RFC 7030 §4.2.1) with ``csr``; return the issued certificate.
 
         Pass a :data:`CsrFactory` instead of a CSR for proof-of-possession linking
         (RFC 7030 §3.5): it is called with the connection's tls-unique and the
-        request goes over that same connection (TLS 1.2 only).
+        request goes over that same connection (TLS 1.2 only). A
+        :class:`ChannelBoundCsr` is called with the connection's channel binding
+        (any TLS version).
         """
         return self._enroll("simpleenroll", csr)
 
-    def simplereenroll(self, csr: CsrInput | CsrFactory) -> EnrollResponse:
+    def simplereenroll(self, csr: CsrInput | CsrFactory | ChannelBoundCsr) -> EnrollResponse:
         """POST /simplereenroll (RFC 7030 §4.2.2): renew or rekey, authenticated by the old cert."""
         return self._enroll("simplereenroll", csr)
 
@@ -387,16 +392,25 @@ class EstClient:
     def _where(self, op: str | None = None) -> str:
         return f"{self.base_url}/{op}" if op else f"{self._host}:{self._port}"
 
-    def _enroll(self, op: str, csr: CsrInput | CsrFactory) -> EnrollResponse:
+    def _enroll(self, op: str, csr: CsrInput | CsrFactory | ChannelBoundCsr) -> EnrollResponse:
+        used: list[x509.CertificateSigningRequest] = []
         if isinstance(csr, x509.CertificateSigningRequest):
             body: bytes | _BodyFactory = messages.encode_csr(csr)
-            used: list[x509.CertificateSigningRequest] = [csr]
+            used.append(csr)
+        elif isinstance(csr, ChannelBoundCsr):
+            bound = csr
+
+            def make_bound(sock: ssl.SSLSocket, url: str) -> bytes:
+                made = bound.make(self._channel_binding(sock, url))
+                used.append(made)
+                return messages.encode_csr(made)
+
+            body = make_bound
         else:
             factory = csr
-            used = []
 
-            def make(tls_unique: bytes) -> bytes:
-                made = factory(tls_unique)
+            def make(sock: ssl.SSLSocket, url: str) -> bytes:
+                made = factory(self._tls_unique(sock, url))
                 used.append(made)
                 return messages.encode_csr(made)
 
@@ -696,7 +710,7 @@ class EstClient:
         try:
             sock.settimeout(read_t)
             leaf = self._server_certificate(sock, url)
-            payload = body(self._tls_unique(sock, url)) if callable(body) else body
+            payload = body(sock, url) if callable(body) else body
             try:
                 conn.request(method, f"{self._path}/{op}", body=payload, headers=dict(headers))
                 r = conn.getresponse()
@@ -710,6 +724,13 @@ class EstClient:
                              {k.lower(): v for k, v in r.getheaders()}, data), leaf
         finally:
             conn.close()
+
+    def _channel_binding(self, sock: ssl.SSLSocket, url: str) -> ChannelBinding:
+        try:
+            return channel_binding(sock)
+        except TlsShimError as e:
+            raise EstProtocolError(f"{url}: no channel binding for this connection: "
+                                   f"{e.message}") from e
 
     def _tls_unique(self, sock: ssl.SSLSocket, url: str) -> bytes:
         # RFC 7030 §3.5 uses tls-unique (RFC 5929 §3), which TLS 1.3 does not define.
@@ -793,6 +814,7 @@ def make_session(tls: TlsHandle | None) -> requests.Session:
 
 
 __all__ = [
+    "ChannelBoundCsr",
     "CsrFactory",
     "EnrollResponse",
     "EstClient",

@@ -50,10 +50,23 @@ from tpmid.cancel import Cancelled
 from tpmid.certfiles import load_pem_certificates, spki_der
 from tpmid.clock import utcnow
 from tpmid.config import Config, EstConfig, IdentityConfig
-from tpmid.csr import build_csr, build_subject
-from tpmid.errors import ConfigError, EstRetryLater, StoreError
+from tpmid.csr import (
+    ChannelBinding,
+    ChannelBoundCsr,
+    build_csr,
+    build_csr_with_attribute,
+    build_subject,
+)
+from tpmid.errors import ConfigError, EstProtocolError, EstRetryLater, StoreError
 from tpmid.est.messages import decode_csr
 from tpmid.est.verify import fingerprint_sha256, verify_enrollment
+from tpmid.evidence import (
+    ID_AA_ATTESTATION,
+    TCG_ATTEST_TPM_CERTIFY,
+    AttestationBundle,
+    TpmCertifyStatement,
+)
+from tpmid.evidence import attribute as evidence_attribute
 from tpmid.render import name as render_name
 from tpmid.render import quoted_name
 from tpmid.render import serial as render_serial
@@ -65,6 +78,7 @@ from tpmid.tpm.lease import LeasedKey, TpmLease
 if TYPE_CHECKING:
     from tpmid.est.client import CsrFactory, EstClient
     from tpmid.tls.keys import TlsSigningKey
+    from tpmid.tpm.connection import TpmConnection
     from tpmid.tpm.loaded import LoadedKey
 
 log = logging.getLogger(__name__)
@@ -166,6 +180,8 @@ class _Enrollment:
         self.hw_module = hw_module
         self.stack = stack
         self.entry: JournalEntry | None = None
+        # est.attestation: include → always; required-by-server → when /csrattrs asks.
+        self.attest = est.attestation == "include"
 
     # -- journal ---------------------------------------------------------------------
 
@@ -252,6 +268,44 @@ class _Enrollment:
                          hash_name=key.hash_name, hw_module=hw,
                          challenge_password=challenge_password)
 
+    def attested_csr(self, tpm: TpmConnection, key: LoadedKey, binding: ChannelBinding,
+                     challenge_password: str | None) -> x509.CertificateSigningRequest:
+        """A CSR carrying TPM2_Certify evidence of ``key`` by the IAK, bound to ``binding``.
+
+        draft-ietf-lamps-csr-attestation (tpmid.evidence): one tcg-attest-tpm-certify
+        statement, the IAK certificate and its chain; TPMS_ATTEST.extraData is the
+        TLS channel binding of the connection the request goes over.
+        """
+        owner = self.config.attestation_identity()
+        assert owner is not None  # the config refuses attestation without an IAK
+        certs = self.store.attestation_certs(owner.name)
+        if not certs:
+            raise StoreError(
+                f"{self.name}: est.attestation needs the IAK certificate of {owner.name}, and "
+                "the store has none", hint="obtain it by provisioning the device "
+                f"(tpmid provision), which enrolls {owner.name} and its IAK")
+        iak = identity_key(owner).open_iak(tpm)
+        try:
+            if iak.public_key_der() != spki_der(certs[0].public_key()):
+                raise StoreError(
+                    f"the stored IAK certificate of {owner.name} is not for this TPM's IAK",
+                    hint="provision the device again (tpmid provision)")
+            attest, signature, public = tpm.certify(key, iak, binding.value)
+        finally:
+            iak.close()
+        bundle = AttestationBundle(
+            ((TCG_ATTEST_TPM_CERTIFY, TpmCertifyStatement(attest, signature, public).encode()),),
+            tuple(c.public_bytes(serialization.Encoding.DER) for c in certs))
+        hw = None
+        if self.ident.san.hardware_module_name:
+            hw = self.hw_module or tpm.hardware_module_name()
+        log.info("%s: CSR with TPM2_Certify evidence by the IAK (%s binding)", self.name,
+                 binding.kind)
+        return build_csr_with_attribute(
+            key.private_key(), self.ident.subject, self.ident.san, hash_name=key.hash_name,
+            attribute_der=evidence_attribute(bundle), hw_module=hw,
+            challenge_password=challenge_password)
+
     # -- EST -------------------------------------------------------------------------
 
     def client(self, trust: Any, current: StoredIdentity | None,
@@ -326,6 +380,11 @@ def enroll_identity(
         raise ConfigError(f"{config.source}: identity {name!r} has no est section",
                           hint=f"add identities.{name}.est.url (see docs/config.md)")
     operation: Operation = "simplereenroll" if reenroll else "simpleenroll"
+    if est.attestation != "off" and identity_key(ident).birth:
+        raise ConfigError(
+            f"{config.source}: identities.{name}.est.attestation: an IDevID is certified by "
+            "the IAK when the device is provisioned, not in its own CSR",
+            hint="use est.attestation for key-file identities (LDevID, Edge CA)")
 
     with store.identity_lock(name), contextlib.ExitStack() as stack:
         # Released last: nothing of the TPM is held once this returns.
@@ -364,6 +423,10 @@ def _run(run: _Enrollment, current: StoredIdentity | None) -> EnrollResult:
         # No TPM signature in the handshake: give the TPM back before the network.
         run.lease.release()
     issuers = _issuers(run, client)
+    if run.est.attestation == "required-by-server":
+        run.attest = _server_wants_evidence(client)
+        log.info("%s: the server %s attestation evidence", run.name,
+                 "asks for" if run.attest else "does not ask for")
     response = _send(run, client, payload)
     return _verify_and_commit(run, key, response, requested, issuers, resumed)
 
@@ -384,7 +447,8 @@ def _requested_subject(run: _Enrollment, current: StoredIdentity | None) -> x509
 
 
 def _key_and_request(run: _Enrollment, current: StoredIdentity | None
-                     ) -> tuple[_Key, x509.CertificateSigningRequest | CsrFactory, bool]:
+                     ) -> tuple[_Key, x509.CertificateSigningRequest | CsrFactory
+                                | ChannelBoundCsr, bool]:
     """The key and what to send: the journalled CSR, a new CSR, or a PoP CSR factory."""
     current_key_file = current.key_file if current is not None else None
     resume = run.resumable()
@@ -399,6 +463,8 @@ def _key_and_request(run: _Enrollment, current: StoredIdentity | None
         return key, csr, True
     key = run.new_key(current_key_file)
     assert key.loaded is not None
+    if run.est.attestation != "off":
+        return key, _channel_bound_request(run, key), False
     if run.est.pop:
         # The CSR is signed after the handshake (it carries tls-unique); the TPM is
         # given back in between, so the key is loaded again then.
@@ -423,6 +489,42 @@ def _key_and_request(run: _Enrollment, current: StoredIdentity | None
     return key, csr, False
 
 
+def _channel_bound_request(run: _Enrollment, key: _Key) -> ChannelBoundCsr:
+    """A CSR made after the handshake: evidence (and PoP) bound to that connection."""
+    # The CSR is signed after the handshake; the TPM is given back in between, so
+    # the key is loaded again then.
+    assert key.loaded is not None
+    key.loaded.close()
+    key.loaded = None
+    path = key.key_path
+
+    def make(binding: ChannelBinding) -> x509.CertificateSigningRequest:
+        password = None
+        if run.est.pop:
+            if binding.kind != "tls-unique":
+                raise EstProtocolError(
+                    "proof-of-possession linking needs TLS 1.2 (tls-unique), but the "
+                    f"connection offers {binding.kind}",
+                    hint="cap the connection at TLS 1.2 (tpmid does this when est.pop is set)")
+            # RFC 7030 §3.5: base64(tls-unique) as challengePassword.
+            password = base64.b64encode(binding.value).decode("ascii")
+        with run.lease.session() as tpm:
+            loaded = run.lease.keep(run.key.open(tpm, path))
+            if run.attest:
+                return run.attested_csr(tpm, loaded, binding, password)
+            return run.csr(loaded, password)
+
+    if run.entry is not None:
+        run.journal(phase="submitted")
+    return ChannelBoundCsr(make)
+
+
+def _server_wants_evidence(client: EstClient) -> bool:
+    """True when the label's /csrattrs lists id-aa-attestation (est.attestation:
+    required-by-server)."""
+    return any(a.oid.dotted_string == ID_AA_ATTESTATION for a in client.csrattrs())
+
+
 def _issuers(run: _Enrollment, client: EstClient) -> list[x509.Certificate]:
     """The CAs the issued certificate must chain to."""
     if run.est.issuer_anchors:
@@ -433,7 +535,7 @@ def _issuers(run: _Enrollment, client: EstClient) -> list[x509.Certificate]:
 
 
 def _send(run: _Enrollment, client: EstClient,
-          payload: x509.CertificateSigningRequest | CsrFactory) -> Any:
+          payload: x509.CertificateSigningRequest | CsrFactory | ChannelBoundCsr) -> Any:
     """simpleenroll / simplereenroll; a 202 that outlasts est.max_wait keeps the CSR."""
     try:
         if run.operation == "simplereenroll":

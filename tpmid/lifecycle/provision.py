@@ -422,6 +422,9 @@ def _enroll(run: _Run, config: Config, ident: IdentityConfig, key: IdentityKey,
         run.fields["idevid_key_action"] = ensured.action
         spki = _key_spki(run, tpm, key, ensured.public_der)
         st.text = f"{ensured.status}, public key {_short(_sha256(spki))}"
+        if key.has_iak:
+            # TCG DevID §6: the IAK is created with the IDevID (docs/attestation.md).
+            st.text += f"; {key.ensure_iak(tpm)}"
     committed = False
     try:
         assert ident.est is not None

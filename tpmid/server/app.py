@@ -34,12 +34,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import AttributeOID
 
+from tpmid.csr import ChannelBinding
 from tpmid.errors import EstProtocolError
 from tpmid.est import messages
+from tpmid.est.verify import spki_der
+from tpmid.evidence import ID_AA_ATTESTATION
 from tpmid.render import name as render_name
 from tpmid.render import quoted_name
 from tpmid.render import serial as render_serial
 from tpmid.server import auth
+from tpmid.server.attestation import AttestationVerdict, verify_csr_evidence
 from tpmid.server.ca import (
     CertificateAuthority,
     IssueLog,
@@ -55,6 +59,7 @@ from tpmid.server.config import (
     parse_csrattrs,
 )
 from tpmid.server.state import default_csrattrs
+from tpmid.tpm.evidence import EvidenceRejected
 
 log = logging.getLogger("tpmid.server")
 
@@ -73,6 +78,8 @@ class Request:
     peer_cert_der: bytes | None = None
     tls_version: str | None = None
     tls_unique: bytes | None = None
+    # tls-unique (TLS 1.2) or tls-exporter (TLS 1.3): what attestation evidence is bound to.
+    channel_binding: ChannelBinding | None = None
 
 
 @dataclass
@@ -325,6 +332,11 @@ class EstApp:
             challenge = messages.CsrAttr(AttributeOID.CHALLENGE_PASSWORD)
             if challenge not in items:
                 items = (challenge, *items)
+        if label.attestation == "require":
+            # draft-ietf-lamps-csr-attestation: the CSR must carry id-aa-attestation.
+            evidence = messages.CsrAttr(x509.ObjectIdentifier(ID_AA_ATTESTATION))
+            if evidence not in items:
+                items = (*items, evidence)
         if not items:
             # RFC 7030 §4.5.2: 204 means no CSR attributes are available.
             return Response(204, note="no attributes")
@@ -351,6 +363,7 @@ class EstApp:
         csr = self._parse_csr(req.body, label)
         if label.pop:
             self._check_pop(req, csr)
+        attestation = self._check_attestation(req, label, csr)
         ca = self.cas[label.ca]
         subject, san = csr.subject, _san_of(csr)
 
@@ -394,13 +407,15 @@ class EstApp:
             when = ca.now() - timedelta(seconds=label.lifetime + 3600)
         if faults.subject is not None:
             subject = x509.Name.from_rfc4514_string(faults.subject)
+        policies = ((label.attestation_policy_oid,) if label.attestation_policy_oid
+                    and attestation is not None and attestation.result == "proven" else ())
         try:
             cert = issuer.issue(public_key=public_key,
                                 subject=subject, san=san, profile=label.profile,
-                                lifetime=label.lifetime, now=when)
+                                lifetime=label.lifetime, now=when, policies=policies)
         except (ValueError, TypeError) as e:
             raise _reject(400, f"cannot issue a certificate for this CSR: {e}") from None
-        self._record(label, operation, cert, verdict.principal)
+        self._record(label, operation, cert, verdict.principal, attestation)
         note = f"issued serial={render_serial(cert.serial_number)} subject={render_name(cert.subject)}"
         if faults.wrong_key:
             note += " [fault: wrong key]"
@@ -464,6 +479,24 @@ class EstApp:
             raise _reject(400, "proof-of-possession failed: the challengePassword is not the "
                           "tls-unique value of this TLS session (RFC 7030 §3.5)")
 
+    def _check_attestation(self, req: Request, label: LabelConfig,
+                           csr: x509.CertificateSigningRequest) -> AttestationVerdict | None:
+        """docs/attestation.md: check the CSR's evidence as the label asks; refuse naming why."""
+        if label.attestation == "off":
+            return None
+        anchors = [self.cas[label.attestation_ca].cert]
+        try:
+            verdict = verify_csr_evidence(
+                csr.public_bytes(serialization.Encoding.DER), spki_der(csr.public_key()),
+                anchors=anchors, binding=req.channel_binding, now=self.cas[label.ca].now())
+        except EvidenceRejected as e:
+            raise _reject(403, f"attestation refused ({e.check}): {e.message}") from None
+        if verdict.result == "absent" and label.attestation == "require":
+            raise _reject(403, "attestation refused (missing): this label requires TPM key "
+                          "attestation evidence in the CSR (attribute id-aa-attestation "
+                          f"{ID_AA_ATTESTATION}, draft-ietf-lamps-csr-attestation)")
+        return verdict
+
     def _check_reenroll(self, csr: x509.CertificateSigningRequest,
                         client_cert: x509.Certificate | None, ca: CertificateAuthority,
                         label: LabelConfig) -> None:
@@ -501,8 +534,8 @@ class EstApp:
         return r
 
     def _record(self, label: LabelConfig, operation: str, cert: x509.Certificate,
-                principal: str) -> None:
-        self.issue_log.append({
+                principal: str, attestation: AttestationVerdict | None = None) -> None:
+        entry: dict[str, Any] = {
             "time": format_datetime(datetime.now(UTC), usegmt=True),
             "label": label.name,
             "operation": operation,
@@ -514,7 +547,10 @@ class EstApp:
             "not_after": cert.not_valid_after_utc.isoformat(),
             "sha256": cert.fingerprint(hashes.SHA256()).hex(),
             "authenticated_as": principal,
-        })
+        }
+        if attestation is not None:
+            entry["attestation"] = attestation.log_entry()
+        self.issue_log.append(entry)
 
 
 __all__ = ["EstApp", "Request", "Response", "verify_csr_signature"]

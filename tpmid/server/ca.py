@@ -21,7 +21,7 @@ import ipaddress
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +41,7 @@ from tpmid.errors import ConfigError
 from tpmid.store.fsio import append_line, open_append
 
 # id-kp-cmcRA (RFC 6402 §2.10), the EKU of an authorized EST server (RFC 7030 §3.6.1).
+OID_TCG_KP_AIK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.3")
 OID_CMC_RA = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.28")
 
 SERIAL_BITS = 128
@@ -146,6 +147,7 @@ class CertificateAuthority:
         lifetime: float,
         san: x509.SubjectAlternativeName | None = None,
         now: datetime | None = None,
+        policies: Sequence[str] = (),
     ) -> x509.Certificate:
         """Sign a certificate for ``public_key`` with the extensions of ``profile``.
 
@@ -166,6 +168,11 @@ class CertificateAuthority:
              .add_extension(
                  x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                  critical=False))
+        if policies:
+            # A policy OID the label adds when the key was proven to live in a TPM.
+            b = b.add_extension(x509.CertificatePolicies([
+                x509.PolicyInformation(x509.ObjectIdentifier(p), None) for p in policies]),
+                critical=False)
         if profile in ("idevid", "ldevid"):
             b = (b.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                  .add_extension(_key_usage(digital_signature=True), critical=True)
@@ -184,6 +191,13 @@ class CertificateAuthority:
                  # clients may accept instead of a host-name match.
                  .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                        OID_CMC_RA]),
+                                critical=False))
+        elif profile == "iak":
+            # TCG DevID §8 / TCG EK Credential Profile: an attestation key certificate,
+            # marked by tcg-kp-AIKCertificate (2.23.133.8.3).
+            b = (b.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                 .add_extension(_key_usage(digital_signature=True), critical=True)
+                 .add_extension(x509.ExtendedKeyUsage([OID_TCG_KP_AIK_CERTIFICATE]),
                                 critical=False))
         else:
             raise ConfigError(f"unknown certificate profile {profile!r}")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from cryptography import x509
 
 from tpmid.config import MappingReader, parse_duration, read_yaml_file, shown
+from tpmid.der import oid_of_der
 from tpmid.errors import ConfigError
 from tpmid.est.messages import CsrAttr, der_oid
 from tpmid.server.subject_policy import (
@@ -156,6 +157,12 @@ class LabelConfig:
     serverkeygen_alg: str | None = None  # None: the CA's algorithm
     csrattrs: tuple[CsrAttr, ...] | None = None  # None: derived from profile and CA key
     faults: Faults = field(default_factory=Faults)
+    # Key-attestation evidence (docs/attestation.md): off, verify (check it when a CSR
+    # carries it), require (refuse a CSR without it). IAK certificates must chain to
+    # attestation_ca; attestation_policy_oid goes into certificates of proven keys.
+    attestation: str = "off"
+    attestation_ca: str = "manufacturer"
+    attestation_policy_oid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,8 @@ class ServerConfig:
 
 # --------------------------------------------------------------------------- parsing
 
+
+ATTESTATION_MODES = ("off", "verify", "require")
 
 _HINT = "see docs/est-server.md for the config file reference"
 
@@ -347,9 +356,27 @@ def _label(name: str, r: MappingReader) -> LabelConfig:
         serverkeygen_alg=r.string("serverkeygen_alg", None, choices=ALGS),
         csrattrs=csrattrs,
         faults=_faults(r.sub("faults")),
+        attestation=r.string("attestation", "off", choices=ATTESTATION_MODES),
+        attestation_ca=r.string("attestation_ca", "manufacturer", choices=CA_NAMES),
+        attestation_policy_oid=_oid(r, "attestation_policy_oid"),
     )
     r.done()
     return label
+
+
+def _oid(r: MappingReader, key: str) -> str | None:
+    value = r.string(key)
+    if value is not None and oid_of_der(der_oid_safe(value)) is None:
+        raise r.err(key, f"{value!r} is not a dotted OID such as 1.3.6.1.4.1.55555.1.1")
+    return value
+
+
+def der_oid_safe(value: str) -> bytes:
+    """DER of a dotted OID, or b"" when it is not one."""
+    try:
+        return der_oid(value)
+    except ValueError:
+        return b""
 
 
 def parse_server_config(data: object, source: str = "<config>") -> ServerConfig:

@@ -32,12 +32,13 @@ from typing import Any
 
 from cryptography import x509
 
-from tpmid.errors import ConfigError
+from tpmid.errors import ConfigError, TlsShimError
 from tpmid.render import name as render_name
 from tpmid.server.app import EstApp, Request
 from tpmid.server.ca import IssueLog, cert_pem
 from tpmid.server.config import ServerConfig, load_server_config
 from tpmid.server.state import ServerState, est_url
+from tpmid.tls.binding import channel_binding
 
 log = logging.getLogger("tpmid.server")
 
@@ -175,6 +176,11 @@ class _Handler(BaseHTTPRequestHandler):
         tls_unique = None
         if version == "TLSv1.2":
             tls_unique = self.request.get_channel_binding("tls-unique")
+        try:
+            binding = channel_binding(self.request)
+        except TlsShimError as e:
+            log.warning("no TLS channel binding for this connection: %s", e.message)
+            binding = None
         req = Request(
             method=self.command,
             path=path,
@@ -183,6 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
             peer_cert_der=peer,
             tls_version=version,
             tls_unique=tls_unique,
+            channel_binding=binding,
         )
         resp = app.handle(req)
         if resp.drop:

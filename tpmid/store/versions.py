@@ -58,6 +58,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # same rule as tpmid.config
 # (directory, mode): certs are public, everything else is private to the tpmid user.
 SUBDIRS: tuple[tuple[str, int], ...] = (
     ("certs", 0o755), ("keys", 0o700), ("journal", 0o700), ("state", 0o700), ("locks", 0o700),
+    ("attestation", 0o755),
 )
 
 
@@ -538,6 +539,36 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot remove journal {path}: {e.strerror}") from e
         fsync_dir(path.parent)
+
+    # ----------------------------------------------------------------- attestation
+
+    def attestation_path(self, name: str) -> Path:
+        """Where the IAK certificate and its chain of IDevID ``name`` are kept (PEM)."""
+        self._check_name(name)
+        return self.root / "attestation" / f"{name}-iak.pem"
+
+    def save_attestation_certs(self, name: str, certs: Sequence[x509.Certificate]) -> Path:
+        """Keep the IAK certificate (first) and its chain for IDevID ``name`` (0644)."""
+        path = self.attestation_path(name)
+        self._dir("attestation")
+        atomic_write(path, b"".join(c.public_bytes(Encoding.PEM) for c in certs), 0o644)
+        return path
+
+    def attestation_certs(self, name: str) -> list[x509.Certificate]:
+        """The IAK certificate and chain saved for ``name`` (empty when there are none)."""
+        path = self.attestation_path(name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e.strerror}") from e
+        try:
+            return x509.load_pem_x509_certificates(data)
+        except ValueError as e:
+            raise StoreError(f"{path} does not hold PEM certificates: {e}",
+                             hint="provision the device again (tpmid provision) to obtain the "
+                             "IAK certificate") from e
 
     # ----------------------------------------------------------------- state
 

@@ -206,6 +206,11 @@ class OpenSsl:
         self.SSL_CTX_check_private_key = f(s, "SSL_CTX_check_private_key", i, [vp])
         self.SSL_CTX_ctrl = f(s, "SSL_CTX_ctrl", ctypes.c_long, [vp, i, ctypes.c_long, vp])
         self.SSL_CTX_get_options = f(s, "SSL_CTX_get_options", ctypes.c_uint64, [vp])
+        self.SSL_get_SSL_CTX = f(s, "SSL_get_SSL_CTX", vp, [vp])
+        self.SSL_export_keying_material = f(
+            s, "SSL_export_keying_material", i,
+            [vp, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t,
+             ctypes.c_char_p, ctypes.c_size_t, i])
 
     # -- process checks --------------------------------------------------------------------
 
@@ -274,6 +279,41 @@ class OpenSsl:
                 hint=_HINT,
             )
         return int(ptr)
+
+    def ssl_of(self, sock: ssl.SSLSocket) -> int:
+        """The ``SSL *`` of a connected ``ssl.SSLSocket``, verified before use.
+
+        CPython's ``PySSLSocket`` (Modules/_ssl.c, 3.7 to 3.13) is
+        ``PyObject_HEAD; PyObject *Socket; SSL *ssl; PySSLContext *ctx; ...``.
+        The pointer is used only if the ``ctx`` field after it is the socket's
+        own ``SSLContext`` and OpenSSL reports that context's ``SSL_CTX`` for it.
+        """
+        sslobj = getattr(sock, "_sslobj", None)
+        if sslobj is None:
+            raise TlsShimError("the TLS connection is closed or not yet established")
+        word = ctypes.sizeof(ctypes.c_void_p)
+        base = id(sslobj) + object.__basicsize__
+        if type(sslobj).__basicsize__ < object.__basicsize__ + 3 * word:
+            raise TlsShimError("ssl.SSLSocket has an unexpected memory layout in this Python",
+                               hint=_HINT)
+        ptr = ctypes.c_void_p.from_address(base + word).value
+        ctx_obj = ctypes.c_void_p.from_address(base + 2 * word).value
+        if not ptr or ctx_obj != id(sock.context):
+            raise TlsShimError(
+                f"ssl.SSLSocket of Python {sys.version.split()[0]} does not hold an SSL pointer "
+                "where tpmid expects it", hint=_HINT)
+        if self.SSL_get_SSL_CTX(ptr) != self.ssl_ctx(sock.context):
+            raise TlsShimError("the SSL found in ssl.SSLSocket does not belong to its context; "
+                               "tpmid will not use it", hint=_HINT)
+        return int(ptr)
+
+    def export_keying_material(self, sock: ssl.SSLSocket, label: bytes, length: int) -> bytes:
+        """RFC 5705 / RFC 8446 §7.5 exporter of ``sock``'s session, without a context value."""
+        ptr = self.ssl_of(sock)
+        out = ctypes.create_string_buffer(length)
+        if self.SSL_export_keying_material(ptr, out, length, label, len(label), None, 0, 0) != 1:
+            raise TlsShimError(f"SSL_export_keying_material failed: {self.errors()}")
+        return out.raw
 
     # -- building blocks -----------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 from tpmid.csr import hardware_module_name
 from tpmid.store.ledger import TransientLedger
 from tpmid.store.sealed import SealedBlob
-from tpmid.tpm import ek, idevid, info, keyfile, nv, sealed
+from tpmid.tpm import attest, ek, idevid, info, keyfile, nv, sealed
+from tpmid.tpm.attest import AttestationKey
 from tpmid.tpm.context import (
     DEFAULT_COMMAND_TIMEOUT_S,
     DEFAULT_TCTI,
@@ -80,6 +81,25 @@ class TpmConnection(TpmContext):
     def evict(self, handle: int) -> None:
         """Remove the persistent object at ``handle`` (owner authorization)."""
         idevid.evict_persistent(self, handle)
+
+    # ------------------------------------------------------------ attestation key
+
+    def derive_iak(self) -> AttestationKey:
+        """Re-create the IAK primary in the endorsement hierarchy (transient)."""
+        return attest.derive_iak(self)
+
+    def persist_iak(self, handle: int) -> bool:
+        """Make the IAK persistent at ``handle``; False when it already is there."""
+        return attest.persist_iak(self, handle)
+
+    def open_persistent_iak(self, handle: int) -> AttestationKey:
+        """The persistent IAK at ``handle``."""
+        return attest.open_persistent_iak(self, handle)
+
+    def certify(self, key: LoadedKey, iak: AttestationKey,
+                qualifying_data: bytes) -> tuple[bytes, bytes, bytes]:
+        """TPM2_Certify of ``key`` by ``iak``: (TPMS_ATTEST, TPMT_SIGNATURE, TPMT_PUBLIC)."""
+        return attest.certify(self, key, iak, qualifying_data)
 
     # ------------------------------------------------------------ key files
 

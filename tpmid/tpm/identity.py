@@ -42,6 +42,7 @@ from tpmid.tpm.specs import IDEVID_TEMPLATE_ALGS, KEY_SPECS
 if TYPE_CHECKING:
     from cryptography import x509
 
+    from tpmid.tpm.attest import AttestationKey
     from tpmid.tpm.connection import TpmConnection
     from tpmid.tpm.loaded import LoadedKey
 
@@ -128,6 +129,21 @@ class IdentityKey(ABC):
     def reset_note(self) -> str:
         """What ``tpmid reset --include-idevid`` does to this key, for its listing."""
         return ""
+
+    # ------------------------------------------------------------ attestation key
+
+    @property
+    def has_iak(self) -> bool:
+        """True when an IAK lives with this key (``key.iak``)."""
+        return self.config.iak
+
+    def open_iak(self, tpm: TpmConnection) -> AttestationKey:
+        """The IAK that lives with this IDevID, ready to sign (the caller closes it)."""
+        raise ConfigError(f"{self.name} has no IAK (key.iak is not set)")
+
+    def ensure_iak(self, tpm: TpmConnection) -> str:
+        """Create (or find) the IAK with this IDevID; one line for the operator."""
+        raise ConfigError(f"{self.name} has no IAK (key.iak is not set)")
 
     # ------------------------------------------------------------ TPM
 
@@ -284,6 +300,18 @@ class PersistentIdevid(_Idevid):
                        status=f"{what} {self.template} IDevID at {self.handle:#010x}",
                        public_der=res.public_der)
 
+    def open_iak(self, tpm: TpmConnection) -> AttestationKey:
+        if not self.has_iak:
+            return super().open_iak(tpm)
+        return tpm.open_persistent_iak(self.config.iak_handle)
+
+    def ensure_iak(self, tpm: TpmConnection) -> str:
+        if not self.has_iak:
+            return super().ensure_iak(tpm)
+        created = tpm.persist_iak(self.config.iak_handle)
+        return (f"{'created' if created else 'kept the existing'} IAK at "
+                f"{self.config.iak_handle:#010x}")
+
     def removal(self) -> str:
         return f"the persistent key {self.handle:#010x} of {self.name}"
 
@@ -338,6 +366,16 @@ class EkDerivedIdevid(_Idevid):
 
     def open(self, tpm: TpmConnection, key_file: Path | None = None) -> LoadedKey:
         return tpm.derive_idevid(self.template)
+
+    def open_iak(self, tpm: TpmConnection) -> AttestationKey:
+        if not self.has_iak:
+            return super().open_iak(tpm)
+        return tpm.derive_iak()
+
+    def ensure_iak(self, tpm: TpmConnection) -> str:
+        if not self.has_iak:
+            return super().ensure_iak(tpm)
+        return "ek-derived IAK: re-created from the endorsement hierarchy whenever it is needed"
 
     def ensure(self, tpm: TpmConnection, *, force: bool = False,
                current_file: Path | None = None) -> Ensured:
@@ -444,7 +482,12 @@ _KINDS: dict[str, type[IdentityKey]] = {
 
 @functools.cache
 def _build(name: str, config: KeyConfig) -> IdentityKey:
-    return _KINDS[config.kind](name, config)
+    key = _KINDS[config.kind](name, config)
+    if config.iak and not key.birth:
+        # TCG DevID §7.3: the IAK is an endorsement-hierarchy key made with the IDevID.
+        raise ConfigError(f"identities.{name}.key.iak: an IAK lives with an IDevID (kind "
+                          f"persistent or ek-derived), not with a {config.kind} key")
+    return key
 
 
 def identity_key(ident: IdentityConfig) -> IdentityKey:

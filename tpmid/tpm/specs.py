@@ -71,3 +71,13 @@ def check_nv_index(index: int) -> None:
         raise ConfigError(f"{index:#010x} is in the range the TCG reserves for EK and platform "
                           "certificates (0x01c00000-0x01c0ffff)",
                           hint="use an index from the owner range, e.g. 0x01800100")
+
+# TCG DevID v1.00 r12 §7.3.1 and §7.3.6.6 Table 19: the IAK's unique value and its
+# authPolicy (SHA-256). tpmid makes IAKs from the ECC P-256 template only (restricted
+# signing, ECDSA with SHA-256), the algorithm the IDevID H-2 template uses.
+IAK_UNIQUE = b"IAK"
+IAK_POLICY_SHA256 = bytes.fromhex(
+    "5437182326e414fca797d5f174615a1641f61255797c3a2b22c21d120b2d1e07")
+IAK_ALG = "ecc-p256"
+# tpmid's default place for a persistent IAK: next to the IDevID's 0x81020000.
+DEFAULT_IAK_HANDLE = 0x81020001

@@ -33,6 +33,9 @@ from tpm2_pytss.types import (
 from tpmid.errors import TpmError
 from tpmid.tpm.specs import (
     FILE_ALGS,
+    IAK_ALG,
+    IAK_POLICY_SHA256,
+    IAK_UNIQUE,
     IDEVID_POLICY,
     IDEVID_TEMPLATE_ALGS,
     IDEVID_UNIQUE,
@@ -47,7 +50,7 @@ def tpm_hash(name: str) -> Any:
 
 def _build_public(alg: str, *, attrs: int, name_hash: str, sign_hash: str | None,
                   policy: bytes, unique: bytes) -> TPM2B_PUBLIC:
-    """A fresh TPM2B_PUBLIC for a non-restricted signing key (never shared, never mutated)."""
+    """A fresh TPM2B_PUBLIC for a signing key (never shared, never mutated)."""
     null_sym = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)
     if alg.startswith("ecc-"):
         curve = TPM2_ECC.NIST_P256 if alg == "ecc-p256" else TPM2_ECC.NIST_P384
@@ -216,3 +219,19 @@ def public_key_from_tpm(public: TPM2B_PUBLIC) -> PublicKeyTypes:
         return rsa.RSAPublicNumbers(e, n).public_key()
     raise TpmError(f"unsupported key type {int(area.type):#x}")
 
+
+
+def iak_template() -> TPM2B_PUBLIC:
+    """The TCG IAK template (ECC P-256, ECDSA/SHA-256) as a fresh TPM2B_PUBLIC.
+
+    TCG DevID v1.00 r12 §7.3.4.1 Table 3: fixedTPM, fixedParent,
+    sensitiveDataOrigin, userWithAuth, adminWithPolicy, restricted, sign —
+    never decrypt; authPolicy from §7.3.6.6 Table 19; unique "IAK" (§7.3.1).
+    A restricted signing key signs only what the TPM itself produced
+    (TPM2_Certify, TPM2_Quote), never an arbitrary digest.
+    """
+    attrs = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
+             | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.ADMINWITHPOLICY | TPMA_OBJECT.RESTRICTED
+             | TPMA_OBJECT.SIGN_ENCRYPT)
+    return _build_public(IAK_ALG, attrs=attrs, name_hash="sha256", sign_hash="sha256",
+                         policy=IAK_POLICY_SHA256, unique=IAK_UNIQUE)
