@@ -34,10 +34,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import AttributeOID
 
+from tpmid.certfiles import spki_der
 from tpmid.csr import ChannelBinding
 from tpmid.errors import EstProtocolError
 from tpmid.est import messages
-from tpmid.est.verify import spki_der
 from tpmid.evidence import ID_AA_ATTESTATION
 from tpmid.render import name as render_name
 from tpmid.render import quoted_name
