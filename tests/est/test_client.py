@@ -159,6 +159,23 @@ def test_serverkeygen_returns_a_key_that_matches_its_certificate(
     assert spki(resp.certificate) != spki(key)  # RFC 7030 §4.4.1: the server made the key
 
 
+@pytest.mark.parametrize("form", ["wrapped", "crlf", "unwrapped"], ids=str)
+def test_every_operation_reads_base64_with_or_without_line_breaks(
+    fresh_est_server: RunningEstServer, client_for: Callable[..., EstClient], form: str,
+) -> None:
+    # Deployed servers answer in 64-column lines (LF or CRLF) or in one unbroken line.
+    fresh_est_server.configure("idevid", base64=form)
+    client = client_for(fresh_est_server, "idevid", secret=fresh_est_server.secret)
+    assert client.cacerts() == load(fresh_est_server.manufacturer_ca)
+    assert [a.oid.dotted_string for a in client.csrattrs()] == ["1.2.840.10045.2.1",
+                                                                "1.2.840.10045.4.3.2"]
+    csr, key = software_csr(f"device-{form}")
+    assert spki(client.simpleenroll(csr).certificate) == spki(key)
+    resp = client.serverkeygen(software_csr(f"keygen-{form}")[0])
+    assert spki(resp.certificate) == spki(serialization.load_der_private_key(
+        resp.private_key_der, None))
+
+
 def test_the_request_body_is_base64_der_in_lines_ending_with_a_newline(
     fresh_est_server: RunningEstServer, client_for: Callable[..., EstClient],
 ) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -157,6 +157,11 @@ def verify_csr_signature(csr: x509.CertificateSigningRequest, allow_sha1: bool) 
                          "(no proof of possession)") from None
     except (UnsupportedAlgorithm, AssertionError, TypeError) as e:
         raise ValueError(f"the CSR signature algorithm is not supported ({e})") from None
+
+
+def _form(label: LabelConfig) -> messages.Base64Form:
+    """The label's base64 layout for response bodies (``base64`` in the config)."""
+    return cast(messages.Base64Form, label.base64)  # checked against BASE64_FORMS when parsed
 
 
 def _check_key_strength(key: Any) -> None:
@@ -305,7 +310,7 @@ class EstApp:
     def _cacerts(self, label: LabelConfig) -> Response:
         # RFC 7030 §4.1.3: certs-only, the CA certificate(s) of this label.
         ca = self.cas[label.ca]
-        return Response(200, messages.encode_certs_only([ca.cert]), [
+        return Response(200, messages.encode_certs_only([ca.cert], _form(label)), [
             ("Content-Type", messages.CERTS_ONLY_CONTENT_TYPE),
             ("Content-Transfer-Encoding", "base64"),
         ], note=f"{label.ca} CA")
@@ -322,7 +327,7 @@ class EstApp:
         if not items:
             # RFC 7030 §4.5.2: 204 means no CSR attributes are available.
             return Response(204, note="no attributes")
-        return Response(200, messages.encode_csrattrs(items), [
+        return Response(200, messages.encode_csrattrs(items, _form(label)), [
             ("Content-Type", messages.CSRATTRS),
             ("Content-Transfer-Encoding", "base64"),
         ], note=f"{len(items)} attributes")
@@ -399,10 +404,10 @@ class EstApp:
         if faults.wrong_key:
             note += " [fault: wrong key]"
         if key_der is not None:
-            body, content_type = messages.encode_serverkeygen(key_der, [cert])
+            body, content_type = messages.encode_serverkeygen(key_der, [cert], _form(label))
             return Response(200, body, [("Content-Type", content_type)], note=note)
         # RFC 7030 §4.2.3: certs-only with only the issued certificate.
-        return Response(200, messages.encode_certs_only([cert]), [
+        return Response(200, messages.encode_certs_only([cert], _form(label)), [
             ("Content-Type", messages.CERTS_ONLY_CONTENT_TYPE),
             ("Content-Transfer-Encoding", "base64"),
         ], note=note)

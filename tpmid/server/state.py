@@ -171,6 +171,8 @@ labels:
 #   reenroll_forcing: true   GlobalSign default: subject copied from a presented
 #                            certificate of this label's CA
 #   libest_quirks: true      reject a one-line base64 body without newline
+#   base64: unwrapped        response bodies as one base64 line (default wrapped:
+#                            64-column lines; crlf: the same lines ending in CRLF)
 #   pop: true                require tls-unique in challengePassword (TLS 1.2)
 #   faults: {{status: 503, retry_after: 3s, malformed_body: true,
 #            wrong_content_type: true, delay: 2s, wrong_key: true,
