@@ -357,6 +357,33 @@ def test_redirects_are_not_followed_and_credentials_stay_home(
     assert target.seen == []
 
 
+def test_a_trailing_nul_after_the_csrattrs_base64_is_tolerated_with_a_warning(
+    canned: Callable[..., CannedServer], tls_ca: TestCa,
+    tls_contexts: Callable[..., ClientTls], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A server that writes its C string whole, terminator included (seen in the field).
+    body = messages.encode_csrattrs([messages.CsrAttr.of("1.2.840.113549.1.9.7"),
+                                     messages.CsrAttr.of("1.2.840.10045.4.3.3")],
+                                    "unwrapped") + b"\x00"
+    srv = canned(lambda seen: (200, [("Content-Type", "application/csrattrs")], body))
+    with caplog.at_level(logging.WARNING, logger="tpmid.est.client"):
+        attrs = _canned_client(srv, tls_ca, tls_contexts).csrattrs()
+    assert [a.oid.dotted_string for a in attrs] == ["1.2.840.113549.1.9.7", "1.2.840.10045.4.3.3"]
+    assert "the answer ends in 1 NUL byte(s) (0x00) after the base64" in caplog.text
+
+
+def test_a_stray_byte_inside_base64_is_named_in_the_error(
+    canned: Callable[..., CannedServer], tls_ca: TestCa,
+    tls_contexts: Callable[..., ClientTls],
+) -> None:
+    good = messages.encode_csrattrs([messages.CsrAttr.of("1.2.840.113549.1.9.7")], "unwrapped")
+    body = good[:8] + b"\x00" + good[8:]
+    srv = canned(lambda seen: (200, [("Content-Type", "application/csrattrs")], body))
+    with pytest.raises(EstProtocolError, match=r"1 byte\(s\) that are not base64, the first "
+                                               r"0x00 at offset 8"):
+        _canned_client(srv, tls_ca, tls_contexts).csrattrs()
+
+
 def test_an_oversized_answer_is_refused(
     canned: Callable[..., CannedServer], tls_ca: TestCa,
     tls_contexts: Callable[..., ClientTls],

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.est.test_client import FakeClock, load
@@ -224,7 +225,8 @@ def test_one_ldevid_enrollment_costs_the_documented_tpm_commands(
     loaded in one (CreatePrimary of the storage root key, CreateLoaded), the CSR (Sign),
     freeing it (FlushContext), opening the persistent IDevID (ReadPublic x2), one mTLS
     handshake for /cacerts and /simpleenroll on one connection (Sign), then the storage
-    root key is flushed."""
+    root key is flushed. (/csrattrs, asked first without client authentication, costs
+    no TPM command.)"""
     rig = make_rig(proxy=True)
     rig.enroll("idevid")
     proxy = rig.proxy
@@ -504,7 +506,9 @@ def test_pop_linked_enrollment_signs_tls_unique_into_the_csr_with_the_tpm(
 def test_a_pop_label_refuses_an_unlinked_request_and_the_key_is_rolled_back(
     make_rig: Callable[..., Rig],
 ) -> None:
-    rig = make_rig(server_edit=lambda d: _label(d, "ldevid", pop=True))
+    # est.csrattrs: ignore, so the label's challengePassword attribute is not followed.
+    rig = make_rig(server_edit=lambda d: _label(d, "ldevid", pop=True),
+                   ldevid_est={"csrattrs": "ignore"})
     rig.enroll("idevid")
     with pytest.raises(EstServerError, match="proof-of-possession linking needs tls-unique") \
             as info:
@@ -533,6 +537,110 @@ def test_hardware_module_name_names_this_tpm_in_the_issued_certificate(
     assert hw_type == "2.23.133.1.2"  # TCG: TPM 2.0
     # swtpm's EK certificates carry an AKI, so hwSerialNum is "<mfr>:<aki>:<serial>".
     assert serial.count(b":") == 2
+
+
+# --------------------------------------------------------------------------- CSR attributes
+
+P384_SHA384 = [{"type": "1.2.840.10045.2.1", "values": ["1.3.132.0.34"]},  # id-ecPublicKey P-384
+               "1.2.840.10045.4.3.3"]  # ecdsa-with-SHA384
+
+
+def test_csrattrs_asking_p384_and_sha384_make_the_file_key_p384_signed_with_sha384(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="tpmid")
+    rig = make_rig(server_edit=lambda d: _label(d, "ldevid", csrattrs=P384_SHA384))
+    assert rig.config.identities["ldevid"].key.alg == "ecc-p256"  # the config's choice
+    rig.enroll("idevid")
+    ldevid = rig.enroll("ldevid")
+    key = ldevid.certificate.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"
+    record = rig.server.issued()[-1]
+    assert (record["label"], record["key"], record["csr_signature"]) == (
+        "ldevid", "ecc-p384", "ecdsa-with-SHA384")
+    assert ldevid.key_path is not None
+    with load_key_file(rig.tpm, ldevid.key_path.read_bytes()) as stored:
+        assert (stored.alg, stored.hash_name) == ("ecc-p384", "sha384")
+    assert "ldevid: CSR attributes: key id-ecPublicKey (1.2.840.10045.2.1) on secp384r1 " \
+           "(1.3.132.0.34): a new ECC NIST P-384 key" in caplog.text
+    # It renews (its own P-384 key authenticates the re-enrollment) and stays P-384.
+    renewed = rig.enroll("ldevid", reenroll=True)
+    assert rig.server.issued()[-1]["key"] == "ecc-p384"
+    assert renewed.certificate.subject == ldevid.certificate.subject
+    assert transient_handles(rig.tcti) == []
+
+
+def test_require_refuses_when_a_persistent_idevid_cannot_change_algorithm(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(server_edit=lambda d: _label(d, "idevid", csrattrs=P384_SHA384),
+                   idevid_est={"csrattrs": "require"})
+    with pytest.raises(ConfigError) as info:
+        rig.enroll("idevid")
+    message = info.value.message
+    assert message.startswith("idevid: the EST label's CSR attributes ask for what this "
+                              "identity cannot put in its CSR:")
+    assert "idevid's key (persistent H-2 at 0x81020000) is ECC NIST P-256 and never changes " \
+           "algorithm" in message
+    assert "signs with SHA-256 only" in message
+    assert "est.csrattrs: follow" in (info.value.hint or "")
+    assert rig.server.issued() == []
+
+
+def test_follow_warns_about_what_an_idevid_cannot_honour_and_enrolls(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = make_rig(server_edit=lambda d: _label(d, "idevid", csrattrs=P384_SHA384))
+    with caplog.at_level(logging.WARNING, logger="tpmid"):
+        idevid = rig.enroll("idevid")
+    assert rig.server.issued()[-1]["key"] == "ecc-p256"
+    assert idevid.certificate.public_key().key_size == 256  # type: ignore[union-attr]
+    assert "idevid: CSR attributes: cannot honour key id-ecPublicKey" in caplog.text
+
+
+def test_ignore_does_not_ask_for_csr_attributes(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="tpmid.server")
+    rig = make_rig(server_edit=lambda d: _label(d, "ldevid", csrattrs=P384_SHA384),
+                   ldevid_est={"csrattrs": "ignore"})
+    rig.enroll("idevid")
+    rig.enroll("ldevid")
+    assert rig.server.issued()[-1]["key"] == "ecc-p256"
+    assert "GET /.well-known/est/ldevid/csrattrs" not in caplog.text
+    assert "GET /.well-known/est/idevid/csrattrs" in caplog.text  # follow (the default)
+
+
+def test_a_label_that_wants_authentication_for_csrattrs_is_asked_on_the_mtls_connection(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The first /csrattrs (without client authentication) is answered 401, as by a server
+    # that tailors CSR attributes to the client; the authenticated connection gets them.
+    caplog.set_level(logging.INFO, logger="tpmid.server")
+    rig = make_rig(server_edit=lambda d: _label(
+        d, "ldevid", csrattrs=P384_SHA384,
+        faults={"status": 401, "operations": ["csrattrs"], "times": 1}))
+    rig.enroll("idevid")
+    rig.enroll("ldevid")
+    assert rig.server.issued()[-1]["key"] == "ecc-p384"
+    assert "GET /.well-known/est/ldevid/csrattrs label=ldevid status=401 client=- " in caplog.text
+    assert "GET /.well-known/est/ldevid/csrattrs label=ldevid status=200 " \
+           "client=2.5.4.5=TPMID-TEST-0001,CN=IDevID" in caplog.text
+    assert transient_handles(rig.tcti) == []
+
+
+def test_a_challenge_password_attribute_links_the_csr_to_tls_without_est_pop(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A pop label lists challengePassword (RFC 7030 §3.5); tpmid follows it.
+    caplog.set_level(logging.INFO, logger="tpmid.server")
+    rig = make_rig(server_edit=lambda d: _label(d, "ldevid", pop=True))
+    assert not rig.config.identities["ldevid"].est.pop  # type: ignore[union-attr]
+    rig.enroll("idevid")
+    rig.enroll("ldevid")
+    assert "POST /.well-known/est/ldevid/simpleenroll label=ldevid status=200 " \
+           "client=2.5.4.5=TPMID-TEST-0001,CN=IDevID TLSv1.2" in caplog.text
+    assert transient_handles(rig.tcti) == []
 
 
 # --------------------------------------------------------------------------- other credentials

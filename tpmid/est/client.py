@@ -330,8 +330,17 @@ class EstClient:
                              empty_ok=(204, 404))
         if resp.status in (204, 404):
             return []
+        body = resp.body
+        # Some servers terminate the base64 with a NUL byte (a C string written whole).
+        trimmed = body.rstrip(b"\x00\r\n\t ")
+        nuls = body[len(trimmed):].count(b"\x00")
+        if nuls:
+            log.warning("%s: the answer ends in %d NUL byte(s) (0x00) after the base64, which "
+                        "RFC 7030 §4.5.2 does not allow; ignoring them",
+                        self._where("csrattrs"), nuls)
+            body = trimmed
         try:
-            return list(messages.decode_csrattrs(resp.body))
+            return list(messages.decode_csrattrs(body))
         except EstProtocolError as e:
             raise EstProtocolError(f"{self._where('csrattrs')}: {e.message}") from e
         except Exception as e:

@@ -107,7 +107,18 @@ def _body_to_der(body: bytes, what: str) -> bytes:
         return bytes(body)
     raise EstProtocolError(
         f"{what}: expected base64-encoded DER, PEM or DER, got {_preview(stripped)}"
+        f"{_first_stray_byte(stripped)}"
     )
+
+
+def _first_stray_byte(body: bytes) -> str:
+    """``; byte 0x00 at offset 52 is not base64`` for a body that is base64 but for a few bytes."""
+    stray = [i for i, b in enumerate(body) if b not in _B64_CHARS and b not in _WHITESPACE]
+    if not stray or len(stray) > 4:
+        return ""
+    where = "at the end" if stray[0] == len(body) - len(stray) else f"at offset {stray[0]}"
+    return (f"; {len(stray)} byte(s) that are not base64, the first {body[stray[0]]:#04x} "
+            f"{where}")
 
 
 def b64_lines(der: bytes, width: int = 64) -> bytes:

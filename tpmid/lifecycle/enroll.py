@@ -51,7 +51,16 @@ from tpmid.certfiles import load_pem_certificates
 from tpmid.clock import utcnow
 from tpmid.config import Config, EstConfig, IdentityConfig
 from tpmid.csr import build_csr, build_subject
-from tpmid.errors import ConfigError, EstRetryLater, StoreError
+from tpmid.errors import (
+    ConfigError,
+    EstAuthError,
+    EstProtocolError,
+    EstRetryLater,
+    EstServerError,
+    EstTransportError,
+    StoreError,
+)
+from tpmid.est.csrattrs import CsrPlan, DeviceFacts, plan_csr
 from tpmid.est.messages import decode_csr
 from tpmid.est.verify import fingerprint_sha256, spki_der, verify_enrollment
 from tpmid.secrets import check_private_file
@@ -159,6 +168,8 @@ class _Enrollment:
         self.hw_module = hw_module
         self.stack = stack
         self.entry: JournalEntry | None = None
+        # The server's CSR attributes as followed for this request (None: not read).
+        self.plan: CsrPlan | None = None
 
     # -- journal ---------------------------------------------------------------------
 
@@ -205,14 +216,33 @@ class _Enrollment:
             f"it back; `tpmid reset {self.name}` starts over",
         )
 
+    @property
+    def rotates(self) -> bool:
+        """True when the new certificate gets a new key (always, except renew.rotate_key: false)."""
+        return not (self.auth_with_current and not self.ident.renew.rotate_key)
+
+    def facts(self) -> DeviceFacts:
+        """What the CSR-attributes plan needs to know about this identity and request."""
+        subject = self.ident.subject
+        san = self.ident.san
+        return DeviceFacts(
+            alg=self.key.alg,
+            alg_fixed=not (self.key.chooses_alg and self.rotates),
+            subject=frozenset(k for k in ("cn", "o", "ou", "serial_number")
+                              if getattr(subject, k)),
+            san=bool(san.dns or san.ip or san.uri or san.hardware_module_name),
+            pop=self.est.pop,
+            kind_note=f"{self.name}'s key ({self.key.describe()})",
+        )
+
     def new_key(self, current_key_file: Path | None) -> _Key:
         """Open the key the new certificate will certify (staging a new file key)."""
-        rotate = not (self.auth_with_current and not self.ident.renew.rotate_key)
-        new = self.key.for_new_certificate(self.lease.tpm(), rotate=rotate,
-                                           current_file=current_key_file)
+        new = self.key.for_new_certificate(self.lease.tpm(), rotate=self.rotates,
+                                           current_file=current_key_file,
+                                           alg=self.plan.alg if self.plan else None)
         self.lease.keep(new.loaded)
         if new.key_file is None:
-            path = current_key_file if not rotate else None
+            path = current_key_file if not self.rotates else None
             return _Key(new.loaded, new.loaded.public_key_der(), path)
         # Durable before it is used: the staged file and the journal entry let a crash
         # from here on be rolled back or resumed.
@@ -225,7 +255,7 @@ class _Enrollment:
                 Path(path).unlink()
             raise
         log.info("%s: created a new %s key in the TPM (key file version %s)", self.name,
-                 self.key.alg, version)
+                 new.loaded.alg, version)
         return _Key(new.loaded, new.loaded.public_key_der(), path)
 
     def resumed_key(self, entry: JournalEntry, current_key_file: Path | None) -> _Key:
@@ -351,11 +381,24 @@ def _run(run: _Enrollment, current: StoredIdentity | None) -> EnrollResult:
     requested = _requested_subject(run, current)
     credentials = run.clients.credentials(run.est)
     trust = run.clients.trust(run.est, f"identities.{run.name}.est")
-    key, payload, resumed = _key_and_request(run, current)
-    client = run.client(trust, current, credentials)
-    if not isinstance(getattr(client.tls, "key", None), LeasedKey):
-        # No TPM signature in the handshake: give the TPM back before the network.
+    resume = run.resumable()
+    client: EstClient | None = None
+    if resume is None and run.est.csrattrs != "ignore":
+        # RFC 7030 §4.5: the CSR attributes come first, they choose the key.
+        run.plan, client = _follow_csrattrs(run, trust, current, credentials)
+        if run.plan is not None and run.plan.pop and not run.est.pop:
+            # challengePassword asked for: a connection capped at TLS 1.2 (tls-unique).
+            run.est = replace(run.est, pop=True)
+            client = None
+    key, payload, resumed = _key_and_request(run, current, resume)
+    if client is not None:
+        # The connection is up already: nothing of the TPM is held across the network.
         run.lease.release()
+    else:
+        client = run.client(trust, current, credentials)
+        if not isinstance(getattr(client.tls, "key", None), LeasedKey):
+            # No TPM signature in the handshake: give the TPM back before the network.
+            run.lease.release()
     issuers = _issuers(run, client)
     response = _send(run, client, payload)
     return _verify_and_commit(run, key, response, requested, issuers, resumed)
@@ -376,11 +419,63 @@ def _requested_subject(run: _Enrollment, current: StoredIdentity | None) -> x509
     return requested
 
 
-def _key_and_request(run: _Enrollment, current: StoredIdentity | None
+def _follow_csrattrs(run: _Enrollment, trust: Any, current: StoredIdentity | None,
+                     credentials: tuple[dict[str, str], tuple[str, str] | None],
+                     ) -> tuple[CsrPlan | None, EstClient | None]:
+    """Read the label's CSR attributes and decide what the CSR honours (est.csrattrs).
+
+    The attributes are asked for first on a connection without client
+    authentication (no client certificate, no credential: the TPM is not touched
+    and the enrollment's TPM work keeps its order); a label that wants the client
+    authenticated for /csrattrs (401, 403, or a TLS handshake that needs a client
+    certificate) is asked again on the enrollment's own connection, which is then
+    returned for the rest of the exchange.
+
+    ``follow`` warns about what cannot be honoured and goes on; ``require`` refuses.
+    A server whose /csrattrs answers an error or garbage is, under ``follow``, a
+    warning too: the CSR is then built from the config alone.
+    """
+    mode = run.est.csrattrs
+    client: EstClient | None = None
+    try:
+        try:
+            with run.clients.open(run.est, trust, credentials=({}, None)) as anonymous:
+                attrs = anonymous.csrattrs()
+        except (EstAuthError, EstTransportError) as e:
+            log.debug("%s: /csrattrs without client authentication failed (%s); asking on "
+                      "the authenticated connection", run.name, e.message)
+            client = run.client(trust, current, credentials)
+            attrs = client.csrattrs()
+    except (EstServerError, EstProtocolError) as e:
+        if mode == "require":
+            e.hint = e.hint or (f"the label's CSR attributes are required "
+                                f"(identities.{run.name}.est.csrattrs: require)")
+            raise
+        log.warning("%s: cannot read the label's CSR attributes (%s); building the CSR from "
+                    "the config", run.name, e.message)
+        return None, client
+    plan = plan_csr(attrs, run.facts())
+    for item in plan.honoured:
+        log.info("%s: CSR attributes: %s", run.name, item)
+    if plan.unhonoured:
+        listed = "; ".join(plan.unhonoured)
+        if mode == "require":
+            raise ConfigError(
+                f"{run.name}: the EST label's CSR attributes ask for what this identity "
+                f"cannot put in its CSR: {listed}",
+                hint=f"change the identity's config (key, subject, san) or the label's CSR "
+                f"attributes, or set identities.{run.name}.est.csrattrs: follow to enroll "
+                "with a warning instead")
+        for item in plan.unhonoured:
+            log.warning("%s: CSR attributes: cannot honour %s", run.name, item)
+    return plan, client
+
+
+def _key_and_request(run: _Enrollment, current: StoredIdentity | None,
+                     resume: JournalEntry | None,
                      ) -> tuple[_Key, x509.CertificateSigningRequest | CsrFactory, bool]:
     """The key and what to send: the journalled CSR, a new CSR, or a PoP CSR factory."""
     current_key_file = current.key_file if current is not None else None
-    resume = run.resumable()
     if resume is not None:
         run.entry = resume
         assert resume.csr_pem is not None

@@ -36,6 +36,7 @@ from cryptography.x509.oid import AttributeOID
 
 from tpmid.errors import EstProtocolError
 from tpmid.est import messages
+from tpmid.est.csrattrs import oid_name
 from tpmid.server import auth
 from tpmid.server.ca import (
     CertificateAuthority,
@@ -157,6 +158,16 @@ def verify_csr_signature(csr: x509.CertificateSigningRequest, allow_sha1: bool) 
                          "(no proof of possession)") from None
     except (UnsupportedAlgorithm, AssertionError, TypeError) as e:
         raise ValueError(f"the CSR signature algorithm is not supported ({e})") from None
+
+
+def _key_description(key: Any) -> str:
+    """``ecc-p384``, ``rsa-2048``... for the issue log."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return {"secp256r1": "ecc-p256", "secp384r1": "ecc-p384"}.get(key.curve.name,
+                                                                      f"ecc-{key.curve.name}")
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"rsa-{key.key_size}"
+    return type(key).__name__
 
 
 def _form(label: LabelConfig) -> messages.Base64Form:
@@ -399,7 +410,7 @@ class EstApp:
                                 lifetime=label.lifetime, now=when)
         except (ValueError, TypeError) as e:
             raise _reject(400, f"cannot issue a certificate for this CSR: {e}") from None
-        self._record(label, operation, cert, verdict.principal)
+        self._record(label, operation, cert, verdict.principal, csr)
         note = f"issued serial={cert.serial_number:x} subject={cert.subject.rfc4514_string()}"
         if faults.wrong_key:
             note += " [fault: wrong key]"
@@ -500,7 +511,8 @@ class EstApp:
         return r
 
     def _record(self, label: LabelConfig, operation: str, cert: x509.Certificate,
-                principal: str) -> None:
+                principal: str, csr: x509.CertificateSigningRequest) -> None:
+        oid = csr.signature_algorithm_oid
         self.issue_log.append({
             "time": format_datetime(datetime.now(UTC), usegmt=True),
             "label": label.name,
@@ -513,6 +525,9 @@ class EstApp:
             "not_after": cert.not_valid_after_utc.isoformat(),
             "sha256": cert.fingerprint(hashes.SHA256()).hex(),
             "authenticated_as": principal,
+            # What the client made its request with (CSR attributes ask for these).
+            "csr_signature": oid_name(oid.dotted_string) or oid.dotted_string,
+            "key": _key_description(cert.public_key()),
         })
 
 

@@ -81,6 +81,9 @@ class IdentityKey(ABC):
     adoptable: ClassVar[bool] = False
     #: What the provisioning manifest records for a key that is already in place.
     reuse_action: ClassVar[str] = "kept"
+    #: A new key may be of another algorithm than ``key.alg`` when the EST server's CSR
+    #: attributes ask for one (RFC 7030 §4.5); an IDevID never changes algorithm.
+    chooses_alg: ClassVar[bool] = False
 
     def __init__(self, name: str, config: KeyConfig) -> None:
         self.name = name
@@ -140,8 +143,12 @@ class IdentityKey(ABC):
         """
 
     def for_new_certificate(self, tpm: TpmConnection, *, rotate: bool,
-                            current_file: Path | None = None) -> NewKey:
-        """The key a new certificate will certify: this same key, unless it rotates."""
+                            current_file: Path | None = None, alg: str | None = None) -> NewKey:
+        """The key a new certificate will certify: this same key, unless it rotates.
+
+        ``alg`` is the algorithm a new key is made with (:attr:`chooses_alg` kinds
+        only; default ``key.alg``).
+        """
         return NewKey(self.open(tpm, current_file), None)
 
     @abstractmethod
@@ -351,6 +358,7 @@ class KeyFile(IdentityKey):
 
     kind = "file"
     renewable = True
+    chooses_alg = True
 
     def __init__(self, name: str, config: KeyConfig) -> None:
         super().__init__(name, config)
@@ -379,20 +387,16 @@ class KeyFile(IdentityKey):
             e.hint = (f"enroll {self.name} again with a new key: tpmid reset {self.name} --yes "
                       f"&& tpmid enroll {self.name}")
             raise
-        if loaded.alg != self.alg:
-            loaded.close()
-            raise KeyMismatchError(
-                f"{self.name}'s key file holds an {loaded.alg} key but the config says "
-                f"{self.alg}",
-                hint=f"fix identities.{self.name}.key.alg, or enroll again with the configured "
-                f"algorithm: tpmid reset {self.name} --yes && tpmid enroll {self.name}")
+        # key.alg is the algorithm of *new* keys: a version's key may be another one the
+        # EST server asked for (CSR attributes, server-side key generation); what matters
+        # is that it is the key of its certificate, which every user of it checks.
         return loaded
 
     def for_new_certificate(self, tpm: TpmConnection, *, rotate: bool,
-                            current_file: Path | None = None) -> NewKey:
+                            current_file: Path | None = None, alg: str | None = None) -> NewKey:
         if not rotate and current_file is not None:
             return NewKey(self.open(tpm, current_file), None)
-        pem, loaded = tpm.create_key_file(self.alg)
+        pem, loaded = tpm.create_key_file(alg or self.alg)
         return NewKey(loaded, pem)
 
     def ensure(self, tpm: TpmConnection, *, force: bool = False,
