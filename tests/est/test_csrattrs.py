@@ -114,6 +114,21 @@ def test_the_appendix_a2_example_is_read_without_surprises() -> None:
     assert any("brainpoolP384r1" in u for u in plan.unhonoured)
 
 
+def test_libests_example_list_with_its_trailing_nul_asks_for_p384_and_sha384() -> None:
+    # libest's example server answers this C string, NUL included (what issue 14 saw):
+    # macAddress, emailAddress, secp384r1 and sha384 as bare OIDs.
+    body = b"MCYGBysGAQEBARYGCSqGSIb3DQEJAQYFK4EEACIGCWCGSAFlAwQCAg==\x00"
+    attrs = decode_csrattrs(body.rstrip(b"\x00"))
+    assert [describe_oid(a.oid.dotted_string) for a in attrs] == [
+        "macAddress (1.3.6.1.1.1.1.22)", "emailAddress (1.2.840.113549.1.9.1)",
+        "secp384r1 (1.3.132.0.34)", "sha384 (2.16.840.1.101.3.4.2.2)"]
+    plan = plan_csr(attrs, FILE_P256)
+    assert plan.alg == "ecc-p384"
+    assert any("sha384" in h for h in plan.honoured)
+    assert [u.split(":")[0] for u in plan.unhonoured] == [
+        "macAddress (1.3.6.1.1.1.1.22)", "emailAddress (1.2.840.113549.1.9.1)"]
+
+
 @pytest.mark.parametrize(("oid", "name"), [
     ("1.2.840.113549.1.9.1", "emailAddress"), ("2.16.840.1.101.3.4.2.2", "sha384"),
     ("1.2.840.10045.4.3.3", "ecdsa-with-SHA384"), ("2.5.4.5", "serialNumber"),

@@ -109,6 +109,8 @@ _EXTENSION_REQUEST = "1.2.840.113549.1.9.14"
 _EC_PUBLIC_KEY = "1.2.840.10045.2.1"
 _RSA = "1.2.840.113549.1.1.1"
 _CURVES = {"1.2.840.10045.3.1.7": "ecc-p256", "1.3.132.0.34": "ecc-p384"}
+_CURVE_OIDS = frozenset({*_CURVES, "1.3.132.0.35", "1.3.36.3.3.2.8.1.1.7",
+                         "1.3.36.3.3.2.8.1.1.11"})
 # Signature algorithms: (key family, hash).
 _SIGNATURES = {
     "1.2.840.10045.4.3.2": ("ecc", "sha256"),
@@ -197,6 +199,9 @@ def _wishes(attrs: Sequence[CsrAttr]) -> _Wishes:
                 what = f"{describe_oid(oid)} on {describe_oid(curve)}"
                 w.algs.append((_CURVES.get(curve, f"unsupported:{curve}"), what))
                 break  # the first curve is the one asked for; others are alternatives
+        elif oid in _CURVE_OIDS:
+            # A bare curve OID (libest's example list) asks for an ECC key on it.
+            w.algs.append((_CURVES.get(oid, f"unsupported:{oid}"), f"ECC key on {describe_oid(oid)}"))
         elif oid == _RSA:
             sizes = [s for s in (_der_integer(v) for v in a.values or ()) if s is not None]
             if sizes:
