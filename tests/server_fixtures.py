@@ -153,12 +153,16 @@ def _wait_listening(proc: subprocess.Popen[bytes], dir: Path) -> tuple[str, int]
 
 def start_est_server(dir: Path, *, alg: str = "ecc-p256", process: bool = False,
                      config: ConfigEdit | None = None,
-                     clock: Callable[[], datetime] | None = None) -> RunningEstServer:
+                     clock: Callable[[], datetime] | None = None,
+                     prepare: Callable[[Path], None] | None = None) -> RunningEstServer:
     """Initialise ``dir`` and start a server on a free loopback port.
 
     ``clock`` (in-process servers only) runs the server's CAs on an injected clock.
+    ``prepare(dir)`` may change the server directory (its CA files) before the start.
     """
     res = init_server_dir(dir, alg=alg)
+    if prepare is not None:
+        prepare(res.dir)
     if config is not None:
         data = yaml.safe_load(res.config_path.read_text())
         config(data)

@@ -181,10 +181,18 @@ class StoreConfig:
     dir: Path = DEFAULT_STORE_DIR
 
 
+TrustProfile = Literal["rfc5280", "webpki"]
+TRUST_PROFILES: tuple[str, ...] = ("rfc5280", "webpki")
+
+
 @dataclass(frozen=True)
 class TrustConfig:
     est_anchors: tuple[Path, ...] = ()
     use_system_store: bool = False
+    # How CA certificates are judged: rfc5280 (anchors are a name and a key, RFC 5280
+    # §6.1.1(d); intermediates by RFC 5280 §6.1.4) or webpki (the CA/Browser Forum
+    # profile for anchors and intermediates alike, tpmid's behaviour before).
+    profile: TrustProfile = "rfc5280"
 
 
 @dataclass(frozen=True)
@@ -650,7 +658,8 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     s.done()
     tr = top.sub("trust")
     trust = TrustConfig(est_anchors=tr.paths("est_anchors"),
-                        use_system_store=tr.flag("use_system_store", False))
+                        use_system_store=tr.flag("use_system_store", False),
+                        profile=_choice(tr, "profile", TRUST_PROFILES, "rfc5280"))
     tr.done()
     ids = top.sub("identities")
     identities: dict[str, IdentityConfig] = {}

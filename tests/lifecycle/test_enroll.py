@@ -32,6 +32,7 @@ from tests.est.test_client_support import (
     tls_versions,
     transient_handles,
 )
+from tests.server.helpers import lab_shaped_ca
 from tests.server_fixtures import RunningEstServer, start_est_server
 from tests.support.wiring import enroll
 from tpmid.config import Config
@@ -85,6 +86,7 @@ def make_rig(swtpm: Swtpm, tmp_path: Path) -> Iterator[Callable[..., Rig]]:
 
     def make(*, template: str = "H-2", tls: str | None = None,
              server_edit: Callable[[dict[str, Any]], None] | None = None,
+             server_prepare: Callable[[Path], None] | None = None,
              proxy: bool = False, **config: Any) -> Rig:
         def edit(d: dict[str, Any]) -> None:
             if tls:
@@ -92,7 +94,7 @@ def make_rig(swtpm: Swtpm, tmp_path: Path) -> Iterator[Callable[..., Rig]]:
             if server_edit:
                 server_edit(d)
 
-        srv = start_est_server(tmp_path / "srv", config=edit)
+        srv = start_est_server(tmp_path / "srv", config=edit, prepare=server_prepare)
         px = TpmProxy(swtpm.host, swtpm.port, swtpm.ctrl_port).start() if proxy else None
         tcti = px.tcti if px else swtpm.tcti
         tpm = TpmConnection(tcti)
@@ -537,6 +539,62 @@ def test_hardware_module_name_names_this_tpm_in_the_issued_certificate(
     assert hw_type == "2.23.133.1.2"  # TCG: TPM 2.0
     # swtpm's EK certificates carry an AKI, so hwSerialNum is "<mfr>:<aki>:<serial>".
     assert serial.count(b":") == 2
+
+
+# --------------------------------------------------------------------------- RFC 5280 trust anchors
+
+
+def _lab_cas(dir: Path) -> None:
+    # The operator CA (LDevIDs) and the TLS CA as lab and vendor CAs make them:
+    # basicConstraints not critical, no keyUsage (issue 14: the example CA of a widely
+    # used open-source EST server looks like this).
+    lab_shaped_ca(dir, "operator")
+    lab_shaped_ca(dir, "tls")
+
+
+def test_lab_shaped_anchors_enroll_and_renew_under_rfc5280(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(server_prepare=_lab_cas)
+    operator = load(rig.server.operator_ca)[0]
+    assert not operator.extensions.get_extension_for_class(x509.BasicConstraints).critical
+    rig.enroll("idevid")
+    first = rig.enroll("ldevid")
+    assert first.chain[-1] == operator  # the anchor as the server serves it, stored
+    renewed = rig.enroll("ldevid", reenroll=True)
+    assert renewed.certificate.issuer == operator.subject
+    assert transient_handles(rig.tcti) == []
+
+
+def test_webpki_profile_keeps_refusing_lab_shaped_anchors_and_names_the_switch(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(server_prepare=_lab_cas, trust={"est_anchors": [], "profile": "webpki"})
+    rig.config = dataclasses.replace(rig.config, trust=dataclasses.replace(
+        rig.config.trust, est_anchors=(rig.server.tls_ca,)))
+    rig.enroll("idevid")
+    with pytest.raises(VerificationError) as info:
+        rig.enroll("ldevid")
+    assert "the trust anchor 'CN=tpmid Operator CA (LDevID\\, Edge CA),O=tpmid reference EST " \
+           "server' (SHA-256 " in info.value.message
+    assert "does not mark basicConstraints critical" in info.value.message
+    assert "trust.profile: rfc5280" in (info.value.hint or "")
+    assert "candidates exhausted" not in info.value.message
+
+
+def test_a_tls_anchor_that_is_not_a_ca_is_refused_naming_the_file(
+    make_rig: Callable[..., Rig], tmp_path: Path,
+) -> None:
+    rig = make_rig()
+    server_cert = rig.server.dir / "tls" / "server.pem"  # an end entity, configured by mistake
+    rig.config = dataclasses.replace(rig.config, trust=dataclasses.replace(
+        rig.config.trust, est_anchors=(server_cert,)))
+    with pytest.raises(ConfigError) as info:
+        rig.enroll("idevid")
+    assert "the trust anchor 'CN=localhost' (SHA-256 " in info.value.message
+    assert f" in {server_cert} is not a CA certificate: its basicConstraints says cA=FALSE" \
+        in info.value.message
+    assert info.value.message.startswith("test-config: trust.est_anchors: ")
 
 
 # --------------------------------------------------------------------------- CSR attributes

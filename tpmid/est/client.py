@@ -36,7 +36,7 @@ import ssl
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -53,7 +53,14 @@ from tpmid.errors import (
     EstTransportError,
 )
 from tpmid.est import messages
-from tpmid.est.verify import check_pinned_root, spki_der, verify_server_certificate
+from tpmid.est.verify import (
+    TrustProfile,
+    ca_problem,
+    check_pinned_root,
+    describe_cert,
+    spki_der,
+    verify_server_certificate,
+)
 from tpmid.policy import MAX_RETRY_AFTER_S, clamp_retry_after
 from tpmid.tls.adapter import BoundedHTTPAdapter, SSLContextAdapter
 from tpmid.tls.context import ClientTls
@@ -235,6 +242,9 @@ class EstClient:
       certificate is a root with SHA-256 fingerprint ``pin`` and the server's TLS
       certificate chains to it for this host. No other operation is allowed.
 
+    ``trust_profile`` is ``trust.profile``: how the pinned bootstrap judges the
+    CAs between the pinned root and the server's certificate.
+
     ``basic`` is ``(username, password)`` for HTTP Basic; ``headers`` are extra
     request headers (their values are treated as secrets). ``max_wait`` bounds
     the total time spent resending after ``202 Accepted``; ``sleep`` and ``now``
@@ -258,8 +268,10 @@ class EstClient:
         sleep: Callable[[float], None] = cancel.sleep,
         now: Callable[[], datetime] = utcnow,
         deadline: float | None = DEFAULT_EXCHANGE_DEADLINE,
+        trust_profile: TrustProfile = "rfc5280",
     ) -> None:
         self.base_url = est_base_url(base_url)
+        self.trust_profile: TrustProfile = trust_profile
         parts = urlsplit(self.base_url)
         self._scheme = parts.scheme
         self._host = parts.hostname or ""
@@ -316,7 +328,7 @@ class EstClient:
                 raise EstTransportError(f"{self._where()}: the server presented no certificate")
             root = check_pinned_root(certs, self.pin)
             verify_server_certificate(leaf, root=root, intermediates=certs, host=self._host,
-                                      now=self._now())
+                                      now=self._now(), trust=self.trust_profile)
             log.info("pinned /cacerts bootstrap: root %s matches the pin and the server's "
                      "certificate chains to it", root.subject.rfc4514_string())
         return certs
@@ -556,6 +568,11 @@ class EstClient:
         # handshake error; the TLS handle kept the real one.
         if self.tls is not None:
             self.tls.raise_pending(e)
+            failure = getattr(self.tls, "verify_failure", lambda: None)()
+            verr = _find_cause(e, ssl.SSLCertVerificationError)
+            if failure is not None and isinstance(verr, ssl.SSLCertVerificationError):
+                return _refused_chain(failure, url, self._where(), self._host,
+                                      verr.verify_message or verr.reason or "")
         if _find_cause(e, DeadlineExceeded) is not None:
             return EstTransportError(
                 f"{url}: no complete answer from {self._where()} within the exchange deadline "
@@ -566,6 +583,8 @@ class EstClient:
 
     def _via_session(self, method: str, url: str, body: bytes | None,
                      headers: Mapping[str, str]) -> _Response:
+        if self.tls is not None:
+            self.tls.clear_pending()
         try:
             r = self.session.request(method, url, data=body, headers=dict(headers),
                                      timeout=self.timeout, stream=True, allow_redirects=False)
@@ -673,6 +692,57 @@ class EstClient:
             f"{leaf.subject.rfc4514_string()!r} neither names {self._host!r} nor carries "
             "id-kp-cmcRA (RFC 7030 §3.6.1)",
         )
+
+
+# OpenSSL's X509_V_ERR_* codes (x509_vfy.h) as the rule a certificate broke.
+_VERIFY_RULES = {
+    2: "its issuer is neither in the chain the server sent nor among the trust anchors",
+    7: "its signature does not verify with its issuer's key",
+    9: "it is not valid yet",
+    10: "it has expired",
+    18: "it is self-signed and not one of the trust anchors",
+    19: "the chain ends at a root that is not one of the trust anchors",
+    20: "its issuer is neither in the chain the server sent nor among the trust anchors",
+    21: "its issuer is neither in the chain the server sent nor among the trust anchors",
+    25: "the chain is longer than a CA's pathLenConstraint allows (RFC 5280 §6.1.4 (m))",
+    26: "its extendedKeyUsage does not allow a TLS server (id-kp-serverAuth)",
+    34: "it carries a critical extension OpenSSL does not process (RFC 5280 §6.1.4 (o))",
+    62: "it does not name the host in the URL (RFC 6125)",
+    64: "it does not name the IP address in the URL (RFC 6125)",
+    79: "it is not a valid CA certificate (basicConstraints cA=TRUE needed; keyUsage, if "
+        "present, with keyCertSign; RFC 5280 §6.1.4 (k), (n))",
+}
+
+
+def _refused_chain(failure: Any, url: str, where: str, host: str,
+                   reason: str) -> EstTransportError:
+    """The EST server's TLS chain was refused: name the certificate, the rule and the fix."""
+    cert = None
+    if failure.cert_der:
+        try:
+            cert = x509.load_der_x509_certificate(failure.cert_der)
+        except ValueError:
+            cert = None
+    who = describe_cert(cert) if cert is not None else "a certificate"
+    position = ("the server's own certificate" if failure.depth == 0
+                else f"depth {failure.depth} of the chain it sent")
+    rule = _VERIFY_RULES.get(failure.code, f"OpenSSL verification error {failure.code}")
+    if failure.code == 79 and cert is not None:
+        rule = ca_problem(cert) or rule
+    if failure.code in (2, 18, 19, 20, 21):
+        hint = ("trust the CA that issued the server's TLS certificate (trust.est_anchors or "
+                "est.trust_anchors), or have the server send its intermediate CA certificates")
+    elif failure.code in (9, 10):
+        hint = "check the device clock (NTP); if it is right, the server's certificate must be renewed"
+    elif failure.code in (62, 64):
+        hint = (f"use the name the certificate was issued for in est.url, or (RFC 7030 §3.6.1) "
+                f"est.accept_cmc_ra: true for an RA certificate; {host!r} is not in it")
+    else:
+        hint = ("the EST server sends a chain that cannot be trusted; its operator must fix "
+                "the certificate named here")
+    return EstTransportError(
+        f"{url}: connection to {where} failed: certificate verify failed: {reason}: the "
+        f"server's TLS certificate chain is refused at {who} ({position}): {rule}", hint=hint)
 
 
 def _names_host(cert: x509.Certificate, host: str) -> bool:

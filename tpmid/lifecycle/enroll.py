@@ -547,6 +547,7 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
         issuers=issuers, extra_certs=response.extra_certs,
         profile="ca" if run.ident.profile == "ca" else "device", now=run.now(),
         accept_rewritten_subject=run.est.accept_rewritten_subject,
+        trust=run.config.trust.profile,
     )
     stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path)
     run.entry = None  # commit cleared the journal
