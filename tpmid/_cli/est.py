@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("name", metavar="NAME", help="identity name in the config")
     p.add_argument("--reenroll", action="store_true",
                    help="simplereenroll, authenticated with the identity's current certificate")
+    p.add_argument("--serverkeygen", action="store_true",
+                   help="let the EST server generate the key (RFC 7030 §4.4) and import it into "
+                   "the TPM (as est.serverkeygen: true; key-file identities only)")
     add_json_flag(p)
     p.set_defaults(func=cmd_enroll)
 
@@ -167,7 +170,8 @@ def cmd_enroll(ctx: Ctx) -> int:
     result = enroll_identity(rt.config, name, store=rt.store(),
                              lease=TpmLease(tpm_opener(rt)),
                              clients=EstClients(rt.config, rt.secret),
-                             reenroll=bool(ctx.args.reenroll))
+                             reenroll=bool(ctx.args.reenroll),
+                             serverkeygen=bool(ctx.args.serverkeygen))
 
     def human(d: dict[str, Any]) -> str:
         lines = [
@@ -181,7 +185,9 @@ def cmd_enroll(ctx: Ctx) -> int:
             f"  chain:       {d['chain_path']}",
         ]
         if d["key_path"]:
-            lines.append(f"  key file:    {d['key_path']}")
+            lines.append(f"  key file:    {d['key_path']}"
+                         + (" (server-generated, imported into the TPM)"
+                            if d.get("key_origin") else ""))
         if d["subject_rewritten"]:
             lines.append(f"  NOTE: the server rewrote the subject (requested "
                          f"{d['requested_subject']}); accepted by est.accept_rewritten_subject")

@@ -41,6 +41,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tpmid import cancel
 from tpmid.clock import utcnow
@@ -372,13 +373,17 @@ class EstClient:
         """POST /simplereenroll (RFC 7030 §4.2.2): renew or rekey, authenticated by the old cert."""
         return self._enroll("simplereenroll", csr)
 
-    def serverkeygen(self, csr: CsrInput) -> ServerKeygenResponse:
-        """POST /serverkeygen (RFC 7030 §4.4): the server makes the key (software keys only).
+    def serverkeygen(self, csr: CsrInput | CsrFactory) -> ServerKeygenResponse:
+        """POST /serverkeygen (RFC 7030 §4.4): the server makes the key and returns it.
 
-        A key made outside the TPM is, by definition, not a TPM key: tpmid uses
-        this only for software-key identities (bootstrap, comparison).
+        The answer holds the unencrypted PKCS#8 private key (§4.4.2; the encrypted
+        form is refused) and the certificate for it. The server ignores the CSR's
+        public key and signature (§4.4.1); the CSR carries the subject and, with a
+        :data:`CsrFactory`, the tls-unique of proof-of-possession linking. tpmid
+        imports the key into the TPM (:mod:`tpmid.lifecycle.enroll`); the key's
+        bytes are never logged and never written.
         """
-        body = messages.encode_csr(csr)
+        body = self._csr_body(csr, [])
         resp, _ = self._call("POST", "serverkeygen", body, expect=messages.MULTIPART_MIXED)
         try:
             key_der, certs = messages.parse_serverkeygen(resp.body,
@@ -388,7 +393,12 @@ class EstClient:
         except Exception as e:
             raise EstProtocolError(f"{self._where('serverkeygen')}: malformed multipart "
                                    f"answer: {e}") from e
-        picked = _pick_issued(certs, None)
+        try:
+            key_spki: bytes | None = spki_der(
+                serialization.load_der_private_key(key_der, password=None).public_key())  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            key_spki = None
+        picked = _pick_issued(certs, key_spki)
         return ServerKeygenResponse(picked.certificate, key_der, picked.extra_certs)
 
     # ------------------------------------------------------------------ internals
@@ -396,20 +406,25 @@ class EstClient:
     def _where(self, op: str | None = None) -> str:
         return f"{self.base_url}/{op}" if op else f"{self._host}:{self._port}"
 
-    def _enroll(self, op: str, csr: CsrInput | CsrFactory) -> EnrollResponse:
+    @staticmethod
+    def _csr_body(csr: CsrInput | CsrFactory,
+                  used: list[x509.CertificateSigningRequest]) -> bytes | _BodyFactory:
+        """The request body of ``csr``, or (PoP) a body factory; ``used`` gets the CSR sent."""
         if isinstance(csr, x509.CertificateSigningRequest):
-            body: bytes | _BodyFactory = messages.encode_csr(csr)
-            used: list[x509.CertificateSigningRequest] = [csr]
-        else:
-            factory = csr
-            used = []
+            used.append(csr)
+            return messages.encode_csr(csr)
+        factory = csr
 
-            def make(tls_unique: bytes) -> bytes:
-                made = factory(tls_unique)
-                used.append(made)
-                return messages.encode_csr(made)
+        def make(tls_unique: bytes) -> bytes:
+            made = factory(tls_unique)
+            used.append(made)
+            return messages.encode_csr(made)
 
-            body = make
+        return make
+
+    def _enroll(self, op: str, csr: CsrInput | CsrFactory) -> EnrollResponse:
+        used: list[x509.CertificateSigningRequest] = []
+        body = self._csr_body(csr, used)
         resp, _ = self._call("POST", op, body, expect=messages.PKCS7_MIME)
         certs = self._decode_certs(resp, op)
         csr_key = spki_der(used[-1].public_key()) if used else None

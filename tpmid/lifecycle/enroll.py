@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tpmid.cancel import Cancelled
 from tpmid.certfiles import load_pem_certificates
@@ -67,15 +68,18 @@ from tpmid.secrets import check_private_file
 from tpmid.store import JournalEntry, Store, StoredIdentity
 from tpmid.tpm.identity import IdentityKey, identity_key
 from tpmid.tpm.lease import LeasedKey, TpmLease
+from tpmid.tpm.specs import KEY_SPECS
 
 if TYPE_CHECKING:
-    from tpmid.est.client import CsrFactory, EstClient
+    from tpmid.est.client import CsrFactory, EstClient, ServerKeygenResponse
     from tpmid.tls.keys import TlsSigningKey
     from tpmid.tpm.loaded import LoadedKey
 
 log = logging.getLogger(__name__)
 
-Operation = Literal["simpleenroll", "simplereenroll"]
+Operation = Literal["simpleenroll", "simplereenroll", "serverkeygen"]
+# What a version whose key came from the EST server records (Store.commit key_origin).
+SERVER_GENERATED = "server-generated"
 
 
 class EstClientFactory(Protocol):
@@ -113,6 +117,7 @@ class EnrollResult:
     requested_subject: str
     subject_rewritten: bool = False
     resumed: bool = field(default=False)
+    key_origin: str | None = None  # "server-generated" (RFC 7030 §4.4)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description (what ``tpmid enroll`` prints)."""
@@ -133,6 +138,7 @@ class EnrollResult:
             "cert_path": str(self.cert_path),
             "chain_path": str(self.chain_path),
             "key_path": str(self.key_path) if self.key_path else None,
+            "key_origin": self.key_origin,
             "resumed": self.resumed,
         }
 
@@ -177,7 +183,8 @@ class _Enrollment:
         """Record (or update) the work in flight before the next step that can be lost."""
         if self.entry is None:
             fields: dict[str, Any] = {
-                "operation": "renew" if self.operation == "simplereenroll" else "enroll",
+                "operation": "renew" if self.operation == "simplereenroll" or (
+                    self.operation == "serverkeygen" and self.auth_with_current) else "enroll",
                 "phase": "staged", "method": self.operation, "started": self.now(),
                 "updated": self.now(),
             }
@@ -260,6 +267,8 @@ class _Enrollment:
 
     def resumed_key(self, entry: JournalEntry, current_key_file: Path | None) -> _Key:
         """The key of the request being resent (its staged file, or the current key)."""
+        if self.operation == "serverkeygen":
+            return _Key(None, b"", None)  # the key comes with the answer
         path = (self.store.key_path(self.name, entry.version) if entry.version
                 else current_key_file)
         spki = self.key.public_key_der(self.lease.tpm(), path)
@@ -328,6 +337,7 @@ def enroll_identity(
     reenroll: bool = False,
     auth_with_current: bool = False,
     hw_module: tuple[str, bytes] | None = None,
+    serverkeygen: bool = False,
 ) -> EnrollResult:
     """Enroll (or with ``reenroll``, re-enroll) identity ``name``; see the module docstring.
 
@@ -342,6 +352,12 @@ def enroll_identity(
     the EKs (provisioning); otherwise they are read when the SAN asks for it.
     ``lease`` lends the TPM (see the module docstring); it is released when this
     returns or raises.
+
+    ``serverkeygen`` (or ``est.serverkeygen``) asks the server for the key (RFC 7030
+    §4.4, ``/serverkeygen``, authenticated as a simpleenroll would be, or with the
+    current certificate when re-enrolling): the private key that comes back is
+    imported into the TPM (TPM2_Import under the storage root key) and becomes the
+    version's TSS2 key file; its bytes are never written or logged.
     """
     ident = config.identity(name)
     est = ident.est
@@ -349,6 +365,9 @@ def enroll_identity(
         raise ConfigError(f"{config.source}: identity {name!r} has no est section",
                           hint=f"add identities.{name}.est.url (see docs/config.md)")
     operation: Operation = "simplereenroll" if reenroll else "simpleenroll"
+    if serverkeygen or est.serverkeygen:
+        _check_serverkeygen(config, ident)
+        operation = "serverkeygen"
 
     with store.identity_lock(name), contextlib.ExitStack() as stack:
         # Released last: nothing of the TPM is held once this returns.
@@ -375,6 +394,18 @@ def enroll_identity(
         except BaseException:
             run.rollback()
             raise
+
+
+def _check_serverkeygen(config: Config, ident: IdentityConfig) -> None:
+    """ConfigError unless ``ident`` can take a server-generated key (RFC 7030 §4.4)."""
+    identity_key(ident).check_server_keygen()
+    if ident.san.hardware_module_name:
+        raise ConfigError(
+            f"{config.source}: identities.{ident.name}: a server-generated key is imported into "
+            "the TPM, so it cannot carry a hardwareModuleName (the TPM did not make it and "
+            "cannot attest it)",
+            hint=f"set identities.{ident.name}.san.hardware_module_name: false, or let the TPM "
+            "make the key (no --serverkeygen, est.serverkeygen: false)")
 
 
 def _run(run: _Enrollment, current: StoredIdentity | None) -> EnrollResult:
@@ -485,6 +516,8 @@ def _key_and_request(run: _Enrollment, current: StoredIdentity | None,
                  "(RFC 7030 §4.2.3)", run.name, resume.method, resume.phase)
         run.journal(phase="submitted")
         return key, csr, True
+    if run.operation == "serverkeygen":
+        return _serverkeygen_request(run)
     key = run.new_key(current_key_file)
     assert key.loaded is not None
     if run.est.pop:
@@ -511,6 +544,73 @@ def _key_and_request(run: _Enrollment, current: StoredIdentity | None,
     return key, csr, False
 
 
+def _serverkeygen_request(run: _Enrollment
+                          ) -> tuple[_Key, x509.CertificateSigningRequest | CsrFactory, bool]:
+    """The CSR of a server-side key generation (RFC 7030 §4.4.1).
+
+    The server ignores the CSR's public key and signature and makes the key itself;
+    the CSR carries the subject and subjectAltName (and, with PoP, tls-unique). It is
+    signed with a throwaway software key of the algorithm the new key should have
+    (some servers make a key of the CSR's type), which certifies nothing and is
+    dropped at once. No TPM work happens until the answer arrives.
+    """
+    alg = run.plan.alg if run.plan is not None else run.key.alg
+    throwaway: Any = (rsa.generate_private_key(65537, 2048) if alg.startswith("rsa")
+                      else ec.generate_private_key(ec.SECP384R1() if alg == "ecc-p384"
+                                                   else ec.SECP256R1()))
+    hash_name = KEY_SPECS[alg].hash_name
+
+    def make(challenge: str | None = None) -> x509.CertificateSigningRequest:
+        return build_csr(throwaway, run.ident.subject, run.ident.san, hash_name=hash_name,
+                         challenge_password=challenge)
+
+    key = _Key(None, b"", None)
+    if run.est.pop:
+        def pop_csr(tls_unique: bytes) -> x509.CertificateSigningRequest:
+            return make(base64.b64encode(tls_unique).decode("ascii"))
+
+        return key, pop_csr, False
+    csr = make()
+    run.journal(phase="submitted", csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode())
+    return key, csr, False
+
+
+def _import_server_key(run: _Enrollment, response: ServerKeygenResponse) -> _Key:
+    """Import the server-generated key into the TPM and stage its key file (RFC 7030 §4.4.2).
+
+    The key's bytes live in memory only, for as long as the import takes; the store
+    gets the TPM's key file, whose private part only this TPM can decrypt.
+    """
+    try:
+        private = serialization.load_der_private_key(response.private_key_der, password=None)
+    except (ValueError, TypeError) as e:
+        raise EstProtocolError(f"{run.est.url}: the server-generated key does not parse "
+                               f"as a PKCS#8 private key ({type(e).__name__})") from None
+    try:
+        if not isinstance(private, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise EstProtocolError(
+                f"{run.est.url}: the server generated a {type(private).__name__.lstrip('_')}, "
+                "which cannot become a TPM identity key (ECC P-256, P-384 or RSA-2048)",
+                hint="configure the label to generate ECC P-256, P-384 or RSA-2048 keys")
+        new = run.key.import_server_key(run.lease.tpm(), private)
+    finally:
+        del private
+    run.lease.keep(new.loaded)
+    assert new.key_file is not None
+    path = run.store.stage_key(run.name, new.key_file)
+    try:
+        run.journal(version=run.store.key_version(path))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+        raise
+    spki = new.loaded.public_key_der()
+    new.loaded.close()
+    log.info("%s: imported the server-generated %s key into the TPM (key file version %s)",
+             run.name, new.loaded.alg, run.store.key_version(path))
+    return _Key(None, spki, path)
+
+
 def _issuers(run: _Enrollment, client: EstClient) -> list[x509.Certificate]:
     """The CAs the issued certificate must chain to."""
     if run.est.issuer_anchors:
@@ -524,6 +624,8 @@ def _send(run: _Enrollment, client: EstClient,
           payload: x509.CertificateSigningRequest | CsrFactory) -> Any:
     """simpleenroll / simplereenroll; a 202 that outlasts est.max_wait keeps the CSR."""
     try:
+        if run.operation == "serverkeygen":
+            return client.serverkeygen(payload)
         if run.operation == "simplereenroll":
             return client.simplereenroll(payload)
         return client.simpleenroll(payload)
@@ -542,6 +644,12 @@ def _send(run: _Enrollment, client: EstClient,
 def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x509.Name,
                        issuers: list[x509.Certificate], resumed: bool) -> EnrollResult:
     """Verify the issued certificate (key, chain, subject, validity, EKU) and commit it."""
+    origin = None
+    if run.operation == "serverkeygen":
+        # The certificate must be for the key now in the TPM, as for any other key.
+        key = _import_server_key(run, response)
+        run.lease.release()
+        origin = SERVER_GENERATED
     verified = verify_enrollment(
         response.certificate, key_spki_der=key.spki, requested_subject=requested,
         issuers=issuers, extra_certs=response.extra_certs,
@@ -549,7 +657,8 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
         accept_rewritten_subject=run.est.accept_rewritten_subject,
         trust=run.config.trust.profile,
     )
-    stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path)
+    stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path,
+                              key_origin=origin)
     run.entry = None  # commit cleared the journal
     log.info("%s: enrolled %s (serial %x, until %s) via %s", run.name,
              verified.certificate.subject.rfc4514_string(), verified.certificate.serial_number,
@@ -559,4 +668,5 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
         version=stored.version, cert_path=stored.cert_path, chain_path=stored.chain_path,
         key_path=stored.key_file, requested_subject=requested.rfc4514_string(),
         subject_rewritten=verified.subject_rewritten, resumed=resumed,
+        key_origin=stored.key_origin,
     )

@@ -430,7 +430,9 @@ class RenewalEngine:
     def _drop_unresumable_journal(self, name: str, reenroll: bool) -> None:
         """A pending request for the other method (e.g. the cert expired meanwhile) is abandoned."""
         entry = self.store.journal_get(name)
-        wanted = "simplereenroll" if reenroll else "simpleenroll"
+        est = self.config.identity(name).est
+        wanted = ("serverkeygen" if est is not None and est.serverkeygen
+                  else "simplereenroll" if reenroll else "simpleenroll")
         if entry is None or entry.method == wanted:
             return
         log.warning("%s: abandoning the %s in flight (phase %s); starting a %s", name,

@@ -84,6 +84,8 @@ class IdentityKey(ABC):
     #: A new key may be of another algorithm than ``key.alg`` when the EST server's CSR
     #: attributes ask for one (RFC 7030 §4.5); an IDevID never changes algorithm.
     chooses_alg: ClassVar[bool] = False
+    #: The key may come from the EST server (RFC 7030 §4.4) and be imported into the TPM.
+    server_keygen: ClassVar[bool] = False
 
     def __init__(self, name: str, config: KeyConfig) -> None:
         self.name = name
@@ -150,6 +152,24 @@ class IdentityKey(ABC):
         only; default ``key.alg``).
         """
         return NewKey(self.open(tpm, current_file), None)
+
+    def check_server_keygen(self) -> None:
+        """ConfigError unless this kind of key can come from the EST server (RFC 7030 §4.4)."""
+        if self.server_keygen:
+            return
+        raise ConfigError(
+            f"{self.name} is {self.describe()}: its key is made in the TPM and never replaced, "
+            "so it cannot take a server-generated key",
+            hint="server-side key generation (--serverkeygen, est.serverkeygen) is for "
+            "key-file identities (key.kind: file)")
+
+    def import_server_key(self, tpm: TpmConnection, key: Any) -> NewKey:
+        """Import a server-generated private key (RFC 7030 §4.4) as this identity's new key.
+
+        Only a key-file identity can (:attr:`server_keygen`); the others raise ConfigError.
+        """
+        self.check_server_keygen()
+        raise NotImplementedError  # pragma: no cover - kinds with server_keygen override it
 
     @abstractmethod
     def ensure(self, tpm: TpmConnection, *, force: bool = False,
@@ -359,6 +379,7 @@ class KeyFile(IdentityKey):
     kind = "file"
     renewable = True
     chooses_alg = True
+    server_keygen = True
 
     def __init__(self, name: str, config: KeyConfig) -> None:
         super().__init__(name, config)
@@ -397,6 +418,10 @@ class KeyFile(IdentityKey):
         if not rotate and current_file is not None:
             return NewKey(self.open(tpm, current_file), None)
         pem, loaded = tpm.create_key_file(alg or self.alg)
+        return NewKey(loaded, pem)
+
+    def import_server_key(self, tpm: TpmConnection, key: Any) -> NewKey:
+        pem, loaded = tpm.import_key_file(key)
         return NewKey(loaded, pem)
 
     def ensure(self, tpm: TpmConnection, *, force: bool = False,
