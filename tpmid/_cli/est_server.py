@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
 from tpmid.errors import ConfigError
 
@@ -64,6 +65,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     h = s.add_parser("hash-secret",
                      help="read a secret from stdin, print its salted hash for config.yaml")
     h.set_defaults(func=cmd_hash_secret)
+
+    register_rollover(s)
 
 
 def cmd_init(ctx: Ctx) -> int | None:
@@ -176,4 +179,70 @@ def cmd_hash_secret(ctx: Ctx) -> int | None:
     if not secret:
         raise ConfigError("expected the secret on standard input, got an empty line")
     ctx.emit({"hash": hash_secret(secret)}, lambda d: d["hash"])
+    return None
+
+
+# --------------------------------------------------------------------------- rollover
+
+
+def register_rollover(s: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``est-server rollover LABEL [--finish | --replace]`` (RFC 7030 §4.1.3)."""
+    r = s.add_parser(
+        "rollover", help="replace the CA of a label, linked by RFC 7030 key-update certificates",
+        description="Replace the CA behind LABEL (and every label that uses it) with a new "
+        "root. /cacerts then serves the new root with OldWithOld, OldWithNew and NewWithOld "
+        "(RFC 7030 §4.1.3); client certificates of the old CA are accepted until --finish. "
+        "A running server picks the change up on SIGHUP. See docs/est-server.md.")
+    r.add_argument("label", metavar="LABEL",
+                   help="the label whose CA rolls over (or a CA name: operator, manufacturer, tls)")
+    r.add_argument("--dir", required=True, type=Path, help="server directory (from init)")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--finish", action="store_true",
+                      help="end the overlap: refuse client certificates of the old CA")
+    mode.add_argument("--replace", action="store_true",
+                      help="replace the CA outright: no key-update certificates, no overlap "
+                      "(devices must be given the new root)")
+    add_json_flag(r)
+    r.set_defaults(func=cmd_rollover)
+
+
+def cmd_rollover(ctx: Ctx) -> int | None:
+    """Roll the CA of a label over, or end the overlap of the last rollover."""
+    from tpmid.server.rollover import finish_overlap, rollover_ca
+
+    args = ctx.args
+    if args.finish:
+        ca, _state = finish_overlap(args.dir, args.label)
+        ctx.emit({"ca": ca, "overlap": False},
+                 f"the overlap of the {ca} CA has ended: its previous root's client certificates "
+                 "are refused from now on (reload the server: SIGHUP)")
+        return None
+    res = rollover_ca(args.dir, args.label, replace=bool(args.replace))
+    data: dict[str, Any] = {
+        "ca": res.ca, "generation": res.generation, "labels": list(res.labels),
+        "old": res.old.subject.rfc4514_string(), "new": res.new.subject.rfc4514_string(),
+        "fingerprints": res.fingerprints, "key_update_certificates": len(res.links),
+        "tls_certificate_reissued": res.tls_reissued, "overlap": not args.replace,
+    }
+
+    def human(d: dict[str, Any]) -> str:
+        lines = [f"rolled the {d['ca']} CA over (generation {d['generation']}; labels "
+                 f"{', '.join(d['labels']) or 'none'})",
+                 f"  old root: {d['old']}  SHA-256 {d['fingerprints']['old']}",
+                 f"  new root: {d['new']}  SHA-256 {d['fingerprints']['new']}"]
+        if d["overlap"]:
+            lines += ["  /cacerts now serves the new root with OldWithOld, OldWithNew and "
+                      "NewWithOld (RFC 7030 §4.1.3);",
+                      "  client certificates of the old CA are accepted until "
+                      f"`tpmid est-server rollover {args.label} --finish`"]
+        else:
+            lines.append("  replaced outright: no key-update certificates; devices must be "
+                         "given the new root (est.issuer_anchors)")
+        if d["tls_certificate_reissued"]:
+            lines.append("  the TLS server certificate was re-issued by the new CA (served with "
+                         "NewWithOld)")
+        lines.append("  reload a running server: SIGHUP")
+        return "\n".join(lines)
+
+    ctx.emit(data, human)
     return None

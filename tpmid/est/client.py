@@ -194,6 +194,25 @@ def _tls_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+# TLS alerts a server sends about the client certificate it was given (RFC 8446 §6.2).
+_CERT_ALERTS = {
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate unknown",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "certificate revoked",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate expired",
+    "TLSV1_ALERT_ACCESS_DENIED": "access denied",
+}
+
+
+def _refused_client_certificate(exc: BaseException) -> str | None:
+    """The TLS alert by which the server refused our client certificate, if that is what failed."""
+    serr = _find_cause(exc, ssl.SSLError)
+    if isinstance(serr, ssl.SSLError) and not isinstance(serr, ssl.SSLCertVerificationError):
+        return _CERT_ALERTS.get(serr.reason or "")
+    return None
+
+
 def _scrub(text: str, secrets: Iterable[str]) -> str:
     for s in secrets:
         if s:
@@ -588,6 +607,14 @@ class EstClient:
             if failure is not None and isinstance(verr, ssl.SSLCertVerificationError):
                 return _refused_chain(failure, url, self._where(), self._host,
                                       verr.verify_message or verr.reason or "")
+        refused = _refused_client_certificate(e)
+        if refused is not None:
+            return EstTransportError(
+                f"{url}: connection to {self._where()} failed: the server refused our TLS "
+                f"client certificate (TLS alert: {refused})",
+                hint="the server does not (or no longer) accept this certificate: after a CA "
+                "rollover the old CA's certificates end with the overlap, a revoked one at once",
+                refused_client_certificate=refused)
         if _find_cause(e, DeadlineExceeded) is not None:
             return EstTransportError(
                 f"{url}: no complete answer from {self._where()} within the exchange deadline "

@@ -627,8 +627,10 @@ def verify_chain(
     except VerificationError as e:
         e.message = f"{where}: {e.message}"
         raise
-    originals = {(a.subject.public_bytes(), spki_der(a.public_key())): o
-                 for a, o in zip(anchors, issuers, strict=True)}
+    # Anchors with the same name and key (a root and its NewWithOld) are one trust anchor;
+    # the chain keeps the root.
+    pairs = sorted(zip(anchors, issuers, strict=True), key=lambda p: p[1].issuer == p[1].subject)
+    originals = {(a.subject.public_bytes(), spki_der(a.public_key())): o for a, o in pairs}
     builder = (
         PolicyBuilder()
         .store(Store(anchors))
@@ -654,6 +656,59 @@ def verify_chain(
                                     "id-kp-clientAuth, or without extendedKeyUsage")
     return tuple(originals.get((c.subject.public_bytes(), spki_der(c.public_key())), c)
                  for c in verified.chain[1:])
+
+
+@dataclass(frozen=True)
+class CacertsTrust:
+    """What an identity may trust among the CA certificates ``/cacerts`` offered.
+
+    ``anchors`` are its current anchor and what chains to it; ``new_roots`` the
+    roots among them that are not the current anchor (accepted through NewWithOld);
+    ``unvouched`` the roots offered that nothing the identity trusts vouches for.
+    """
+
+    anchors: tuple[x509.Certificate, ...]
+    new_roots: tuple[x509.Certificate, ...] = ()
+    unvouched: tuple[x509.Certificate, ...] = ()
+
+
+def _same_key(a: x509.Certificate, b: x509.Certificate) -> bool:
+    return a.subject == b.subject and spki_der(a.public_key()) == spki_der(b.public_key())
+
+
+def follow_root_key_update(offered: Sequence[x509.Certificate], anchor: x509.Certificate,
+                           *, now: datetime) -> CacertsTrust:
+    """Which of ``offered`` (``/cacerts``) an identity whose trust anchor is ``anchor`` trusts.
+
+    RFC 7030 §4.1.3: after a Root CA Key Update the server offers the new root with
+    OldWithOld, OldWithNew and NewWithOld. A client accepts the new root only through
+    a certificate it can validate from what it already trusts: NewWithOld (the new
+    name and key, signed by the old key). So: the current anchor; every CA certificate
+    offered that the anchor (or, in turn, such a certificate) signed and that is valid
+    now; and every root with the name and key of one of those. Everything else is
+    not trusted — in particular a new root nothing vouches for (``unvouched``),
+    whatever channel it arrived on.
+    """
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    trusted = [anchor]
+    pending = [c for c in offered if c != anchor]
+    grew = True
+    while grew:
+        grew = False
+        for c in list(pending):
+            if (ca_problem(c) is None and c.not_valid_before_utc <= now <= c.not_valid_after_utc
+                    and any(_signed_by(c, t) for t in trusted)):
+                trusted.append(c)
+                pending.remove(c)
+                grew = True
+    for c in list(pending):
+        if any(_same_key(c, t) for t in trusted):
+            trusted.append(c)
+            pending.remove(c)
+    new_roots = tuple(c for c in trusted[1:] if c.issuer == c.subject and not _same_key(c, anchor))
+    unvouched = tuple(c for c in pending if c.issuer == c.subject)
+    return CacertsTrust(tuple(trusted), new_roots, unvouched)
 
 
 def verify_enrollment(

@@ -60,10 +60,19 @@ from tpmid.errors import (
     EstServerError,
     EstTransportError,
     StoreError,
+    VerificationError,
 )
 from tpmid.est.csrattrs import CsrPlan, DeviceFacts, plan_csr
 from tpmid.est.messages import decode_csr
-from tpmid.est.verify import fingerprint_sha256, spki_der, verify_enrollment
+from tpmid.est.verify import (
+    CacertsTrust,
+    describe_cert,
+    fingerprint_sha256,
+    follow_root_key_update,
+    spki_der,
+    verify_chain,
+    verify_enrollment,
+)
 from tpmid.secrets import check_private_file
 from tpmid.store import JournalEntry, Store, StoredIdentity
 from tpmid.tpm.identity import IdentityKey, identity_key
@@ -430,7 +439,7 @@ def _run(run: _Enrollment, current: StoredIdentity | None) -> EnrollResult:
         if not isinstance(getattr(client.tls, "key", None), LeasedKey):
             # No TPM signature in the handshake: give the TPM back before the network.
             run.lease.release()
-    issuers = _issuers(run, client)
+    issuers = _issuers(run, client, current)
     response = _send(run, client, payload)
     return _verify_and_commit(run, key, response, requested, issuers, resumed)
 
@@ -611,13 +620,54 @@ def _import_server_key(run: _Enrollment, response: ServerKeygenResponse) -> _Key
     return _Key(None, spki, path)
 
 
-def _issuers(run: _Enrollment, client: EstClient) -> list[x509.Certificate]:
-    """The CAs the issued certificate must chain to."""
+def _issuers(run: _Enrollment, client: EstClient,
+             current: StoredIdentity | None) -> CacertsTrust:
+    """The CAs the issued certificate must chain to.
+
+    ``est.issuer_anchors`` (the operator's explicit anchors) when configured. Else the
+    label's ``/cacerts`` over the channel whose server was just authenticated (RFC 7030
+    §4.1.3): all of it for an identity's first certificate; for the next ones, what
+    chains to the anchor stored with the current certificate — a new root only through
+    NewWithOld (a CA rollover), never just because the server offers it.
+    """
     if run.est.issuer_anchors:
-        return load_pem_certificates(run.est.issuer_anchors, "issuer anchor file")
-    # RFC 7030 §4.1.3: the CA certificates of this label, over the channel whose
-    # server was just authenticated.
-    return client.cacerts()
+        return CacertsTrust(tuple(load_pem_certificates(run.est.issuer_anchors,
+                                                        "issuer anchor file")))
+    offered = client.cacerts()
+    if current is None or not current.chain:
+        return CacertsTrust(tuple(offered))
+    anchor = current.chain[-1]
+    trust = follow_root_key_update(offered, anchor, now=run.now())
+    for root in trust.new_roots:
+        log.info("%s: /cacerts offers the new root %s, vouched for by the current anchor %s "
+                 "through NewWithOld (RFC 7030 §4.1.3 Root CA Key Update)", run.name,
+                 describe_cert(root), describe_cert(anchor))
+    for root in trust.unvouched:
+        log.warning("%s: /cacerts offers the root %s, which nothing this identity trusts "
+                    "vouches for (no NewWithOld from its anchor %s); it is not trusted",
+                    run.name, describe_cert(root), describe_cert(anchor))
+    return trust
+
+
+def _explain_unvouched_root(run: _Enrollment, response: Any, trust: CacertsTrust,
+                            error: VerificationError) -> None:
+    """A certificate issued under a root nothing vouches for: say that, and what to do."""
+    for root in trust.unvouched:
+        try:
+            verify_chain(response.certificate, issuers=[root], intermediates=response.extra_certs,
+                         profile="ca" if run.ident.profile == "ca" else "device",
+                         now=run.now(), trust=run.config.trust.profile)
+        except VerificationError:
+            continue
+        raise VerificationError(
+            f"{run.name}: the certificate the EST server issued chains to the root "
+            f"{describe_cert(root)} that /cacerts now offers, but this identity's trust anchor "
+            f"{describe_cert(trust.anchors[0])} does not vouch for it: /cacerts holds no "
+            "NewWithOld certificate signed by the anchor (RFC 7030 §4.1.3 Root CA Key Update), "
+            "so the new root is refused",
+            hint=f"if the CA operator really replaced the CA, check the new root's SHA-256 "
+            f"fingerprint with them and configure identities.{run.name}.est.issuer_anchors "
+            "with it; the identity keeps its current certificate meanwhile") from error
 
 
 def _send(run: _Enrollment, client: EstClient,
@@ -642,7 +692,7 @@ def _send(run: _Enrollment, client: EstClient,
 
 
 def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x509.Name,
-                       issuers: list[x509.Certificate], resumed: bool) -> EnrollResult:
+                       trust: CacertsTrust, resumed: bool) -> EnrollResult:
     """Verify the issued certificate (key, chain, subject, validity, EKU) and commit it."""
     origin = None
     if run.operation == "serverkeygen":
@@ -650,13 +700,21 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
         key = _import_server_key(run, response)
         run.lease.release()
         origin = SERVER_GENERATED
-    verified = verify_enrollment(
-        response.certificate, key_spki_der=key.spki, requested_subject=requested,
-        issuers=issuers, extra_certs=response.extra_certs,
-        profile="ca" if run.ident.profile == "ca" else "device", now=run.now(),
-        accept_rewritten_subject=run.est.accept_rewritten_subject,
-        trust=run.config.trust.profile,
-    )
+    try:
+        verified = verify_enrollment(
+            response.certificate, key_spki_der=key.spki, requested_subject=requested,
+            issuers=trust.anchors, extra_certs=response.extra_certs,
+            profile="ca" if run.ident.profile == "ca" else "device", now=run.now(),
+            accept_rewritten_subject=run.est.accept_rewritten_subject,
+            trust=run.config.trust.profile,
+        )
+    except VerificationError as e:
+        _explain_unvouched_root(run, response, trust, e)
+        raise
+    if verified.chain and verified.chain[-1] in trust.new_roots:
+        log.warning("%s: after the CA's Root CA Key Update its trust anchor is now %s (was %s), "
+                    "stored with the new certificate", run.name,
+                    describe_cert(verified.chain[-1]), describe_cert(trust.anchors[0]))
     stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path,
                               key_origin=origin)
     run.entry = None  # commit cleared the journal

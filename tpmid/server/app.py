@@ -205,10 +205,13 @@ class EstApp:
         """The config in effect."""
         return self._config
 
-    def set_config(self, config: ServerConfig) -> None:
-        """Switch to a new config; pending and fault counters start afresh."""
+    def set_config(self, config: ServerConfig,
+                   cas: dict[str, CertificateAuthority] | None = None) -> None:
+        """Switch to a new config (and CAs, after a rollover); counters start afresh."""
         with self._lock:
             self._config = config
+            if cas is not None:
+                self.cas = cas
             self._pending.clear()
             self._fault_hits.clear()
 
@@ -319,12 +322,15 @@ class EstApp:
     # ------------------------------------------------------------------ GET operations
 
     def _cacerts(self, label: LabelConfig) -> Response:
-        # RFC 7030 §4.1.3: certs-only, the CA certificate(s) of this label.
+        # RFC 7030 §4.1.3: certs-only, the CA certificate(s) of this label; after a
+        # rollover also the Root CA Key Update certificates OldWithOld, OldWithNew and
+        # NewWithOld (tpmid.server.rollover).
         ca = self.cas[label.ca]
-        return Response(200, messages.encode_certs_only([ca.cert], _form(label)), [
+        note = f"{label.ca} CA" + (" + key-update certificates" if ca.links else "")
+        return Response(200, messages.encode_certs_only([ca.cert, *ca.links], _form(label)), [
             ("Content-Type", messages.CERTS_ONLY_CONTENT_TYPE),
             ("Content-Transfer-Encoding", "base64"),
-        ], note=f"{label.ca} CA")
+        ], note=note)
 
     def _csrattrs(self, label: LabelConfig) -> Response:
         items = label.csrattrs

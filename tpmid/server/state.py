@@ -9,6 +9,8 @@ Layout (``DIR``)::
     tls/server.pem         0644  the server's TLS certificate (127.0.0.1, ::1, localhost)
     private/               0700  manufacturer-ca.key, operator-ca.key, tls-ca.key, server.key (0600)
     issued.jsonl           0644  one JSON line per issued certificate
+    rollover/<ca>/         0755  after `tpmid est-server rollover`: state.json and the
+                                 RFC 7030 §4.1.3 key-update certificates (tpmid.server.rollover)
 
 Writes go through tpmid's one durable writer (:func:`tpmid.store.fsio.atomic_write`).
 """
@@ -35,6 +37,7 @@ from tpmid.server.ca import (
     loopback_san,
 )
 from tpmid.server.config import ALGS, YEAR, ServerConfig, load_server_config
+from tpmid.server.rollover import load_rollover_state
 from tpmid.store.fsio import atomic_write
 
 DEFAULT_PORT = 8443
@@ -281,6 +284,10 @@ class ServerState:
         config = load_server_config(paths.config)
         cas = {name: load_ca(name, paths.ca_cert(name), paths.ca_key(name))
                for name in ("manufacturer", "operator")}
+        for name, ca in cas.items():
+            # tpmid.server.rollover: the old root during the overlap, the key-update certs.
+            rolled = load_rollover_state(paths.dir, name)
+            ca.previous, ca.links = rolled.accepted_old, rolled.links
         try:
             tls_ca = x509.load_pem_x509_certificate(paths.ca_cert("tls").read_bytes())
         except (OSError, ValueError) as e:
