@@ -657,6 +657,10 @@ def test_the_lock_holder_is_named_by_its_tpmid_command(root: Path, tmp_path: Pat
     p = subprocess.Popen([sys.executable, str(fake), "--config", "/etc/tpmid/config.yaml",
                           "renew", "ldevid", "--force"])
     try:
+        deadline = time.monotonic() + 5  # until the child has exec'd its command line
+        while str(fake).encode() not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         lock.write_text(f"{p.pid}\n")
         assert lock_holder(lock) == f"pid {p.pid}: tpmid renew ldevid"
     finally:
@@ -750,7 +754,7 @@ def test_recover_keeps_a_pending_journal_entry_with_its_key_and_csr(
     store.journal_begin("ldevid", entry)
     actions = recover(store)
     assert [(a.name, a.action) for a in actions] == [("ldevid", "resume")]
-    assert "retry after 120s" in str(actions[0])
+    assert "retry after 120 s" in str(actions[0])
     assert staged.read_bytes() == key_blob("pending")
     assert store.journal_get("ldevid") == entry
 

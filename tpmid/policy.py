@@ -195,7 +195,7 @@ def _retry_due(attempt: AttemptState, policy: RenewConfig, lifetime_s: float,
         delay = clamp_retry_after(attempt.retry_after)
         if expired:
             delay = min(delay, interval)
-        return last + timedelta(seconds=delay), f"server Retry-After {delay:g}s"
+        return last + timedelta(seconds=delay), f"server Retry-After {delay:g} s"
     after = "failure" if attempt.failures <= 1 else f"{attempt.failures} failures"
     return last + timedelta(seconds=interval), f"retry {_amount(policy.retry)} after {after}"
 
@@ -244,7 +244,7 @@ def decide(
             gap = as_utc(attempt.last_attempt) + timedelta(seconds=MIN_RENEWAL_GAP_S)
             if gap > now:
                 return Decision("retry-at", gap, f"{reason}; renewed less than "
-                                f"{MIN_RENEWAL_GAP_S:g}s ago")
+                                f"{MIN_RENEWAL_GAP_S:g} s ago")
         return Decision("renew-now", now, reason)
 
     # 3. The regular schedule: threshold, moved earlier by jitter, clamped to the lifetime.
@@ -267,7 +267,7 @@ def decide(
     if not retrying and attempt.last_attempt is not None:
         gap = as_utc(attempt.last_attempt) + timedelta(seconds=MIN_RENEWAL_GAP_S)
         if renew_at < gap:
-            renew_at, reason = gap, f"{reason}; renewed less than {MIN_RENEWAL_GAP_S:g}s ago"
+            renew_at, reason = gap, f"{reason}; renewed less than {MIN_RENEWAL_GAP_S:g} s ago"
     # 4. After a failed or pending attempt: the retry schedule, unless the regular
     #    one is later (a forced renewal that failed long before the threshold).
     if retrying:

@@ -30,7 +30,6 @@ from tests.est.test_client_support import (
     server_identity,
     spki,
 )
-from tests.server_fixtures import RunningEstServer
 from tpmid.config import SanConfig, SubjectConfig
 from tpmid.csr import build_csr
 from tpmid.errors import (
@@ -45,6 +44,7 @@ from tpmid.errors import (
 from tpmid.est import messages
 from tpmid.est.client import EstClient, est_base_url, make_session
 from tpmid.server import EstServer, init_server_dir
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.tls import ClientTls, client_tls
 
 CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
@@ -216,7 +216,7 @@ def test_pending_beyond_max_wait_raises_retry_later_with_the_servers_delay(
         client.simpleenroll(software_csr()[0])
     assert info.value.retry_after == 30
     assert clock.sleeps == [30]  # a second wait would exceed the 45 s allowed
-    assert "45 s allowed" in info.value.message
+    assert "this command waits at most 45 s (est.max_wait)" in info.value.message
     assert fresh_est_server.issued() == []
 
 

@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from tests.server_fixtures import RunningEstServer
 from tests.support.wiring import enroll
 from tpmid.cli import main
 from tpmid.config import Config, parse_config
 from tpmid.store import Store, StoredIdentity
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import HierarchyPasswords, TpmConnection
 from tpmid.tpm.identity import identity_key
@@ -120,12 +120,13 @@ class Field:
         out, err = self.capsys.readouterr()
         return rc, out, err
 
-    def run(self, *args: str, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
-        """``tpmid --config FILE ARGS`` as a real process."""
+    def run(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None,
+            **kw: Any) -> subprocess.CompletedProcess[str]:
+        """``tpmid --config FILE ARGS`` as a real process (``env``: extra variables)."""
         return subprocess.run(
             [sys.executable, "-m", "tpmid.cli", "--config", str(self.config_path), *args],
             capture_output=True, text=True, timeout=timeout, cwd=REPO,
-            env={**os.environ, **self.env}, **kw)
+            env={**os.environ, **self.env, **(env or {})}, **kw)
 
     def state(self, name: str) -> dict[str, Any]:
         path = self.store_dir / "state" / f"{name}.json"

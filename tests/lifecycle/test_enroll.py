@@ -33,7 +33,6 @@ from tests.est.test_client_support import (
     transient_handles,
 )
 from tests.server.helpers import lab_shaped_ca
-from tests.server_fixtures import RunningEstServer, start_est_server
 from tests.support.wiring import enroll
 from tpmid.config import Config
 from tpmid.errors import (
@@ -47,7 +46,9 @@ from tpmid.errors import (
     VerificationError,
 )
 from tpmid.lifecycle.enroll import EnrollResult
+from tpmid.render import name as render_name
 from tpmid.store import Store
+from tpmid.testing.estserver import RunningEstServer, start_est_server
 from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
 from tpmid.tpm.connection import TpmConnection
@@ -68,7 +69,8 @@ class Rig:
 
     def enroll(self, name: str, *, config: Config | None = None, **kw: Any) -> EnrollResult:
         kw.setdefault("secrets", {SECRET_ENV: self.server.secret})
-        return enroll(config or self.config, name, tpm=self.tpm, **kw)
+        kw.setdefault("tpm", self.tpm)
+        return enroll(config or self.config, name, **kw)
 
     def reconfigure(self, **kw: Any) -> Config:
         self.config = identity_config(self.server, self.store_dir, self.tcti, **kw)
@@ -118,7 +120,7 @@ def _label(d: dict[str, Any], label: str, **settings: Any) -> None:
 
 # identity_config's serialNumber (its IDevID's, bound by the server's client-serial labels)
 # as RFC 4514 writes it: serialNumber has no short name there.
-SN = "2.5.4.5=TPMID-TEST-0001"
+SN = "serialNumber=TPMID-TEST-0001"
 
 
 # --------------------------------------------------------------------------- the main flows
@@ -150,7 +152,7 @@ def test_idevid_by_secret_value_then_ldevid_over_mtls_with_the_tpm_idevid_key(
     ldevid = rig.enroll("ldevid")
 
     assert ldevid.certificate.issuer == load(rig.server.operator_ca)[0].subject
-    assert ldevid.certificate.subject.rfc4514_string() == f"{SN},CN=my-device-id"
+    assert render_name(ldevid.certificate.subject) == f"{SN},CN=my-device-id"
     assert ldevid.key_path is not None
     stored_key = load_key_file(rig.tpm, ldevid.key_path.read_bytes())
     try:
@@ -225,19 +227,21 @@ def test_one_ldevid_enrollment_costs_the_documented_tpm_commands(
 ) -> None:
     """docs/est-client.md, "TPM commands per enrollment": a new key file, created and
     loaded in one (CreatePrimary of the storage root key, CreateLoaded), the CSR (Sign),
-    freeing it (FlushContext), opening the persistent IDevID (ReadPublic x2), one mTLS
-    handshake for /cacerts and /simpleenroll on one connection (Sign), then the storage
-    root key is flushed. (/csrattrs, asked first without client authentication, costs
-    no TPM command.)"""
+    freeing it (FlushContext), opening the persistent IDevID (one ReadPublic: its Name
+    proves it is the certificate's key from the template), one mTLS handshake for
+    /cacerts and /simpleenroll on one connection (Sign), then the storage root key is
+    flushed. No command to probe the TPM when connecting. (/csrattrs, asked first
+    without client authentication, costs no TPM command.)"""
     rig = make_rig(proxy=True)
     rig.enroll("idevid")
     proxy = rig.proxy
     assert proxy is not None
     proxy.reset()
-    rig.enroll("ldevid")
+    with TpmConnection(rig.tcti) as tpm:  # a command's own connection, as the CLI opens
+        rig.enroll("ldevid", tpm=tpm)
     assert Counter(proxy.commands) == Counter({
         "TPM2_CreatePrimary": 1, "TPM2_CreateLoaded": 1, "TPM2_FlushContext": 2,
-        "TPM2_ReadPublic": 2, "TPM2_Sign": 2,
+        "TPM2_ReadPublic": 1, "TPM2_Sign": 2,
     })
     # The handshake comes after the new key was flushed; the parent goes last.
     assert proxy.commands[-2:] == ["TPM2_Sign", "TPM2_FlushContext"]
@@ -266,7 +270,7 @@ def test_pending_beyond_max_wait_keeps_the_csr_and_the_next_run_resends_it(
     with pytest.raises(EstRetryLater) as info:
         rig.enroll("ldevid")
     assert info.value.retry_after == 60
-    assert "run `tpmid enroll ldevid` again" in (info.value.hint or "")
+    assert "`tpmid renew ldevid` (or the daemon) resends it" in (info.value.hint or "")
     entry = rig.store.journal_get("ldevid")
     assert entry is not None and entry.phase == "pending" and entry.retry_after == 60
     assert entry.csr_pem and entry.version == "0001"
@@ -500,7 +504,7 @@ def test_pop_linked_enrollment_signs_tls_unique_into_the_csr_with_the_tpm(
     # RFC 7030 §3.5 needs tls-unique, so tpmid capped these connections at TLS 1.2.
     assert "POST /.well-known/est/idevid/simpleenroll label=idevid status=200 client=- " \
            "TLSv1.2" in caplog.text
-    assert "label=ldevid status=200 client=2.5.4.5=TPMID-TEST-0001,CN=IDevID TLSv1.2" \
+    assert "label=ldevid status=200 client=serialNumber=TPMID-TEST-0001,CN=IDevID TLSv1.2" \
         in caplog.text
     assert transient_handles(rig.tcti) == []
 
@@ -720,7 +724,7 @@ def test_http_basic_credentials_from_a_0600_file(
     from tpmid.secrets import resolve_secret
 
     result = rig.enroll("idevid", secrets=lambda ref: resolve_secret(ref, {}, None))
-    assert result.certificate.subject.rfc4514_string() == "2.5.4.5=TPMID-TEST-0001,CN=IDevID"
+    assert render_name(result.certificate.subject) == "serialNumber=TPMID-TEST-0001,CN=IDevID"
     pw_file.chmod(0o644)
     with pytest.raises(ConfigError, match="accessible by group or others"):
         rig.enroll("idevid", secrets=lambda ref: resolve_secret(ref, {}, None))
@@ -784,7 +788,7 @@ def test_est_accept_cmc_ra_admits_an_ra_certificate_that_does_not_name_the_host(
             create_persistent_idevid(tpm, "H-2", 0x81020000)
             if accept_cmc_ra:
                 result = enroll(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})
-                assert result.certificate.subject.rfc4514_string() == "CN=IDevID"
+                assert render_name(result.certificate.subject) == "CN=IDevID"
             else:
                 with pytest.raises(EstTransportError, match="IP address mismatch"):
                     enroll(cfg, "idevid", tpm=tpm, secrets={SECRET_ENV: res.secret})

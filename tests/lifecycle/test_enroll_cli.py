@@ -11,8 +11,10 @@ import yaml
 from cryptography import x509
 
 from tests.est.test_client_support import SECRET_ENV
-from tests.server_fixtures import RunningEstServer
 from tpmid.cli import main
+from tpmid.render import name as render_name
+from tpmid.render import serial as render_serial
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.idevid import create_persistent_idevid
@@ -58,15 +60,15 @@ def test_enroll_prints_subject_issuer_serial_expiry_fingerprint_and_paths(
     assert main(["enroll", "idevid", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     cert = x509.load_pem_x509_certificate(Path(data["cert_path"]).read_bytes())
-    assert data["subject"] == cert.subject.rfc4514_string() == "2.5.4.5=CLI-0001,CN=IDevID"
-    assert data["serial"] == f"{cert.serial_number:x}"
+    assert data["subject"] == render_name(cert.subject) == "serialNumber=CLI-0001,CN=IDevID"
+    assert data["serial"] == render_serial(cert.serial_number)
     assert data["not_after"] == cert.not_valid_after_utc.isoformat()
     assert data["issuer"].startswith("CN=tpmid Manufacturer CA")
 
     assert main(["enroll", "ldevid"]) == 0
     out = capsys.readouterr().out
     assert "enrolled ldevid (simpleenroll, version 0001)" in out
-    assert "subject:     2.5.4.5=CLI-0001,CN=cli-device" in out
+    assert "subject:     serialNumber=CLI-0001,CN=cli-device" in out
     assert "key file:" in out and ".tss2.pem" in out
 
 

@@ -29,7 +29,6 @@ from cryptography.x509.oid import NameOID
 from tpm2_pytss.constants import ESYS_TR
 from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 
-from tests.server_fixtures import RunningEstServer
 from tests.support.wiring import clients
 from tests.tpm.helpers import run_tool
 from tpmid.config import parse_config
@@ -37,6 +36,7 @@ from tpmid.lifecycle.provision import provision
 from tpmid.manifest import ProvisionRecord, read_manifest
 from tpmid.server.ca import load_ca
 from tpmid.store import Store
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.testing.swtpm import Swtpm, manufacture
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.idevid import create_persistent_idevid, evict_persistent
@@ -324,10 +324,11 @@ def test_station_sees_numbered_steps_and_a_framed_fail_line(
                          json_out=False)
     assert proc.returncode == 5
     steps = [line for line in proc.stderr.splitlines() if line.startswith("[")]
-    assert steps[0].startswith("[1/6] reading EK ... ok")
-    assert steps[1].startswith("[2/6] IDevID key ... created")
-    assert steps[2] == "[3/6] enrolling over EST ... FAILED"
-    assert steps[-1].startswith("[6/6] manifest ... appended")
+    assert steps[0].startswith("[1/7] configuration ... ok  credentials resolved")
+    assert steps[1].startswith("[2/7] reading EK ... ok")
+    assert steps[2].startswith("[3/7] IDevID key ... created")
+    assert steps[3] == "[4/7] enrolling over EST ... FAILED"
+    assert steps[-1].startswith("[7/7] manifest ... appended")
     lines = proc.stdout.splitlines()
     assert lines[0] == lines[2] == "=" * 72
     assert lines[1].startswith("FAIL  SN-H1  EstAuthError (exit 5)")
@@ -342,6 +343,9 @@ def test_missing_secret_is_a_config_error_recorded_in_the_manifest(
     rec = json_record(proc)
     assert (rec.error_code, rec.outcome) == ("ConfigError", "fail")
     assert SECRET_ENV in (rec.error or "")
+    # Found before anything touched the TPM (pre-flight), not after the key was made.
+    assert rec.failed_step == "configuration"
+    assert rec.idevid_key_action is None and rec.ek_fingerprint is None
     assert read_manifest(manifest) == [rec]
     assert tpm_state(device.sim) == before
 
@@ -515,7 +519,7 @@ def test_ek_derived_idevid_is_provisioned_without_persisting_anything(
         assert tpm.transient_handles() == []
     assert (rec.outcome, rec.idevid_kind, rec.idevid_handle) == ("provisioned", "ek-derived", None)
     assert tpm_state(swtpm) == before
-    assert [line[:5] for line in lines] == [f"[{i}/6]" for i in range(1, 7)]
+    assert [line[:5] for line in lines] == [f"[{i}/7]" for i in range(1, 8)]
     assert read_manifest(manifest) == [rec]
 
 

@@ -30,9 +30,9 @@ from tpm2_pytss.constants import TPMA_OBJECT
 from tpm2_pytss.tsskey import TSSPrivKey
 
 from tests.est.test_client_support import SECRET_ENV, transient_handles
-from tests.server_fixtures import RunningEstServer
 from tpmid.cli import main
 from tpmid.est import messages
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.idevid import create_persistent_idevid

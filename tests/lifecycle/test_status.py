@@ -27,6 +27,7 @@ from tpmid.errors import EstRetryLater
 from tpmid.lifecycle.status import collect_status
 from tpmid.policy import AttemptState
 from tpmid.render import iso
+from tpmid.render import serial as render_serial
 
 
 def _spki_sha256(dev: Device, name: str) -> str:
@@ -64,9 +65,9 @@ def test_status_of_an_enrolled_device_shows_certificate_key_placement_and_schedu
 
     ld = by_name["ldevid"]
     cert = enrolled.current("ldevid").cert
-    assert ld["subject"] == "2.5.4.5=STATUS-0001,CN=status-device"
+    assert ld["subject"] == "serialNumber=STATUS-0001,CN=status-device"
     assert ld["issuer"] == cert.issuer.rfc4514_string()
-    assert ld["serial"] == f"{cert.serial_number:x}"
+    assert ld["serial"] == render_serial(cert.serial_number)
     assert ld["not_before"] == iso(cert.not_valid_before_utc)
     assert ld["not_after"] == iso(cert.not_valid_after_utc)
     assert ld["public_key_sha256"] == _spki_sha256(enrolled, "ldevid")
@@ -152,7 +153,7 @@ def test_a_six_second_certificate_becomes_renew_due_in_real_time(
     rc, out, _ = dev.cli("status", "ldevid")
     assert rc == 0
     assert "ldevid: renew-due" in out
-    assert "next renewal: now (2s before expiry)" in out
+    assert "next renewal: now (2 s before expiry)" in out
 
 
 def test_status_shows_the_last_failed_attempt_and_schedules_the_retry(enrolled: Device) -> None:
@@ -192,7 +193,7 @@ def test_status_shows_pending_work_after_the_server_answered_202(
     assert ld["pending"]["operation"] == "enroll"
     assert ld["pending"]["retry_after"] == 60
     rc, out, _ = dev.cli("status", "ldevid")
-    assert "in flight:    enroll (simpleenroll), phase pending, server Retry-After 60s" in out
+    assert "in flight:    enroll (simpleenroll), phase pending, server Retry-After 60 s" in out
 
 
 def test_status_of_an_unknown_identity_is_a_config_error(enrolled: Device) -> None:

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.server.helpers import csr_body, make_csr, new_key, request
-from tests.server_fixtures import REPO, RunningEstServer
 from tpmid.cli import main
 from tpmid.est import messages
 from tpmid.server.auth import verify_secret
+from tpmid.testing.estserver import RunningEstServer
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tpmid(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -35,7 +37,7 @@ def test_init_prints_the_secret_once_the_tls_ca_fingerprints_and_urls(tmp_path: 
     assert secret is not None
     assert proc.stdout.count(secret.group(1)) == 1
     assert f"{tmp_path / 'srv' / 'tls-ca.pem'}" in proc.stdout
-    assert len(re.findall(r"^  (manufacturer|operator|tls) +([0-9A-F]{2}:){31}[0-9A-F]{2}$",
+    assert len(re.findall(r"^  (manufacturer|operator|tls) +[0-9a-f]{64}$",
                           proc.stdout, re.MULTILINE)) == 3
     for label in ("idevid", "ldevid", "edgeca"):
         assert f"https://127.0.0.1:8443/.well-known/est/{label}" in proc.stdout

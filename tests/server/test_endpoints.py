@@ -23,8 +23,10 @@ from tests.server.helpers import (
     new_key,
     request,
 )
-from tests.server_fixtures import RunningEstServer
 from tpmid.est import messages
+from tpmid.render import name as render_name
+from tpmid.render import serial as render_serial
+from tpmid.testing.estserver import RunningEstServer
 
 LABEL_CA = {"idevid": "manufacturer", "ldevid": "operator", "edgeca": "operator"}
 
@@ -139,7 +141,7 @@ def test_simpleenroll_at_idevid_issues_an_idevid_from_the_manufacturer_ca(
 ) -> None:
     ident = idevid(est_server, tmp_path, serial=None)
     ident.cert.verify_directly_issued_by(ca_cert(est_server, "manufacturer"))
-    assert ident.cert.subject.rfc4514_string() == "CN=IDevID"
+    assert render_name(ident.cert.subject) == "CN=IDevID"
     assert spki(ident.cert) == ident.key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -180,10 +182,10 @@ def test_every_issued_certificate_is_in_the_issue_log(fresh_est_server: RunningE
                                                      tmp_path: Path) -> None:
     dev = ldevid(fresh_est_server, tmp_path)
     records = fresh_est_server.issued()
-    serial = f"2.5.4.5={DEVICE_SERIAL}"  # RFC 4514 has no short name for serialNumber
+    serial = f"serialNumber={DEVICE_SERIAL}"  # as tpmid.render.name writes it
     assert [(r["label"], r["subject"]) for r in records] == [
         ("idevid", f"{serial},CN=IDevID"), ("ldevid", f"{serial},CN=my-device-id")]
-    assert records[-1]["serial"] == f"{dev.cert.serial_number:x}"
+    assert records[-1]["serial"] == render_serial(dev.cert.serial_number)
     assert records[-1]["authenticated_as"] == f"cert:{serial},CN=IDevID"
 
 
@@ -225,7 +227,7 @@ def test_serverkeygen_returns_a_new_private_key_and_its_certificate(
     key_der, certs = messages.parse_serverkeygen(reply.body, reply.headers["content-type"])
     key = serialization.load_der_private_key(key_der, password=None)
     (cert,) = certs
-    assert cert.subject.rfc4514_string() == f"2.5.4.5={DEVICE_SERIAL},CN=keygen-device"
+    assert render_name(cert.subject) == f"serialNumber={DEVICE_SERIAL},CN=keygen-device"
     assert spki(cert) == key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     # RFC 7030 §4.4.1: the CSR's own key is ignored.
@@ -305,7 +307,7 @@ def test_mtls_enrollment_works_over_tls_1_2_and_1_3(est_server: RunningEstServer
                     headers={"Content-Type": messages.PKCS10},
                     cert=dev.cert_path, key=dev.key_path, tls=tls)
     assert reply.tls_version == f"TLSv{tls}"
-    assert reply.cert().subject.rfc4514_string() == f"2.5.4.5={DEVICE_SERIAL},CN=tls-{tls}"
+    assert render_name(reply.cert().subject) == f"serialNumber={DEVICE_SERIAL},CN=tls-{tls}"
 
 
 def test_tls_minimum_version_from_config_refuses_older_clients(est_server_factory) -> None:

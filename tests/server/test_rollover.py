@@ -16,10 +16,10 @@ import pytest
 from cryptography import x509
 
 from tests.server.helpers import DEVICE_SERIAL, enroll, idevid, ldevid, request
-from tests.server_fixtures import RunningEstServer
 from tpmid.cli import main
 from tpmid.errors import ConfigError
 from tpmid.server.rollover import rollover_ca
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.wiring.est import fetch_cacerts
 
 

@@ -112,3 +112,38 @@ def test_an_unreadable_ledger_counts_as_empty(ledger: TransientLedger,
 ])
 def test_which_tctis_have_a_resource_manager(tcti: str, rm: bool) -> None:
     assert has_resource_manager(tcti) is rm
+
+
+def test_an_object_created_just_before_the_process_died_unrecorded_is_found_by_its_template(
+        swtpm: Swtpm, ledger: TransientLedger) -> None:
+    from tpmid.tpm.templates import idevid_template, template_fields
+
+    # The process wrote its pending entry, the TPM created the object, then SIGKILL:
+    # the object's handle never reached the ledger.
+    match = "fields:" + template_fields(idevid_template("H-2")).hex()
+    ledger.keep_only([LedgerEntry(0, "", "the H-2 IDevID", _dead_pid(), 1, pending=True,
+                                  match=match)])
+    with TpmConnection(swtpm.tcti) as other:  # no ledger: unrecorded objects
+        theirs = other.derive_idevid("H-3")  # another program's, another template
+        orphan = other.derive_idevid("H-2")
+        orphan_handle = int(other.esapi.tr_get_tpm_handle(orphan.handle))
+        theirs_handle = int(other.esapi.tr_get_tpm_handle(theirs.handle))
+        orphan._closed = True  # noqa: SLF001 - its process "died"; the clean-up flushes it
+        with TpmConnection(swtpm.tcti, ledger=ledger) as tpm:
+            stale = tpm.flush_stale_transients()
+            assert [e.handle for e in stale.flushed] == [orphan_handle]
+            assert stale.foreign == [theirs_handle]
+            assert tpm.transient_handles() == [theirs_handle]
+        theirs.close()
+    assert ledger.entries() == []
+
+
+def test_a_failed_create_leaves_no_pending_entry(swtpm: Swtpm, ledger: TransientLedger) -> None:
+    from tpmid.tpm.templates import idevid_template
+
+    with TpmConnection(swtpm.tcti, ledger=ledger) as tpm:
+        with pytest.raises(RuntimeError), \
+                tpm.creating("a key", template=idevid_template("H-2")):
+            assert ledger.entries()[0].pending
+            raise RuntimeError("the command failed")
+    assert ledger.entries() == []

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
+from tpmid.render import name as render_name
+from tpmid.render import serial as render_serial
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -82,9 +84,9 @@ def _cert_info(c: x509.Certificate) -> dict[str, Any]:
     from tpmid.est.verify import fingerprint_sha256
 
     return {
-        "subject": c.subject.rfc4514_string(),
-        "issuer": c.issuer.rfc4514_string(),
-        "serial": f"{c.serial_number:x}",
+        "subject": render_name(c.subject),
+        "issuer": render_name(c.issuer),
+        "serial": f"{render_serial(c.serial_number)}",
         "not_before": c.not_valid_before_utc.isoformat(),
         "not_after": c.not_valid_after_utc.isoformat(),
         "sha256_fingerprint": fingerprint_sha256(c),
@@ -169,7 +171,7 @@ def cmd_enroll(ctx: Ctx) -> int:
     # The TPM is borrowed only while it works, never across the network.
     result = enroll_identity(rt.config, name, store=rt.store(),
                              lease=TpmLease(tpm_opener(rt)),
-                             clients=EstClients(rt.config, rt.secret),
+                             clients=EstClients(rt.config, rt.secret, progress=ctx.progress),
                              reenroll=bool(ctx.args.reenroll),
                              serverkeygen=bool(ctx.args.serverkeygen))
 

@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from tpmid._cli import add_json_flag
@@ -25,16 +27,22 @@ log = logging.getLogger("tpmid.daemon")
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "renew", help="renew one identity now if due (or with --force)",
-        description="Renew identity NAME as the daemon would: a new TPM key (renew.rotate_key), "
-        "a CSR signed by the TPM, simplereenroll authenticated with the current certificate "
-        "(or the bootstrap identity when it has expired), verification, commit. Without "
-        "--force nothing happens unless the renewal policy says it is due.",
+        "renew", help="renew the identities that are due (or NAME; --force: now)",
+        description="Renew as the daemon would: a new TPM key (renew.rotate_key), a CSR signed "
+        "by the TPM, simplereenroll authenticated with the current certificate (or the "
+        "bootstrap identity when it has expired or its key is lost), verification, commit. "
+        "Without NAME every identity tpmid renews is considered, in dependency order (the "
+        "LDevID before the Edge CA), like `certbot renew`. Without --force nothing happens "
+        "unless the renewal policy says it is due. --dry-run shows what would happen without "
+        "touching the TPM, the store or the server.",
     )
-    p.add_argument("name", metavar="NAME", help="identity from the config file")
+    p.add_argument("name", metavar="NAME", nargs="?",
+                   help="identity from the config file (default: all that tpmid renews)")
     p.add_argument("--force", action="store_true", help="renew even if not due")
     p.add_argument("--chain", action="store_true",
                    help="then renew the identities that authenticate with NAME (e.g. the Edge CA)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what would be renewed, and how; change nothing")
     add_json_flag(p)
     p.set_defaults(func=cmd_renew)
 
@@ -47,8 +55,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d.set_defaults(func=cmd_daemon)
 
 
-def _engine(ctx: Ctx, open_tpm: TpmOpener) -> RenewalEngine:
-    """The renewal engine of the current config, renewing through ``open_tpm``."""
+def _engine(ctx: Ctx, open_tpm: TpmOpener,
+            progress: Callable[[str], None] | None = None) -> RenewalEngine:
+    """The renewal engine of the current config, renewing through ``open_tpm``.
+
+    ``progress`` receives a line whenever a renewal has to wait (a 202 Accepted).
+    """
     from tpmid.lifecycle.renew import RenewalEngine
 
     rt = ctx.runtime()
@@ -56,7 +68,7 @@ def _engine(ctx: Ctx, open_tpm: TpmOpener) -> RenewalEngine:
     def make_clients() -> EstClientFactory:
         from tpmid.wiring.est import EstClients  # the HTTP stack, at the first renewal
 
-        return EstClients(rt.config, rt.secret)
+        return EstClients(rt.config, rt.secret, progress=progress)
 
     return RenewalEngine(config=rt.config, store=rt.store(), open_tpm=open_tpm,
                          make_clients=make_clients, hook_environment=rt.hook_environment)
@@ -77,17 +89,30 @@ def _summary(results: list[Any]) -> list[dict[str, Any]]:
     return [r.summary() for r in results]
 
 
+def _renewed_text(rows: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"renewed {r['identity']} ({r['operation']}, version {r['version']}): "
+        f"{r['subject']}, serial {r['serial']}, until {r['not_after']}" for r in rows)
+
+
 def cmd_renew(ctx: Ctx) -> int:
-    """``tpmid renew NAME [--force] [--chain]``."""
+    """``tpmid renew [NAME] [--force] [--chain] [--dry-run]``."""
+    from tpmid.lifecycle.renew import managed_identities
     from tpmid.wiring.tpm import tpm_opener
 
     name = ctx.args.name
-    ctx.config().identity(name)  # a clear error for an unknown name
+    config = ctx.config()
+    if name is not None:
+        config.identity(name)  # a clear error for an unknown name
+    if ctx.args.dry_run:
+        return _dry_run(ctx, [name] if name else managed_identities(config))
     # The TPM (and the host TPM lock) is taken for each piece of TPM work and given
     # back before the network is used (tpmid.tpm.lease).
-    engine = _engine(ctx, tpm_opener(ctx.runtime()))
+    engine = _engine(ctx, tpm_opener(ctx.runtime()), ctx.progress)
     now = utcnow()
     _recover(engine)
+    if name is None:
+        return _renew_all(ctx, engine, now)
     decision = engine.plan(name, now)
     if not ctx.args.force and decision.when > now:
         ctx.emit({"identity": name, "renewed": False, "next": decision.when.isoformat(),
@@ -96,13 +121,70 @@ def cmd_renew(ctx: Ctx) -> int:
         return 0
     ctx.progress(f"renewing {name} ...")
     results = engine.renew_chain(name, now) if ctx.args.chain else [engine.renew(name, now)]
+    ctx.emit(_summary(results), _renewed_text)
+    return 0
 
-    def human(rows: list[dict[str, Any]]) -> str:
-        return "\n".join(
-            f"renewed {r['identity']} ({r['operation']}, version {r['version']}): "
-            f"{r['subject']}, serial {r['serial']}, until {r['not_after']}" for r in rows)
 
-    ctx.emit(_summary(results), human)
+def _renew_all(ctx: Ctx, engine: RenewalEngine, now: datetime) -> int:
+    """Every identity tpmid renews, in dependency order; failures reported, the rest goes on."""
+    rows: list[dict[str, Any]] = []
+    lines: list[str] = []
+    rc = 0
+    for name in engine.identities():
+        decision = engine.plan(name, utcnow())
+        if not ctx.args.force and decision.when > utcnow():
+            rows.append({"identity": name, "renewed": False, "next": decision.when.isoformat(),
+                         "reason": decision.reason})
+            lines.append(f"{describe_decision(decision, name)}; not due")
+            continue
+        ctx.progress(f"renewing {name} ...")
+        try:
+            result = engine.renew(name, now)
+        except TpmidError as e:
+            rows.append({"identity": name, "renewed": False, "error": e.message,
+                         "hint": e.hint, "exit_code": e.exit_code})
+            lines.append(f"{name}: renewal FAILED: {e.message}"
+                         + (f"\n  hint: {e.hint}" if e.hint else ""))
+            rc = rc or e.exit_code
+            continue
+        rows.append({**result.summary(), "renewed": True})
+        lines.append(_renewed_text([result.summary()]))
+    ctx.emit(rows, "\n".join(lines) or "no identity is renewed by tpmid (none has est and a "
+             "key file)")
+    return rc
+
+
+def _dry_run(ctx: Ctx, names: list[str]) -> int:
+    """What ``tpmid renew`` would do, from the config and the store only (nothing changes)."""
+    from tpmid.lifecycle.renew import RenewalEngine, plan_renewal
+    from tpmid.policy import AttemptState
+
+    rt = ctx.runtime()
+    store = rt.existing_store()
+    now = utcnow()
+    rows: list[dict[str, Any]] = []
+    lines: list[str] = []
+    for name in names:
+        ident = rt.config.identity(name)
+        if store is None:
+            current, attempt = None, AttemptState()
+            due, reason, when = True, "not enrolled yet", now
+        else:
+            try:
+                current = store.current(name)
+            except TpmidError:
+                current = None
+            attempt = store.load_state(name)
+            decision = plan_renewal(rt.config, store, name, now)
+            due, reason, when = decision.when <= now, decision.reason, decision.when
+        reenroll, self_auth, how = RenewalEngine._method(ident, current, now, attempt)
+        op = "simplereenroll" if reenroll else "simpleenroll"
+        go = due or ctx.args.force
+        rows.append({"identity": name, "would_renew": go, "due": due, "when": when.isoformat(),
+                     "reason": reason, "operation": op, "how": how})
+        lines.append(f"{name}: would renew now via {op} ({how}); {reason}" if go else
+                     f"{name}: not due ({reason}); next {when.isoformat()}")
+    ctx.emit(rows, "\n".join(lines) or "no identity is renewed by tpmid")
     return 0
 
 
@@ -146,12 +228,16 @@ def cmd_daemon(ctx: Ctx) -> int:
 
     def make_planner() -> RenewalEngine:
         ctx.forget_config()  # re-read the file on every (re)load
-        new = _engine(ctx, tpm_opener(ctx.runtime()))
+        # A renewal that waits (202 Accepted) says so in systemd's status line too.
+        new = _engine(ctx, tpm_opener(ctx.runtime()),
+                      progress=lambda line: _notify(f"STATUS={line}"))
         new.follow_chains = True
         new.retire_due_keys()
         return new
 
-    daemon = Daemon(make_planner=make_planner, now=utcnow)
+    daemon = Daemon(make_planner=make_planner, now=utcnow,
+                    status=lambda line: _notify(f"STATUS={line}"))
+
     def stop(*_: object) -> None:
         daemon.request_stop()
         cancel.request()  # cuts a network, TPM or lock wait short (tpmid.cancel)
@@ -159,7 +245,7 @@ def cmd_daemon(ctx: Ctx) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
-    _notify("READY=1\nSTATUS=renewing " + (", ".join(names) or "nothing"))
+    _notify("READY=1\nSTATUS=started; managing " + (", ".join(names) or "nothing"))
     try:
         return daemon.run()
     finally:

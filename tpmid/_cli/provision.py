@@ -146,7 +146,7 @@ def cmd_provision(ctx: Ctx) -> int:
         rt.config,
         store=store,
         tpm=tpm_opener(rt),
-        clients=EstClients(rt.config, rt.secret),
+        clients=EstClients(rt.config, rt.secret, progress=ctx.progress),
         force=bool(args.force),
         nv_index=nv_index,
         adopt=bool(args.adopt),

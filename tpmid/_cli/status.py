@@ -72,8 +72,9 @@ def _status_block(s: IdentityStatus, now: datetime) -> str:
         rows += [("subject", s.subject), ("issuer", s.issuer or "?"),
                  ("serial", f"{s.serial} (version {s.version})")]
         assert s.not_before is not None and s.not_after is not None
+        ends = "expired" if s.not_after <= now else "expires"
         rows.append(("valid", f"{iso(s.not_before)} .. {iso(s.not_after)} "
-                              f"({s.lifetime_elapsed or 0:.0f}% elapsed, expires "
+                              f"({s.lifetime_elapsed or 0:.0f}% elapsed, {ends} "
                               f"{describe_age(s.not_after, now)})"))
     renewal = s.next_renewal_text()
     if s.next_renewal is not None and s.next_renewal.action in ("renew-at", "retry-at"):
@@ -94,12 +95,12 @@ def _status_block(s: IdentityStatus, now: datetime) -> str:
                                          f"{'s' if a.failures != 1 else ''}): {a.last_error}"))
         elif a.retry_after is not None:
             rows.append(("last attempt", f"{when} pending, server Retry-After "
-                                         f"{a.retry_after:g}s"))
+                                         f"{a.retry_after:g} s"))
         else:
             rows.append(("last attempt", f"{when} succeeded"))
     if s.pending is not None:
         p = s.pending
-        extra = f", server Retry-After {p.retry_after:g}s" if p.retry_after is not None else ""
+        extra = f", server Retry-After {p.retry_after:g} s" if p.retry_after is not None else ""
         since = f" since {iso(p.started)}" if p.started else ""
         rows.append(("in flight", f"{p.operation} ({p.method or '?'}), phase {p.phase}"
                                   f"{extra}{since}"))

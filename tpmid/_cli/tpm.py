@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
+from tpmid.render import name as render_name
 
 if TYPE_CHECKING:
     from tpmid.tpm.ek import EkInfo
@@ -74,8 +75,8 @@ def ek_json(ek: EkInfo) -> dict[str, Any]:
         try:
             cert = x509.load_der_x509_certificate(ek.cert_der)
             data["cert_pem"] = cert.public_bytes(serialization.Encoding.PEM).decode()
-            data["cert_subject"] = cert.subject.rfc4514_string()
-            data["cert_issuer"] = cert.issuer.rfc4514_string()
+            data["cert_subject"] = render_name(cert.subject)
+            data["cert_issuer"] = render_name(cert.issuer)
             data["cert_serial"] = format(cert.serial_number, "x")
             data["cert_not_after"] = cert.not_valid_after_utc.isoformat()
         except ValueError as e:

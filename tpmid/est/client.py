@@ -63,6 +63,8 @@ from tpmid.est.verify import (
     verify_server_certificate,
 )
 from tpmid.policy import MAX_RETRY_AFTER_S, clamp_retry_after
+from tpmid.render import format_duration, quoted_name
+from tpmid.render import name as render_name
 from tpmid.tls.adapter import BoundedHTTPAdapter, SSLContextAdapter
 from tpmid.tls.context import ClientTls
 from tpmid.tls.deadline import DeadlineExceeded
@@ -289,6 +291,7 @@ class EstClient:
         now: Callable[[], datetime] = utcnow,
         deadline: float | None = DEFAULT_EXCHANGE_DEADLINE,
         trust_profile: TrustProfile = "rfc5280",
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         self.base_url = est_base_url(base_url)
         self.trust_profile: TrustProfile = trust_profile
@@ -324,6 +327,9 @@ class EstClient:
             self._secrets += [password, token]
         self.timeout = timeout
         self.deadline = deadline
+        # One line per change of state that makes the user wait (a 202), for the
+        # command line's stderr; the log gets it too.
+        self._progress_out = progress
         self.max_body = max_body
         self.max_wait = max_wait
         self._sleep = sleep
@@ -350,7 +356,7 @@ class EstClient:
             verify_server_certificate(leaf, root=root, intermediates=certs, host=self._host,
                                       now=self._now(), trust=self.trust_profile)
             log.info("pinned /cacerts bootstrap: root %s matches the pin and the server's "
-                     "certificate chains to it", root.subject.rfc4514_string())
+                     "certificate chains to it", render_name(root.subject))
         return certs
 
     def csrattrs(self) -> list[messages.CsrAttr]:
@@ -519,21 +525,39 @@ class EstClient:
                 wait = self._retry_after(resp, op)
                 elapsed = (self._now() - started).total_seconds()
                 if elapsed + wait > self.max_wait:
+                    waited = (f" after {format_duration(elapsed)} of waiting" if elapsed >= 1
+                              else "")
+                    limit = (f"this command waits at most {format_duration(self.max_wait)}"
+                             if self.max_wait > 0 else "this command does not wait for it")
                     raise EstRetryLater(
                         f"{url}: the server is still processing the request (202 Accepted, "
-                        f"Retry-After {wait:g} s) and the {self.max_wait:g} s allowed "
-                        f"for waiting are used up ({elapsed:.0f} s so far)",
+                        f"Retry-After {wait:g} s){waited}; {limit} (est.max_wait)",
                         retry_after=wait,
                         hint="the request is probably waiting for manual approval at the CA; "
                         "run the command again later",
                     )
-                log.info("%s: 202 Accepted, resending in %g s (RFC 7030 §4.2.3)", url, wait)
-                self._sleep(wait)
+                self._progress(f"{self._where(op)}: 202 Accepted, the CA is processing the "
+                               f"request; resending it in {format_duration(wait)} "
+                               f"(attempt {attempt + 1}, RFC 7030 §4.2.3)")
+                self._wait(wait)
                 continue
             self._check_status(resp, url, empty_ok)
             if resp.status == 200:
                 self._check_media_type(resp, url, expect)
             return resp, leaf
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep before a resend; with INFO logging (``-v``), count down once a second."""
+        if seconds <= 1 or not log.isEnabledFor(logging.INFO):
+            self._sleep(seconds)
+            return
+        left = seconds
+        while left > 0:
+            step = min(1.0, left)
+            self._sleep(step)
+            left -= step
+            if left > 0:
+                log.info("resending in %s", format_duration(left))
 
     def _retry_after(self, resp: _Response, op: str) -> float:
         value = resp.headers.get("retry-after")
@@ -585,8 +609,16 @@ class EstClient:
                 status=resp.status, body=text,
                 hint="configure the final URL in est.url",
             )
+        hint = None
+        lowered = text.lower()
+        if resp.status == 400 and ("proof-of-possession" in lowered or "tls-unique" in lowered):
+            hint = ("this label wants proof-of-possession linking (RFC 7030 §3.5): set "
+                    "est.pop: true for this identity (TLS 1.2 is used for it)")
+        elif 500 <= resp.status < 600:
+            hint = ("a problem at the EST server; the current certificate stays in use and the "
+                    "attempt is retried on the retry schedule")
         raise EstServerError(f"{url}: the server answered {resp.status} {resp.reason}{said}",
-                             status=resp.status, body=text)
+                             status=resp.status, body=text, hint=hint)
 
     def _check_media_type(self, resp: _Response, url: str, expect: str) -> None:
         ctype = resp.headers.get("content-type", "")
@@ -594,6 +626,11 @@ class EstClient:
             raise EstProtocolError(
                 f"{url}: wrong media type {ctype or '(none)'!r}, expected {expect!r}"
             )
+
+    def _progress(self, line: str) -> None:
+        log.info("%s", line)
+        if self._progress_out is not None:
+            self._progress_out(line)
 
     # --------------------------------------------------------------- transports
 
@@ -621,7 +658,18 @@ class EstClient:
                 f"of {self.deadline:g} s (est.timeout.total)",
                 hint="the server or the network is too slow; the current certificate stays in "
                 "use and the attempt is retried on the retry schedule")
-        return EstTransportError(f"{url}: connection to {self._where()} failed: {_tls_reason(e)}")
+        reason = _tls_reason(e)
+        hint = None
+        if "unknown ca" in reason.lower():
+            # The server's TLS alert: it does not trust the CA of our client certificate.
+            hint = ("the EST server does not trust the CA that issued our client certificate "
+                    "(the CA was replaced, or est.auth.client names the wrong identity): ask the "
+                    "EST operator which CA this label accepts")
+        elif "certificate verify failed" in reason:
+            hint = ("the EST server's TLS certificate does not chain to trust.est_anchors (or "
+                    "est.trust_anchors): install the CA that issued it")
+        return EstTransportError(f"{url}: connection to {self._where()} failed: {reason}",
+                                 hint=hint)
 
     def _via_session(self, method: str, url: str, body: bytes | None,
                      headers: Mapping[str, str]) -> _Response:
@@ -727,11 +775,11 @@ class EstClient:
             eku = None
         if eku is not None and OID_KP_CMC_RA in eku:
             log.info("%s: server certificate %s does not name %s but carries id-kp-cmcRA "
-                     "(RFC 7030 §3.6.1)", url, leaf.subject.rfc4514_string(), self._host)
+                     "(RFC 7030 §3.6.1)", url, render_name(leaf.subject), self._host)
             return leaf
         raise EstTransportError(
             f"{url}: certificate verify failed: the server certificate "
-            f"{leaf.subject.rfc4514_string()!r} neither names {self._host!r} nor carries "
+            f"{quoted_name(leaf.subject)} neither names {self._host!r} nor carries "
             "id-kp-cmcRA (RFC 7030 §3.6.1)",
         )
 

@@ -86,6 +86,9 @@ from cryptography.x509.verification import VerificationError as _X509Verificatio
 
 from tpmid.config import TrustProfile
 from tpmid.errors import VerificationError
+from tpmid.render import name as render_name
+from tpmid.render import quoted_name
+from tpmid.render import serial as render_serial
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ def check_public_key(cert: x509.Certificate, expected_spki_der: bytes) -> None:
         raise VerificationError(
             "the EST server issued a certificate for another key: certificate key "
             f"SHA-256 {_short_fp(got)}…, our key SHA-256 {_short_fp(expected_spki_der)}… "
-            f"(certificate {cert.subject.rfc4514_string()!r}, serial {cert.serial_number:x})",
+            f"(certificate {quoted_name(cert.subject)}, serial {render_serial(cert.serial_number)})",
             hint="the server may have answered with a stale certificate; do not use it, "
             "and report the serial number to the CA operator",
         )
@@ -154,11 +157,11 @@ def check_subject(cert: x509.Certificate, requested: x509.Name, *, accept_rewrit
     """
     if cert.subject == requested:
         return False
-    issued_s, requested_s = cert.subject.rfc4514_string(), requested.rfc4514_string()
+    issued_s, requested_s = render_name(cert.subject), render_name(requested)
     if not accept_rewritten:
         raise VerificationError(
-            f"the EST server rewrote the subject: requested {requested_s!r}, "
-            f"issued {issued_s!r}",
+            f"the EST server rewrote the subject: requested '{requested_s}', "
+            f"issued '{issued_s}'",
             hint="some services (GlobalSign 're-enrollment forcing') replace the subject "
             "when the request is authenticated with an earlier certificate; ask the "
             "operator to turn that off, or set est.accept_rewritten_subject: true",
@@ -190,7 +193,7 @@ def check_validity(cert: x509.Certificate, now: datetime) -> None:
 
 def describe_cert(cert: x509.Certificate) -> str:
     """``'CN=x' (SHA-256 0123456789abcdef…)``: how messages name a certificate."""
-    return (f"'{cert.subject.rfc4514_string()}' "
+    return (f"{quoted_name(cert.subject)} "
             f"(SHA-256 {cert.fingerprint(hashes.SHA256()).hex()[:16]}…)")
 
 
@@ -563,7 +566,7 @@ def diagnose_path(cert: x509.Certificate, *, anchors: Sequence[x509.Certificate]
                                "certificates)", _NO_PATH_HINT)
         return PathProblem(
             f"its chain ends at {describe_cert(top)}, issued by "
-            f"{top.issuer.rfc4514_string()!r}, which is neither one of those CA certificates "
+            f"{quoted_name(top.issuer)}, which is neither one of those CA certificates "
             "nor in the answer", _NO_PATH_HINT)
     first: PathProblem | None = None
     for path in complete:
@@ -619,8 +622,8 @@ def verify_chain(
         )
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
-    names = ", ".join(repr(c.subject.rfc4514_string()) for c in issuers)
-    where = (f"the issued certificate {cert.subject.rfc4514_string()!r} does not validate "
+    names = ", ".join(quoted_name(c.subject) for c in issuers)
+    where = (f"the issued certificate {quoted_name(cert.subject)} does not validate "
              f"against the issuing CA certificates ({names}) for the {profile} profile")
     try:
         anchors = trust_anchors(issuers, trust)
@@ -741,8 +744,8 @@ def verify_enrollment(
 
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:
-    """Colon-separated upper-case SHA-256 fingerprint (as ``openssl x509 -fingerprint``)."""
-    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    """SHA-256 of the DER certificate: lower-case hex without separators (tpmid.render)."""
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def normalize_pin(pin: str) -> str:
@@ -764,19 +767,19 @@ def check_pinned_root(certs: Sequence[x509.Certificate], pin: str) -> x509.Certi
         if c.fingerprint(hashes.SHA256()).hex() == want:
             if c.issuer != c.subject:
                 raise VerificationError(
-                    f"the pinned certificate {c.subject.rfc4514_string()!r} is not a root "
-                    f"(issued by {c.issuer.rfc4514_string()!r})",
+                    f"the pinned certificate {quoted_name(c.subject)} is not a root "
+                    f"(issued by {quoted_name(c.issuer)})",
                     hint="pin the SHA-256 fingerprint of the self-signed root CA certificate",
                 )
             try:
                 c.verify_directly_issued_by(c)
             except Exception as e:  # InvalidSignature, ValueError, TypeError
                 raise VerificationError(
-                    f"the pinned root {c.subject.rfc4514_string()!r} has a bad self-signature"
+                    f"the pinned root {quoted_name(c.subject)} has a bad self-signature"
                 ) from e
             return c
     offered = "; ".join(
-        f"{c.subject.rfc4514_string()!r} {c.fingerprint(hashes.SHA256()).hex()}" for c in certs
+        f"{quoted_name(c.subject)} {c.fingerprint(hashes.SHA256()).hex()}" for c in certs
     ) or "no certificates"
     raise VerificationError(
         f"no certificate from /cacerts matches the pinned SHA-256 fingerprint {want}; "
@@ -826,9 +829,9 @@ def verify_server_certificate(
             "it does not name that host (RFC 6125)" if "subject" in str(e).lower()
             or "name" in str(e).lower() else _explain(e))
         raise VerificationError(
-            f"the EST server's TLS certificate {leaf.subject.rfc4514_string()!r} does not "
+            f"the EST server's TLS certificate {quoted_name(leaf.subject)} does not "
             f"validate for {host!r} against the pinned root "
-            f"{root.subject.rfc4514_string()!r}: {reason}",
+            f"{quoted_name(root.subject)}: {reason}",
             hint="the server's TLS certificate is not from the pinned CA; trust the CA that "
             "issued it instead (--trusted-certs, trust.est_anchors or est.trust_anchors)",
         ) from e

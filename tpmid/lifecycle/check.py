@@ -37,7 +37,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +49,7 @@ from tpmid.config import Config, IdentityConfig, SecretRef
 from tpmid.errors import (
     ConfigError,
     EstTransportError,
+    KeyUnavailableError,
     StoreError,
     TpmidError,
     VerificationError,
@@ -57,6 +58,8 @@ from tpmid.est.verify import check_validity as verify_validity
 from tpmid.est.verify import spki_der, spki_sha256, verify_chain
 from tpmid.policy import CLOCK_SKEW, RELEASE_DATE
 from tpmid.render import iso
+from tpmid.render import name as render_name
+from tpmid.render import serial as render_serial
 from tpmid.secrets import check_private_file
 from tpmid.store import Store, StoredIdentity, check_private_path
 from tpmid.tpm.identity import identity_key
@@ -152,13 +155,44 @@ def _store_paths(root: Path) -> list[Path]:
     return [p for p in paths if os.path.lexists(p)]
 
 
+def _provision_hint(ident: IdentityConfig) -> str:
+    serial = "" if ident.subject.serial_number else " with the device's serial number (--serial)"
+    return (f"provision the device: tpmid provision{serial} (at the factory, see "
+            "docs/manufacturing.md)")
+
+
+def _first_step(config: Config) -> str:
+    """What a device with nothing in its store does first: provision, or enroll."""
+    for ident in config.identities.values():
+        if identity_key(ident).birth:
+            return _provision_hint(ident)
+    for ident in config.identities.values():
+        if ident.est is not None:
+            return f"enroll it: tpmid enroll {ident.name} (the daemon does it at start-up)"
+    return "add an identity with an est section to the config (docs/config.md)"
+
+
+def _enroll_hint(config: Config, ident: IdentityConfig,
+                 stored: Mapping[str, StoredIdentity | None]) -> str:
+    """How to get a certificate for ``ident``: provision its bootstrap identity first if needed."""
+    boot = ident.est.auth.client if ident.est is not None else None
+    if boot is not None and boot in config.identities and stored.get(boot) is None:
+        first = config.identity(boot)
+        if identity_key(first).birth:
+            return f"{_provision_hint(first)}; then: tpmid enroll {ident.name}"
+        return f"enroll {boot} first: tpmid enroll {boot}; then: tpmid enroll {ident.name}"
+    if identity_key(ident).birth:
+        return _provision_hint(ident)
+    return f"enroll it: tpmid enroll {ident.name}"
+
+
 def check_store_permissions(config: Config) -> CheckResult:
     """The store and every key directory / key file are safe from other users."""
     name = "store permissions"
     root = Path(config.store.dir)
     if not root.is_dir():
         return _fail(name, f"store directory {root} does not exist (nothing enrolled yet)",
-                     "enroll the device: tpmid enroll NAME (the daemon does it at start-up)")
+                     _first_step(config))
     problems: list[StoreError] = []
     paths = _store_paths(root)
     for p in paths:
@@ -225,7 +259,7 @@ def check_tpm(tpm: TpmConnection) -> list[CheckResult]:
 def check_transients(tpm: TpmConnection) -> CheckResult:
     """Objects killed tpmid processes left in the TPM's slots are flushed (only those)."""
     try:
-        stale = tpm.flush_stale_transients()
+        stale = tpm.flush_stale_transients(survey=True)
     except TpmidError as e:
         return _from_error("TPM object slots", e)
     return _ok("TPM object slots", stale.describe())
@@ -239,6 +273,23 @@ def _key_checks(tpm: TpmConnection, ident: IdentityConfig,
     ikey = identity_key(ident)
     try:
         key, detail = ikey.inspect(tpm, stored.key_file if stored is not None else None)
+    except KeyUnavailableError as e:
+        if ikey.birth and stored is None:
+            # No key and no certificate: never provisioned (not a cleared TPM).
+            return (CheckResult(key_name, False, f"{ikey.describe()}: no key and no "
+                                "certificate: the device has not been provisioned",
+                                _provision_hint(ident)),
+                    _skip(match_name, "the key is not usable"))
+        hint: str | None
+        if ikey.birth:
+            hint = ("the daemon (at start-up) and `tpmid renew` of the identities it "
+                    "authenticates persist it again from its template; by hand: tpmid key "
+                    f"create {n}")
+        else:
+            hint = (f"the daemon renews it with a new key at once; by hand: tpmid renew {n}"
+                    if ident.est is not None else e.hint)
+        return (CheckResult(key_name, False, e.message, hint),
+                _skip(match_name, "the key is not usable"))
     except TpmidError as e:
         return (CheckResult(key_name, False, e.message, e.hint),
                 _skip(match_name, "the key is not usable"))
@@ -253,7 +304,7 @@ def _key_checks(tpm: TpmConnection, ident: IdentityConfig,
         tpm_fp = hashlib.sha256(key.public_key_der()).hexdigest()[:16]
         return _ok(key_name, detail), _fail(
             match_name,
-            f"the stored certificate (serial {stored.cert.serial_number:x}) certifies another "
+            f"the stored certificate (serial {render_serial(stored.cert.serial_number)}) certifies another "
             f"key: certificate public key SHA-256 {cert_fp[:16]}…, TPM key {tpm_fp}…",
             f"the certificate cannot be used with this key; re-enroll: tpmid reset {n} --yes "
             f"&& tpmid enroll {n}" if _reenrollable(ident) else
@@ -313,8 +364,8 @@ def check_chain(config: Config, ident: IdentityConfig, stored: StoredIdentity,
                              trust=config.trust.profile)
     except TpmidError as e:
         return _from_error(name, e)
-    top = chain[-1].subject.rfc4514_string() if chain else "?"
-    return _ok(name, f"chains to {top!r} from {what}")
+    top = render_name(chain[-1].subject) if chain else "?"
+    return _ok(name, f"chains to '{top}' from {what}")
 
 
 # --------------------------------------------------------------------------- EST
@@ -474,7 +525,7 @@ def _identity_checks(config: Config, ident: IdentityConfig, stored: _Stored,
     if ident.est is not None:
         return [key_res, _fail(f"{n}: certificate",
                                f"no certificate in the store ({config.store.dir})",
-                               f"enroll it: tpmid enroll {n}")]
+                               _enroll_hint(config, ident, stored.current))]
     return [key_res, _fail(
         f"{n}: certificate", f"no certificate in the store ({config.store.dir}) and no est "
         "section to enroll it",

@@ -58,6 +58,8 @@ class Daemon:
 
     make_planner: Callable[[], Planner]
     now: Callable[[], datetime]
+    # Receives one line whenever what the daemon is doing changes (systemd STATUS=).
+    status: Callable[[str], None] = lambda line: None
     wake: threading.Event = field(default_factory=threading.Event)
     max_sleep: float = MAX_SLEEP_S
     _stop: bool = False
@@ -100,6 +102,7 @@ class Daemon:
         planner = self._planner
         now = self.now()
         earliest: float | None = None
+        next_event: tuple[float, str, Decision] | None = None
         for name in list(planner.identities()):
             if self._stop:
                 return None
@@ -113,6 +116,7 @@ class Daemon:
                 delay = max(60.0, (decision.when - now).total_seconds())
             elif decision.when <= now:
                 log.info("%s: renewing now (%s)", name, decision.reason)
+                self.status(f"renewing {name}")
                 try:
                     planner.renew(name, now)
                 except Cancelled:
@@ -138,6 +142,13 @@ class Daemon:
                 self._log_decision(name, decision)
                 delay = (decision.when - now).total_seconds()
             earliest = delay if earliest is None else min(earliest, delay)
+            if next_event is None or delay < next_event[0]:
+                next_event = (delay, name, decision)
+        if next_event is None:
+            self.status("idle: nothing to renew")
+        else:
+            _, name, decision = next_event
+            self.status(f"idle; next: {describe_decision(decision, name)}")
         return earliest
 
     def _log_decision(self, name: str, d: Decision) -> None:

@@ -73,6 +73,9 @@ from tpmid.est.verify import (
     verify_chain,
     verify_enrollment,
 )
+from tpmid.render import name as render_name
+from tpmid.render import quoted_name
+from tpmid.render import serial as render_serial
 from tpmid.secrets import check_private_file
 from tpmid.store import JournalEntry, Store, StoredIdentity
 from tpmid.tpm.identity import IdentityKey, identity_key
@@ -100,6 +103,10 @@ class EstClientFactory(Protocol):
 
     def credentials(self, est: EstConfig) -> tuple[dict[str, str], tuple[str, str] | None]:
         """The resolved header and Basic credentials of ``est``."""
+        ...
+
+    def fetch_cacerts(self, est: EstConfig) -> Any:
+        """``GET /cacerts`` with server authentication only (no client key, no TPM)."""
         ...
 
     def open(self, est: EstConfig, trust: Any, *, key: TlsSigningKey | None = None,
@@ -135,15 +142,15 @@ class EnrollResult:
             "identity": self.name,
             "operation": self.operation,
             "version": self.version,
-            "subject": c.subject.rfc4514_string(),
+            "subject": render_name(c.subject),
             "requested_subject": self.requested_subject,
             "subject_rewritten": self.subject_rewritten,
-            "issuer": c.issuer.rfc4514_string(),
-            "serial": f"{c.serial_number:x}",
+            "issuer": render_name(c.issuer),
+            "serial": f"{render_serial(c.serial_number)}",
             "not_before": c.not_valid_before_utc.isoformat(),
             "not_after": c.not_valid_after_utc.isoformat(),
             "sha256_fingerprint": fingerprint_sha256(c),
-            "chain": [x.subject.rfc4514_string() for x in self.chain],
+            "chain": [render_name(x.subject) for x in self.chain],
             "cert_path": str(self.cert_path),
             "chain_path": str(self.chain_path),
             "key_path": str(self.key_path) if self.key_path else None,
@@ -326,8 +333,8 @@ class _Enrollment:
     def _client_as(self, key: IdentityKey, stored: StoredIdentity, trust: Any,
                    credentials: tuple[dict[str, str], tuple[str, str] | None]) -> EstClient:
         # Loaded when the handshake signs, and given back right after (tpmid.tpm.lease).
-        leased = LeasedKey(self.lease, lambda tpm: key.open(tpm, stored.key_file),
-                           spki_der(stored.cert.public_key()),
+        spki = spki_der(stored.cert.public_key())
+        leased = LeasedKey(self.lease, lambda tpm: key.open(tpm, stored.key_file), spki,
                            description=f"{key.name}'s key ({key.describe()})",
                            identity=key.name)
         return self.stack.enter_context(self.clients.open(
@@ -451,8 +458,8 @@ def _requested_subject(run: _Enrollment, current: StoredIdentity | None) -> x509
         assert current is not None
         if requested != current.cert.subject:
             raise ConfigError(
-                f"{run.name}: the configured subject {requested.rfc4514_string()!r} differs "
-                f"from the current certificate's {current.cert.subject.rfc4514_string()!r}; "
+                f"{run.name}: the configured subject {quoted_name(requested)} differs "
+                f"from the current certificate's {quoted_name(current.cert.subject)}; "
                 "simplereenroll must keep it (RFC 7030 §4.2.2)",
                 hint=f"use `tpmid enroll {run.name}` (simpleenroll) for a new subject",
             )
@@ -683,8 +690,8 @@ def _send(run: _Enrollment, client: EstClient,
         if run.entry is not None and run.entry.csr_pem:
             # RFC 7030 §4.2.3: the same request is to be resent later; keep it.
             run.journal(phase="pending", retry_after=e.retry_after)
-            e.hint = (f"the CSR is kept; run `tpmid enroll {run.name}` again after "
-                      f"{e.retry_after:g} s to resend it")
+            e.hint = (f"the CSR is kept: `tpmid renew {run.name}` (or the daemon) resends it "
+                      f"after {e.retry_after:g} s")
         else:
             # A PoP-linked CSR is bound to its TLS session and cannot be resent.
             run.rollback()
@@ -719,12 +726,12 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
                               key_origin=origin)
     run.entry = None  # commit cleared the journal
     log.info("%s: enrolled %s (serial %x, until %s) via %s", run.name,
-             verified.certificate.subject.rfc4514_string(), verified.certificate.serial_number,
+             render_name(verified.certificate.subject), verified.certificate.serial_number,
              verified.certificate.not_valid_after_utc.isoformat(), run.operation)
     return EnrollResult(
         name=run.name, operation=run.operation, certificate=stored.cert, chain=stored.chain,
         version=stored.version, cert_path=stored.cert_path, chain_path=stored.chain_path,
-        key_path=stored.key_file, requested_subject=requested.rfc4514_string(),
+        key_path=stored.key_file, requested_subject=render_name(requested),
         subject_rewritten=verified.subject_rewritten, resumed=resumed,
         key_origin=stored.key_origin,
     )

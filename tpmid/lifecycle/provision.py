@@ -84,6 +84,8 @@ from tpmid.errors import (
 from tpmid.est.verify import TrustProfile, spki_der, verify_chain
 from tpmid.lifecycle.enroll import EstClientFactory, enroll_identity
 from tpmid.manifest import EkCertificate, ProvisionRecord, append_record, open_manifest
+from tpmid.render import name as render_name
+from tpmid.render import serial as render_serial
 from tpmid.store import Store, StoredIdentity
 from tpmid.tpm.connection import already_open
 from tpmid.tpm.identity import IdentityKey, identity_key
@@ -107,7 +109,7 @@ class ProvisionClients(EstClientFactory, Protocol):
         """``GET /cacerts`` of ``est``'s label with the configured server trust."""
         ...
 
-TOTAL_STEPS = 6
+TOTAL_STEPS = 7
 DEFAULT_IDENTITY = "idevid"
 EXIT_INTERRUPTED = 130
 # X.520 serialNumber is a PrintableString (RFC 5280 Appendix A: ub-serial-number 64).
@@ -115,7 +117,6 @@ _SERIAL_RE = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]{1,64}")
 
 
 # RFC 4514 has no short name for serialNumber; spell it out rather than "2.5.4.5=".
-_NAMES = {NameOID.SERIAL_NUMBER: "serialNumber"}
 
 
 def _sha256(data: bytes) -> str:
@@ -160,7 +161,7 @@ class _Run:
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[_Status]:
-        """One numbered step: ``[i/6] label ... status`` or ``... FAILED``."""
+        """One numbered step: ``[i/7] label ... status`` or ``... FAILED``."""
         self.index += 1
         status = _Status()
         try:
@@ -174,9 +175,9 @@ class _Run:
     def set_certificate(self, cert: x509.Certificate) -> None:
         self.fields.update(
             idevid_cert_sha256=_sha256(cert.public_bytes(serialization.Encoding.DER)),
-            idevid_cert_serial=f"{cert.serial_number:x}",
-            idevid_cert_issuer=cert.issuer.rfc4514_string(_NAMES),
-            idevid_cert_subject=cert.subject.rfc4514_string(_NAMES),
+            idevid_cert_serial=f"{render_serial(cert.serial_number)}",
+            idevid_cert_issuer=render_name(cert.issuer),
+            idevid_cert_subject=render_name(cert.subject),
             idevid_cert_not_after=cert.not_valid_after_utc.isoformat(),
         )
 
@@ -307,7 +308,10 @@ def _check_request(serial: str | None, nv_index: int | None, adopt: bool) -> Non
         _check_serial(serial)
     if adopt and nv_index is None:
         raise ConfigError("adopting a vendor-provisioned IDevID needs the NV index of its "
-                          "certificate", hint="pass --cert-nv INDEX")
+                          "certificate",
+                          hint="pass --cert-nv with the NV index the vendor wrote the "
+                          "certificate to (tpm2_getcap handles-nv-index lists them), or set "
+                          "key.cert_nv")
     if nv_index is not None:
         check_nv_index(nv_index)
 
@@ -339,11 +343,23 @@ def _provision(run: _Run, config: Config, store: Store,
     if nv_index is not None:
         run.fields["nv_index"] = f"{nv_index:#010x}"
 
+    current = store.current(ident.name)
+    with run.step("configuration") as st:
+        # Pre-flight: what can fail without the TPM or the CA fails before either is
+        # touched (a missing secret, an unreadable anchor file).
+        if adopt or ident.est is None or (current is not None and not force):
+            st.text = "ok  no EST enrollment ahead"
+        else:
+            headers, basic = clients.credentials(ident.est)
+            clients.trust(ident.est, f"identities.{ident.name}.est")
+            what = [*(f"header {h}" for h in headers), *(["Basic password"] if basic else [])]
+            st.text = (f"ok  credentials resolved ({', '.join(what) or 'none needed'}), "
+                       "EST server trust loaded")
+
     with run.step("reading EK") as st:
         tpm = tpm_source if not callable(tpm_source) else stack.enter_context(tpm_source())
         st.text = _read_ek(run, tpm)
 
-    current = store.current(ident.name)
     if adopt:
         _adopt(run, ident, key, tpm, store, clients, current, nv_index, force=force, now=now)
     elif current is not None and not force:
@@ -353,7 +369,8 @@ def _provision(run: _Run, config: Config, store: Store,
 
 
 def _read_ek(run: _Run, tpm: TpmConnection) -> str:
-    eks = tpm.eks()
+    # The EKs' certificates say what the device is; no EK needs to be created for it.
+    eks = tpm.eks(from_certificates=True)
     primary = tpm.primary_ek()
     certs = tuple(
         EkCertificate(template=ek.template, alg=ek.alg, nv_index=f"{ek.cert_index:#010x}",
@@ -399,8 +416,9 @@ def _enroll(run: _Run, config: Config, ident: IdentityConfig, key: IdentityKey,
             ensured = key.ensure(tpm)
         except KeyMismatchError as e:
             e.hint = ("tpmid provision never replaces a key it did not create: if the TPM "
-                      "vendor provisioned it, use --adopt --cert-nv INDEX; if it is really "
-                      f"unwanted, delete it deliberately (tpmid key delete {ident.name})")
+                      "vendor provisioned it, use --adopt with --cert-nv and the NV index of "
+                      "its certificate; if it is really unwanted, delete it deliberately "
+                      f"(tpmid key delete {ident.name})")
             raise
         run.fields["idevid_key_action"] = ensured.action
         spki = _key_spki(run, tpm, key, ensured.public_der)
@@ -416,8 +434,8 @@ def _enroll(run: _Run, config: Config, ident: IdentityConfig, key: IdentityKey,
                                      now=now, hw_module=hw)
             committed = True
             run.set_certificate(result.certificate)
-            st.text = (f"ok  {ident.est.url}: serial {result.certificate.serial_number:x}, "
-                       f"issuer {result.certificate.issuer.rfc4514_string()}")
+            st.text = (f"ok  {ident.est.url}: serial {render_serial(result.certificate.serial_number)}, "
+                       f"issuer {render_name(result.certificate.issuer)}")
         stored = store.current(ident.name)
         if stored is None:  # enroll_identity just committed it
             raise StoreError(f"{ident.name}: the certificate just stored cannot be read back")
@@ -451,7 +469,7 @@ def _check_existing(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: Tpm
                        else f"no {key.describe()} key")
             raise IdentityMismatchError(
                 f"the store holds an IDevID certificate for {ident.name} (serial "
-                f"{current.cert.serial_number:x}) but the TPM has {missing} "
+                f"{render_serial(current.cert.serial_number)}) but the TPM has {missing} "
                 "(was the TPM cleared, or is this disk from another device?)",
                 hint="nothing was changed; `tpmid provision --force` creates the key again "
                 "and enrolls a new certificate",
@@ -461,7 +479,7 @@ def _check_existing(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: Tpm
         st.text = f"found {key.describe()}, public key {_short(_sha256(spki))}"
     with run.step("stored certificate") as st:
         run.set_certificate(current.cert)
-        st.text = (f"found version {current.version} (serial {current.cert.serial_number:x}); "
+        st.text = (f"found version {current.version} (serial {render_serial(current.cert.serial_number)}); "
                    "already provisioned, no EST request")
     with run.step("proving the identity") as st:
         st.text, _ = _prove(tpm, ident, key, current.cert, current.chain,
@@ -484,8 +502,8 @@ def _adopt(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: TpmConnectio
         cert = tpm.read_certificate_nv(nv_index)
         run.set_certificate(cert)
         run.fields["device_serial"] = run.fields["device_serial"] or _cert_serial(cert)
-        st.text = (f"ok  {nv_index:#010x}: serial {cert.serial_number:x}, subject "
-                   f"{cert.subject.rfc4514_string(_NAMES)}")
+        st.text = (f"ok  {nv_index:#010x}: serial {render_serial(cert.serial_number)}, subject "
+                   f"{render_name(cert.subject)}")
     with run.step("proving the identity") as st:
         anchors = _adoption_anchors(ident, clients)
         st.text, chain = _prove(tpm, ident, key, cert, (), run.fields["device_serial"], now=now,
@@ -498,8 +516,8 @@ def _adopt(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: TpmConnectio
         if current is not None and not force:
             raise IdentityMismatchError(
                 f"the store holds another IDevID certificate for {ident.name} (serial "
-                f"{current.cert.serial_number:x}) than NV {nv_index:#010x} (serial "
-                f"{cert.serial_number:x})",
+                f"{render_serial(current.cert.serial_number)}) than NV {nv_index:#010x} (serial "
+                f"{render_serial(cert.serial_number)})",
                 hint="nothing was changed; --force replaces the stored certificate with the "
                 "one from NV",
             )
@@ -585,7 +603,7 @@ def _prove(tpm: TpmConnection, ident: IdentityConfig, ikey: IdentityKey, cert: x
         spki = key.public_key_der()
         if spki != _spki(cert):
             raise IdentityMismatchError(
-                f"the IDevID certificate (serial {cert.serial_number:x}, public key "
+                f"the IDevID certificate (serial {render_serial(cert.serial_number)}, public key "
                 f"{_short(_sha256(_spki(cert)))}) does not certify the TPM's {ikey.describe()} "
                 f"(public key {_short(_sha256(spki))})",
                 hint="nothing was changed; find out why (another device's disk? a replaced key?) "

@@ -161,7 +161,7 @@ def _in_flight(store: Store, name: str, now: datetime,
     if entry.phase == "pending" and entry.retry_after is not None and entry.updated:
         delay = clamp_retry_after(entry.retry_after)
         when = as_utc(entry.updated) + timedelta(seconds=delay)
-        reason = f"request pending at the server, Retry-After {delay:g}s"
+        reason = f"request pending at the server, Retry-After {delay:g} s"
         if current is not None:
             chance = last_chance(current.not_before, current.not_after)
             if when > chance and as_utc(entry.updated) < chance:
@@ -180,12 +180,12 @@ def _plan_unenrolled(ident: IdentityConfig, attempt: AttemptState, now: datetime
     if attempt.retry_after is not None:
         delay = clamp_retry_after(attempt.retry_after)
         when = last + timedelta(seconds=delay)
-        reason = f"server Retry-After {delay:g}s"
+        reason = f"server Retry-After {delay:g} s"
     else:
         r = ident.renew.retry
         delay = r.seconds if r.seconds is not None else UNENROLLED_RETRY_S
         when = last + timedelta(seconds=max(1.0, delay))
-        reason = f"retry {delay:g}s after failed first enrollment"
+        reason = f"retry {delay:g} s after failed first enrollment"
     if when <= now:
         return Decision("renew-now", now, reason)
     return Decision("retry-at", when, reason)
@@ -334,10 +334,18 @@ class RenewalEngine:
                 attempt: AttemptState) -> EnrollResult:
         current = self.store.current(name)
         reenroll, self_auth, why = self._method(ident, current, now, attempt)
+        resumed = self._resumable_method(name, current, now, attempt)
+        if resumed is not None:
+            reenroll, self_auth, why = resumed
         log.info("%s: renewing via %s (%s)", name,
                  "serverkeygen" if ident.est is not None and ident.est.serverkeygen
                  else "simplereenroll" if reenroll else "simpleenroll", why)
         self._drop_unresumable_journal(name, reenroll)
+        if attempt.retrying and attempt.retry_after is None and ident.est is not None:
+            # The last attempt failed: before a new TPM key is made (seconds for RSA on a
+            # real TPM), check that the server answers at all.
+            log.info("%s: checking that %s answers before retrying", name, ident.est.url)
+            self.clients().fetch_cacerts(ident.est)
         try:
             with TpmLease(self.open_tpm) as lease:
                 return enroll_identity(
@@ -464,10 +472,33 @@ class RenewalEngine:
         if now >= as_utc(current.not_after):
             return False, False, "certificate expired: falling back to first-enrollment authentication"
         if ident.profile == "ca":
-            return False, False, "CA certificate cannot be a TLS client: first-enrollment authentication"
+            via = ident.est.auth.client if ident.est is not None and ident.est.auth.client \
+                else "est.auth"
+            return False, False, f"a CA certificate renews with simpleenroll, authenticated by {via}"
         if ident.renew.method == "simpleenroll":
             return False, True, "method simpleenroll, authenticated with the current certificate"
         return True, True, "authenticated with the current certificate"
+
+    def _resumable_method(self, name: str, current: StoredIdentity | None, now: datetime,
+                          attempt: AttemptState) -> tuple[bool, bool, str] | None:
+        """The method of a request in flight that can be resent as it is (RFC 7030 §4.2.3).
+
+        A ``tpmid enroll`` answered with 202 is resent by ``tpmid renew`` or the
+        daemon with the same CSR and the same authentication; a simplereenroll
+        only while the certificate that authenticates it is still valid.
+        """
+        try:
+            entry = self.store.journal_get(name)
+        except StoreError:
+            return None
+        if entry is None or not entry.csr_pem or attempt.key_lost \
+                or entry.phase not in ("submitted", "pending", "issued"):
+            return None
+        if entry.method == "simpleenroll":
+            return False, False, "resending the simpleenroll in flight"
+        if current is not None and now < as_utc(current.not_after):
+            return True, True, "resending the simplereenroll in flight"
+        return None
 
     def _drop_unresumable_journal(self, name: str, reenroll: bool) -> None:
         """A pending request for the other method (e.g. the cert expired meanwhile) is abandoned."""

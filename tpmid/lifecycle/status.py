@@ -37,6 +37,8 @@ from tpmid.est.verify import spki_sha256
 from tpmid.lifecycle.renew import managed_identities, plan_renewal
 from tpmid.policy import AttemptState, Decision
 from tpmid.render import format_duration, iso
+from tpmid.render import name as render_name
+from tpmid.render import serial as render_serial
 from tpmid.store import JournalEntry, Store, StoredIdentity
 from tpmid.tpm.identity import identity_key
 
@@ -223,9 +225,9 @@ def identity_status(config: Config, store: Store | None, name: str, now: datetim
         state=_state(cert, now, decision),
         version=cert.version,
         cert_path=cert.cert_path,
-        subject=c.subject.rfc4514_string(),
-        issuer=c.issuer.rfc4514_string(),
-        serial=f"{c.serial_number:x}",
+        subject=render_name(c.subject),
+        issuer=render_name(c.issuer),
+        serial=f"{render_serial(c.serial_number)}",
         not_before=cert.not_before,
         not_after=cert.not_after,
         lifetime_elapsed=_elapsed(cert, now),

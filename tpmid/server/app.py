@@ -37,6 +37,9 @@ from cryptography.x509.oid import AttributeOID
 from tpmid.errors import EstProtocolError
 from tpmid.est import messages
 from tpmid.est.csrattrs import oid_name
+from tpmid.render import name as render_name
+from tpmid.render import quoted_name
+from tpmid.render import serial as render_serial
 from tpmid.server import auth
 from tpmid.server.ca import (
     CertificateAuthority,
@@ -83,9 +86,10 @@ class Response:
     label: str = "-"
     note: str = ""
     # How the transport sends it (fault knobs): one byte every ``trickle`` seconds;
-    # ``reset``: half the body, then a TCP reset.
+    # ``reset``: half the body, then a TCP reset; ``drop``: nothing, the connection closed.
     trickle: float = 0.0
     reset: bool = False
+    drop: bool = False
 
     @classmethod
     def text(cls, status: int, message: str, **kw: Any) -> Response:
@@ -266,6 +270,8 @@ class EstApp:
         faults = self._faults_for(label, operation)
         if faults.delay:
             self._sleep(faults.delay)
+        if faults.drop:
+            return Response(0, note="[fault: connection closed without an answer]", drop=True)
         if faults.status is not None:
             r = Response.text(faults.status, f"fault injected: status {faults.status}")
             if faults.retry_after_header is not None:
@@ -417,7 +423,7 @@ class EstApp:
         except (ValueError, TypeError) as e:
             raise _reject(400, f"cannot issue a certificate for this CSR: {e}") from None
         self._record(label, operation, cert, verdict.principal, csr)
-        note = f"issued serial={cert.serial_number:x} subject={cert.subject.rfc4514_string()}"
+        note = f"issued serial={render_serial(cert.serial_number)} subject={render_name(cert.subject)}"
         if faults.wrong_key:
             note += " [fault: wrong key]"
         if key_der is not None:
@@ -494,8 +500,8 @@ class EstApp:
                           f"of label {label.name!r}, so it cannot be renewed here")
         if csr.subject != client_cert.subject:
             raise _reject(400, "simplereenroll: the CSR subject "
-                          f"{csr.subject.rfc4514_string()!r} differs from the certificate being "
-                          f"renewed ({client_cert.subject.rfc4514_string()!r}); RFC 7030 §4.2.2")
+                          f"{quoted_name(csr.subject)} differs from the certificate being "
+                          f"renewed ({quoted_name(client_cert.subject)}); RFC 7030 §4.2.2")
         if _san_set(_san_of(csr)) != _san_set(_san_of(client_cert)):
             raise _reject(400, "simplereenroll: the CSR subjectAltName differs from the "
                           "certificate being renewed; RFC 7030 §4.2.2")
@@ -525,8 +531,8 @@ class EstApp:
             "operation": operation,
             "profile": label.profile,
             "ca": label.ca,
-            "serial": f"{cert.serial_number:x}",
-            "subject": cert.subject.rfc4514_string(),
+            "serial": f"{render_serial(cert.serial_number)}",
+            "subject": render_name(cert.subject),
             "not_before": cert.not_valid_before_utc.isoformat(),
             "not_after": cert.not_valid_after_utc.isoformat(),
             "sha256": cert.fingerprint(hashes.SHA256()).hex(),

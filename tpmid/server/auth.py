@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from tpmid.render import name as render_name
 from tpmid.server.ca import CertificateAuthority
 from tpmid.server.config import (
     AnonymousAuth,
@@ -145,4 +146,4 @@ def check(
     if issuer is None:
         return AuthOutcome(403, "the TLS client certificate is not issued by the "
                            f"{' or '.join(policy.issuers)} CA accepted at this label")
-    return AuthOutcome(principal=f"cert:{client_cert.subject.rfc4514_string()}")
+    return AuthOutcome(principal=f"cert:{render_name(client_cert.subject)}")

@@ -87,8 +87,12 @@ def random_serial() -> int:
 
 
 def fingerprint(cert: x509.Certificate) -> str:
-    """SHA-256 fingerprint as ``AB:CD:...`` (what ``openssl x509 -fingerprint -sha256`` prints)."""
-    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    """SHA-256 of the DER certificate, lower-case hex without separators (tpmid.render).
+
+    ``--pin`` and ``est.pin`` also accept the ``AB:CD:...`` form ``openssl x509
+    -fingerprint -sha256`` prints.
+    """
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def _now() -> datetime:

@@ -33,6 +33,7 @@ from typing import Any
 from cryptography import x509
 
 from tpmid.errors import ConfigError
+from tpmid.render import name as render_name
 from tpmid.server.app import EstApp, Request
 from tpmid.server.ca import IssueLog, cert_pem
 from tpmid.server.config import ServerConfig
@@ -140,7 +141,7 @@ class _Handler(BaseHTTPRequestHandler):
         client = "-"
         if peer:
             try:
-                client = x509.load_der_x509_certificate(peer).subject.rfc4514_string()
+                client = render_name(x509.load_der_x509_certificate(peer).subject)
             except ValueError:
                 client = "(unparseable)"
         body = b""
@@ -184,6 +185,11 @@ class _Handler(BaseHTTPRequestHandler):
             tls_unique=tls_unique,
         )
         resp = app.handle(req)
+        if resp.drop:
+            log.info("%s %s label=%s status=- client=%s %s %s", self.command, _clean(path),
+                     resp.label, _clean(client), version, _clean(resp.note))
+            self.close_connection = True
+            return
         self.send_response(resp.status)
         for k, v in resp.headers:
             self.send_header(k, v)
@@ -330,8 +336,8 @@ class EstServer:
         return est_url(self.host, self.port, label, operation)
 
     def reload(self) -> None:
-        """Re-read the directory: ``config.yaml``, the CAs and their rollover state, the TLS
-        certificate. On error the old state stays and ConfigError is raised."""
+        """Re-read the directory: ``config.yaml`` and ``lab.yaml``, the CAs and their rollover
+        state, the TLS certificate. On error the old state stays and ConfigError is raised."""
         state = ServerState.load(self.state.paths.dir)
         for ca in state.cas.values():
             ca.clock = self.clock

@@ -28,6 +28,8 @@ from typing import Literal, Protocol
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from tpmid.render import name as render_name
+
 SUBJECT_POLICIES: tuple[str, ...] = ("any", "client-serial")
 _SHOWN_MAX = 64  # X.520 ub-serial-number; longer client-supplied values are cut in messages
 
@@ -71,12 +73,12 @@ class ClientSerialSubject:
         mine = set(serial_numbers(client_cert.subject))
         if len(mine) != 1:
             has = "has no serialNumber" if not mine else "has several different serialNumbers"
-            return (f"the TLS client certificate {_shown(client_cert.subject.rfc4514_string())} "
+            return (f"the TLS client certificate {_shown(render_name(client_cert.subject))} "
                     f"{has}, so no subject can be bound to it {why}")
         (own,) = mine
         asked = serial_numbers(subject)
         if not asked:
-            return (f"the subject {_shown(subject.rfc4514_string())} has no serialNumber; it "
+            return (f"the subject {_shown(render_name(subject))} has no serialNumber; it "
                     f"must carry the requesting client's ({_shown(own)}) {why}")
         for value in asked:
             if value != own:

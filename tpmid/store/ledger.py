@@ -47,13 +47,22 @@ def process_start(pid: int) -> int | None:
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One transient object a tpmid process loaded."""
+    """One transient object a tpmid process loaded (or, ``pending``, is about to load).
+
+    A pending entry is written just before the command that creates the object,
+    whose handle is not known yet: a process killed between the TPM's answer and
+    the ledger's update leaves one. ``match`` then says how to recognise the
+    object: ``name:<hex>`` (a key file's object, whose Name is known before it is
+    loaded) or ``fields:<hex>`` (the public area of a template without its key).
+    """
 
     handle: int
     name: str  # hex of the object's TPM Name
     what: str
     pid: int
     start: int | None
+    pending: bool = False
+    match: str = ""
 
     @property
     def alive(self) -> bool:
@@ -62,8 +71,11 @@ class LedgerEntry:
         return now is not None and (self.start is None or now == self.start)
 
     def to_json(self) -> dict[str, Any]:
-        return {"handle": f"{self.handle:#010x}", "name": self.name, "what": self.what,
-                "pid": self.pid, "start": self.start}
+        d: dict[str, Any] = {"handle": f"{self.handle:#010x}", "name": self.name,
+                             "what": self.what, "pid": self.pid, "start": self.start}
+        if self.pending:
+            d.update(pending=True, match=self.match)
+        return d
 
     @classmethod
     def from_json(cls, d: Any) -> LedgerEntry:
@@ -75,7 +87,8 @@ class LedgerEntry:
         if start is not None and (not isinstance(start, int) or isinstance(start, bool)):
             raise ValueError(f"start {start!r}")
         return cls(handle=handle, name=str(d.get("name", ""))[:200],
-                   what=str(d.get("what", ""))[:200], pid=pid, start=start)
+                   what=str(d.get("what", ""))[:200], pid=pid, start=start,
+                   pending=d.get("pending") is True, match=str(d.get("match", ""))[:4096])
 
 
 class TransientLedger:
@@ -104,15 +117,31 @@ class TransientLedger:
             log.warning("ignoring the unreadable TPM object ledger %s (%s)", self.path, e)
             return []
 
+    def expect(self, match: str, what: str) -> None:
+        """Record that this process is about to create or load an object (see LedgerEntry)."""
+        entry = LedgerEntry(0, "", what, self._pid, self._start, pending=True, match=match)
+        self._write([e for e in self.entries() if not self._mine_pending(e)] + [entry])
+
     def add(self, handle: int, name: bytes, what: str) -> None:
-        """Record an object this process just loaded."""
+        """Record an object this process just loaded (replacing its pending entry)."""
         entry = LedgerEntry(handle, name.hex(), what, self._pid, self._start)
-        self._write([e for e in self.entries() if e.handle != handle] + [entry])
+        self._write([e for e in self.entries()
+                     if e.handle != handle and not self._mine_pending(e)] + [entry])
+
+    def settle(self) -> None:
+        """Drop this process's pending entry (the command failed: nothing was created)."""
+        entries = self.entries()
+        kept = [e for e in entries if not self._mine_pending(e)]
+        if len(kept) != len(entries):
+            self._write(kept)
+
+    def _mine_pending(self, e: LedgerEntry) -> bool:
+        return e.pending and e.pid == self._pid and e.start == self._start
 
     def remove(self, handle: int) -> None:
         """Forget an object that was flushed."""
         entries = self.entries()
-        kept = [e for e in entries if e.handle != handle]
+        kept = [e for e in entries if e.pending or e.handle != handle]
         if len(kept) != len(entries):
             self._write(kept)
 

@@ -230,7 +230,7 @@ class _Recovery:
         if entry.phase != "staged" and entry.csr_pem and not key_missing:
             if v:
                 keep.add(v)
-            ra = (f", server asked to retry after {entry.retry_after:g}s"
+            ra = (f", server asked to retry after {entry.retry_after:g} s"
                   if entry.retry_after is not None else "")
             act("resume", f"{entry.operation} in flight (phase {entry.phase}{ra}); "
                           "keeping its key and CSR to resend")

@@ -123,7 +123,7 @@ class Store:
             make_dir(self.root, 0o755)
         elif not self.root.is_dir():
             raise StoreError(f"store directory {self.root} does not exist",
-                             hint="enroll an identity first (tpmid enroll NAME) or fix store.dir")
+                             hint="enroll an identity first (`tpmid enroll` with its name) or fix store.dir")
         check_private_path(self.root, "store directory")
         for sub, mode in SUBDIRS:
             path = self.root / sub

@@ -79,8 +79,10 @@ def read_persistent_public(tpm: TpmContext, handle: int) -> TPM2B_PUBLIC | None:
     if tr is None:
         return None
     try:
-        with tpm_call(f"reading the key at {handle:#010x}", tpm):
-            public, _, _ = tpm.esapi.read_public(tr)
+        public = tpm.public_of(tr)
+        if public is None:
+            with tpm_call(f"reading the key at {handle:#010x}", tpm):
+                public, _, _ = tpm.esapi.read_public(tr)
     finally:
         tpm.close_handle(handle, tr)
     return public
@@ -94,8 +96,9 @@ def derive_idevid(tpm: TpmContext, template: str) -> LoadedKey:
     """
     public = idevid_template(template)
     with tpm.lock:
-        with tpm_call(f"creating the {template} IDevID in the endorsement hierarchy", tpm,
-                      handles=("the endorsement hierarchy",)):
+        with tpm.creating(f"the {template} IDevID", template=public), \
+                tpm_call(f"creating the {template} IDevID in the endorsement hierarchy", tpm,
+                         handles=("the endorsement hierarchy",)):
             handle, out_public, _, _, _ = tpm.esapi.create_primary(
                 TPM2B_SENSITIVE_CREATE(), public, ESYS_TR.ENDORSEMENT)
             tpm.track(handle, f"the {template} IDevID")
@@ -151,7 +154,7 @@ def create_persistent_idevid(tpm: TpmContext, template: str,
             with tpm_call(f"persisting the {template} IDevID at {handle:#010x}", tpm,
                           handles=("the owner hierarchy", "the new IDevID")):
                 new = tpm.esapi.evict_control(ESYS_TR.OWNER, key.handle, handle)
-                tpm.esapi.tr_close(new)
+            tpm.remember_handle(handle, new)  # the next open of it costs no ReadPublic
             log.info("IDevID %s persisted at %#010x", template, handle)
             return PersistentResult(handle=handle, created=True, public=key.public)
         finally:
@@ -172,19 +175,21 @@ def open_persistent(tpm: TpmContext, handle: int,
             raise KeyUnavailableError(
                 f"no key at {handle:#010x} — the persistent IDevID is missing (TPM2_Clear "
                 "removes every key persisted by the owner)",
-                hint="create it again from its template (tpmid key create NAME); the same "
-                "key comes back, so its certificate verifies again",
+                hint="create it again from its template (`tpmid key create` with the identity's "
+                "name); the same key comes back, so its certificate verifies again",
             )
         try:
-            with tpm_call(f"reading the key at {handle:#010x}", tpm):
-                public, _, _ = tpm.esapi.read_public(tr)
+            public = tpm.public_of(tr)
+            if public is None:
+                with tpm_call(f"reading the key at {handle:#010x}", tpm):
+                    public, _, _ = tpm.esapi.read_public(tr)
             if expect_template is not None:
                 if template_fields(public) != template_fields(idevid_template(expect_template)):
                     raise KeyMismatchError(
                         f"{handle:#010x} holds {describe_public(public)}, not an IDevID from "
                         f"template {expect_template}",
                         hint="fix key.template in the config, or recreate the key from the "
-                        "template (tpmid key create NAME --force)",
+                        "template (`tpmid key create --force` with the identity's name)",
                     )
             return LoadedKey(tpm, tr, public, transient=False,
                              description=f"persistent key {handle:#010x}", tpm_handle=handle)

@@ -51,10 +51,12 @@ def _create_storage_parent(tpm: TpmContext) -> ESYS_TR:
     scope = tpm.parent_scope
     if scope is not None and scope.get("primary") is not None:
         return scope["primary"]
-    with tpm_call("re-creating the storage root key (ECC P-256 primary in the owner hierarchy)",
-                  tpm, handles=("the owner hierarchy",)):
+    template = storage_parent_template()
+    with tpm.creating("the storage root key", template=template), \
+            tpm_call("re-creating the storage root key (ECC P-256 primary in the owner hierarchy)",
+                     tpm, handles=("the owner hierarchy",)):
         handle, _, _, _, _ = tpm.esapi.create_primary(
-            TPM2B_SENSITIVE_CREATE(), storage_parent_template(), ESYS_TR.OWNER)
+            TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.OWNER)
     tpm.track(handle, "the storage root key")
     if scope is not None:
         scope["primary"] = handle
@@ -138,9 +140,10 @@ def create_loaded_key_file(tpm: TpmContext, alg: str) -> tuple[bytes, LoadedKey]
             with tpm_call(f"creating a {alg} key under the storage root key", tpm,
                           handles=("the storage root key",)):
                 try:
-                    handle, private, public = tpm.esapi.create_loaded(
-                        parent, TPM2B_SENSITIVE_CREATE(),
-                        TPM2B_TEMPLATE(template.publicArea.marshal()))
+                    with tpm.creating("a new key-file key", template=template):
+                        handle, private, public = tpm.esapi.create_loaded(
+                            parent, TPM2B_SENSITIVE_CREATE(),
+                            TPM2B_TEMPLATE(template.publicArea.marshal()))
                     tpm.track(handle, "a new key-file key")
                 except Exception as e:
                     if not is_code(e, TPM2_RC.COMMAND_CODE):
@@ -245,9 +248,15 @@ def load_key_file(tpm: TpmContext, pem: bytes) -> LoadedKey:
         esapi = tpm.esapi
         parents: list[tuple[str, bool]] = []  # (how, transient)
         if tss.parent == PARENT_OWNER:
-            if _persistent_srk_usable(tpm):
-                parents.append(("persistent", False))
-            parents.append(("primary", True))
+            scope = tpm.parent_scope
+            if scope is not None and scope.get("primary") is not None:
+                # The storage primary is loaded already (this enrollment made a key under
+                # it): it is the key a standard persistent SRK would be. No lookup.
+                parents.append(("primary", True))
+            elif _persistent_srk_usable(tpm):
+                parents += [("persistent", False), ("primary", True)]
+            else:
+                parents.append(("primary", True))
         elif OWNER_PERSISTENT_FIRST <= tss.parent <= 0x81FFFFFF:
             parents.append(("handle", False))
         else:
@@ -261,7 +270,8 @@ def load_key_file(tpm: TpmContext, pem: bytes) -> LoadedKey:
                 number = SRK_HANDLE if how == "persistent" else tss.parent
                 parent_tr = tpm.open_handle(number, f"parent key {number:#010x}")
             try:
-                with tpm_call("loading the key file", tpm, handles=("the parent key",)):
+                with tpm.creating("a key-file key", public=public), \
+                        tpm_call("loading the key file", tpm, handles=("the parent key",)):
                     handle = esapi.load(parent_tr, tss.private, public)
                 tpm.track(handle, "a key-file key")
             except TpmError as e:

@@ -48,10 +48,21 @@ class Runtime:
     environ: Mapping[str, str] = field(default_factory=dict)
     read_stdin: Callable[[], str] | None = None
     _store: Store | None = field(default=None, repr=False)
+    _stdin_line: str | None = field(default=None, repr=False)
 
     def secret(self, ref: SecretRef) -> str:
-        """Resolve a secret reference (the :data:`SecretResolver` every workflow gets)."""
-        return resolve_secret(ref, self.environ, self.read_stdin)
+        """Resolve a secret reference (the :data:`SecretResolver` every workflow gets).
+
+        Standard input is read once per process: every ``{stdin: true}`` reference
+        gets that line (a pre-flight check and the request itself both resolve it).
+        """
+        return resolve_secret(ref, self.environ, self._stdin_once if self.read_stdin else None)
+
+    def _stdin_once(self) -> str:
+        if self._stdin_line is None:
+            assert self.read_stdin is not None
+            self._stdin_line = self.read_stdin()
+        return self._stdin_line
 
     def store(self) -> Store:
         """The store of ``store.dir``, created if it does not exist yet."""

@@ -177,11 +177,13 @@ class EstClients:
 
     def __init__(self, config: Config, secrets: SecretResolver, *,
                  now: Callable[[], datetime] = utcnow,
-                 sleep: Callable[[float], None] = cancel.sleep) -> None:
+                 sleep: Callable[[float], None] = cancel.sleep,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.secrets = secrets
         self.now = now
         self.sleep = sleep
+        self.progress = progress
 
     def fetch_cacerts(self, est: EstConfig) -> FetchResult:
         """``GET /cacerts`` of ``est``'s label with the configured server trust, no client auth."""
@@ -248,6 +250,7 @@ class EstClients:
                 headers=dict(headers), allow_http=est.allow_http,
                 timeout=(est.connect_timeout, est.read_timeout), max_wait=est.max_wait,
                 sleep=self.sleep, now=self.now, deadline=est.total_timeout,
+                progress=self.progress,
             )
 
     def _tls(self, est: EstConfig, trust: ServerTrust, *, key: TlsSigningKey | None,
