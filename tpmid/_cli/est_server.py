@@ -307,7 +307,8 @@ def register_rollover(s: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Replace the CA behind LABEL (and every label that uses it) with a new "
         "root. /cacerts then serves the new root with OldWithOld, OldWithNew and NewWithOld "
         "(RFC 7030 §4.1.3); client certificates of the old CA are accepted until --finish. "
-        "A running server picks the change up on SIGHUP. See docs/est-server.md.")
+        "A running server for DIR applies the change at once (SIGHUP, then this command "
+        "waits until the server confirms). See docs/est-server.md.")
     r.add_argument("label", metavar="LABEL",
                    help="the label whose CA rolls over (or a CA name: operator, manufacturer, tls)")
     r.add_argument("--dir", required=True, type=Path, help="server directory (from init)")
@@ -322,23 +323,37 @@ def register_rollover(s: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def cmd_rollover(ctx: Ctx) -> int | None:
-    """Roll the CA of a label over, or end the overlap of the last rollover."""
+    """Roll the CA of a label over, or end the overlap of the last rollover.
+
+    A running server for the directory applies the change before this returns
+    (SIGHUP, confirmed), as ``est-server label`` does.
+    """
     from tpmid.render import name as render_name
+    from tpmid.server.lab import change_and_reload
     from tpmid.server.rollover import finish_overlap, rollover_ca
 
     args = ctx.args
+
+    def applied(server: Any) -> str:
+        return (f"applied to the running server (pid {server.pid}, {server.url})" if server
+                else "no server runs for this directory: it applies when the server starts")
+
     if args.finish:
-        ca, _state = finish_overlap(args.dir, args.label)
-        ctx.emit({"ca": ca, "overlap": False},
-                 f"the overlap of the {ca} CA has ended: its previous root's client certificates "
-                 "are refused from now on (reload the server: SIGHUP)")
+        (ca, _state), server = change_and_reload(
+            args.dir, lambda paths: finish_overlap(paths.dir, args.label))
+        ctx.emit({"ca": ca, "overlap": False,
+                  "server": {"pid": server.pid, "url": server.url} if server else None},
+                 f"the overlap of the {ca} CA has ended: client certificates of its previous "
+                 f"root are refused from now on\n{applied(server)}")
         return None
-    res = rollover_ca(args.dir, args.label, replace=bool(args.replace))
+    res, server = change_and_reload(
+        args.dir, lambda paths: rollover_ca(paths.dir, args.label, replace=bool(args.replace)))
     data: dict[str, Any] = {
         "ca": res.ca, "generation": res.generation, "labels": list(res.labels),
         "old": render_name(res.old.subject), "new": render_name(res.new.subject),
         "fingerprints": res.fingerprints, "key_update_certificates": len(res.links),
         "tls_certificate_reissued": res.tls_reissued, "overlap": not args.replace,
+        "server": {"pid": server.pid, "url": server.url} if server else None,
     }
 
     def human(d: dict[str, Any]) -> str:
@@ -350,14 +365,14 @@ def cmd_rollover(ctx: Ctx) -> int | None:
             lines += ["  /cacerts now serves the new root with OldWithOld, OldWithNew and "
                       "NewWithOld (RFC 7030 §4.1.3);",
                       "  client certificates of the old CA are accepted until "
-                      f"`tpmid est-server rollover {args.label} --finish`"]
+                      f"`tpmid est-server rollover {args.label} --dir {args.dir} --finish`"]
         else:
             lines.append("  replaced outright: no key-update certificates; devices must be "
                          "given the new root (est.issuer_anchors)")
         if d["tls_certificate_reissued"]:
-            lines.append("  the TLS server certificate was re-issued by the new CA (served with "
-                         "NewWithOld)")
-        lines.append("  reload a running server: SIGHUP")
+            lines.append("  the TLS server certificate was re-issued by the new CA"
+                         + (" (served with NewWithOld)" if d["overlap"] else ""))
+        lines.append(applied(server))
         return "\n".join(lines)
 
     ctx.emit(data, human)

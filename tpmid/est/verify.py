@@ -662,56 +662,92 @@ def verify_chain(
 
 
 @dataclass(frozen=True)
+class UnvouchedRoot:
+    """A root ``/cacerts`` offered that the identity's anchor does not vouch for, and why."""
+
+    root: x509.Certificate
+    reason: str
+
+
+@dataclass(frozen=True)
 class CacertsTrust:
     """What an identity may trust among the CA certificates ``/cacerts`` offered.
 
-    ``anchors`` are its current anchor and what chains to it; ``new_roots`` the
-    roots among them that are not the current anchor (accepted through NewWithOld);
+    ``anchors`` are its trust anchors: the current one first, then the new roots
+    (``new_roots``) its NewWithOld vouched for; ``intermediates`` the other CA
+    certificates offered, usable only as links of a path that ends at an anchor;
     ``unvouched`` the roots offered that nothing the identity trusts vouches for.
     """
 
     anchors: tuple[x509.Certificate, ...]
     new_roots: tuple[x509.Certificate, ...] = ()
-    unvouched: tuple[x509.Certificate, ...] = ()
+    intermediates: tuple[x509.Certificate, ...] = ()
+    unvouched: tuple[UnvouchedRoot, ...] = ()
 
 
 def _same_key(a: x509.Certificate, b: x509.Certificate) -> bool:
     return a.subject == b.subject and spki_der(a.public_key()) == spki_der(b.public_key())
 
 
+def _self_signed(c: x509.Certificate) -> bool:
+    return c.issuer == c.subject and _signed_by(c, c)
+
+
+def _link_problem(link: x509.Certificate, anchor: x509.Certificate, now: datetime) -> str | None:
+    """Why ``link`` is not a valid NewWithOld from ``anchor`` (None: it is)."""
+    if link.issuer != anchor.subject:
+        return f"it is issued by {quoted_name(link.issuer)}, not by the anchor"
+    if not _signed_by(link, anchor):
+        return "its signature does not verify with the anchor's key"
+    if not link.not_valid_before_utc <= now <= link.not_valid_after_utc:
+        return (f"it is valid only from {link.not_valid_before_utc:%Y-%m-%d %H:%M:%S}Z to "
+                f"{link.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z")
+    return ca_problem(link)
+
+
 def follow_root_key_update(offered: Sequence[x509.Certificate], anchor: x509.Certificate,
                            *, now: datetime) -> CacertsTrust:
     """Which of ``offered`` (``/cacerts``) an identity whose trust anchor is ``anchor`` trusts.
 
-    RFC 7030 §4.1.3: after a Root CA Key Update the server offers the new root with
-    OldWithOld, OldWithNew and NewWithOld. A client accepts the new root only through
-    a certificate it can validate from what it already trusts: NewWithOld (the new
-    name and key, signed by the old key). So: the current anchor; every CA certificate
-    offered that the anchor (or, in turn, such a certificate) signed and that is valid
-    now; and every root with the name and key of one of those. Everything else is
-    not trusted — in particular a new root nothing vouches for (``unvouched``),
-    whatever channel it arrived on.
+    RFC 7030 §4.1.3: after a Root CA Key Update the server offers the new root
+    (NewWithNew) with OldWithOld, OldWithNew and NewWithOld, in any order. A client
+    accepts the new root only through a certificate it validates with what it already
+    trusts: NewWithOld, the new name and key signed by the anchor's key, a CA
+    certificate valid now. A self-signed root with that name and key becomes a trust
+    anchor next to the current one. OldWithNew is not needed for that (it serves
+    clients that already trust the new root). A root with no such link — a CA replaced
+    outright, or a NewWithOld with a bad signature, expired, or from another CA — is
+    ``unvouched``, whatever channel it arrived on. Roots that issued the anchor itself
+    (the anchor is an intermediate) are neither.
     """
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
-    trusted = [anchor]
-    pending = [c for c in offered if c != anchor]
-    grew = True
-    while grew:
-        grew = False
-        for c in list(pending):
-            if (ca_problem(c) is None and c.not_valid_before_utc <= now <= c.not_valid_after_utc
-                    and any(_signed_by(c, t) for t in trusted)):
-                trusted.append(c)
-                pending.remove(c)
-                grew = True
-    for c in list(pending):
-        if any(_same_key(c, t) for t in trusted):
-            trusted.append(c)
-            pending.remove(c)
-    new_roots = tuple(c for c in trusted[1:] if c.issuer == c.subject and not _same_key(c, anchor))
-    unvouched = tuple(c for c in pending if c.issuer == c.subject)
-    return CacertsTrust(tuple(trusted), new_roots, unvouched)
+    roots = [c for c in offered if _self_signed(c) and not _same_key(c, anchor)]
+    others = [c for c in offered if not _self_signed(c)]
+    links = [c for c in others if not _same_key(c, anchor)
+             and _link_problem(c, anchor, now) is None]
+    new_roots: list[x509.Certificate] = []
+    unvouched: list[UnvouchedRoot] = []
+    for root in roots:
+        if any(_same_key(root, link) for link in links) and ca_problem(root) is None:
+            new_roots.append(root)
+            continue
+        if _signed_by(anchor, root):
+            continue  # above the anchor: not needed, not a stranger
+        candidates = [c for c in others if _same_key(root, c)]
+        if candidates:
+            problem = _link_problem(candidates[0], anchor, now) or ca_problem(root)
+            reason = (f"the NewWithOld certificate offered for it ({describe_cert(candidates[0])}) "
+                      f"does not validate from the anchor: {problem}")
+        else:
+            reason = "/cacerts holds no NewWithOld certificate for it signed by the anchor"
+        unvouched.append(UnvouchedRoot(root, reason))
+    anchors = (anchor, *new_roots)
+    # Links with an anchor's name and key (NewWithOld, OldWithNew) add no path and would
+    # let a path end at the old anchor instead of the new root; not offered as links.
+    intermediates = tuple(c for c in others if not any(_same_key(c, a) for a in anchors))
+    return CacertsTrust(anchors=anchors, new_roots=tuple(new_roots),
+                        intermediates=intermediates, unvouched=tuple(unvouched))
 
 
 def verify_enrollment(

@@ -649,29 +649,29 @@ def _issuers(run: _Enrollment, client: EstClient,
         log.info("%s: /cacerts offers the new root %s, vouched for by the current anchor %s "
                  "through NewWithOld (RFC 7030 §4.1.3 Root CA Key Update)", run.name,
                  describe_cert(root), describe_cert(anchor))
-    for root in trust.unvouched:
-        log.warning("%s: /cacerts offers the root %s, which nothing this identity trusts "
-                    "vouches for (no NewWithOld from its anchor %s); it is not trusted",
-                    run.name, describe_cert(root), describe_cert(anchor))
+    for u in trust.unvouched:
+        log.warning("%s: /cacerts offers the root %s, which this identity's anchor %s does not "
+                    "vouch for (%s); it is not trusted", run.name, describe_cert(u.root),
+                    describe_cert(anchor), u.reason)
     return trust
 
 
 def _explain_unvouched_root(run: _Enrollment, response: Any, trust: CacertsTrust,
                             error: VerificationError) -> None:
     """A certificate issued under a root nothing vouches for: say that, and what to do."""
-    for root in trust.unvouched:
+    for u in trust.unvouched:
         try:
-            verify_chain(response.certificate, issuers=[root], intermediates=response.extra_certs,
+            verify_chain(response.certificate, issuers=[u.root],
+                         intermediates=[*response.extra_certs, *trust.intermediates],
                          profile="ca" if run.ident.profile == "ca" else "device",
                          now=run.now(), trust=run.config.trust.profile)
         except VerificationError:
             continue
         raise VerificationError(
             f"{run.name}: the certificate the EST server issued chains to the root "
-            f"{describe_cert(root)} that /cacerts now offers, but this identity's trust anchor "
-            f"{describe_cert(trust.anchors[0])} does not vouch for it: /cacerts holds no "
-            "NewWithOld certificate signed by the anchor (RFC 7030 §4.1.3 Root CA Key Update), "
-            "so the new root is refused",
+            f"{describe_cert(u.root)} that /cacerts now offers, but this identity's trust "
+            f"anchor {describe_cert(trust.anchors[0])} does not vouch for it: {u.reason} "
+            "(RFC 7030 §4.1.3 Root CA Key Update), so the new root is refused",
             hint=f"if the CA operator really replaced the CA, check the new root's SHA-256 "
             f"fingerprint with them and configure identities.{run.name}.est.issuer_anchors "
             "with it; the identity keeps its current certificate meanwhile") from error
@@ -710,7 +710,7 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
     try:
         verified = verify_enrollment(
             response.certificate, key_spki_der=key.spki, requested_subject=requested,
-            issuers=trust.anchors, extra_certs=response.extra_certs,
+            issuers=trust.anchors, extra_certs=[*response.extra_certs, *trust.intermediates],
             profile="ca" if run.ident.profile == "ca" else "device", now=run.now(),
             accept_rewritten_subject=run.est.accept_rewritten_subject,
             trust=run.config.trust.profile,

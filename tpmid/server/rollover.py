@@ -30,7 +30,10 @@ Layout, per CA name (``operator``, ``manufacturer``, ``tls``)::
     DIR/rollover/<name>/oldwithold.pem, oldwithnew.pem, newwithold.pem
 
 Every write goes through :func:`tpmid.store.fsio.atomic_write`. The running server
-picks the change up on reload (SIGHUP).
+picks the change up on reload (SIGHUP; the command sends it through
+:func:`tpmid.server.lab.change_and_reload`). The files are written one after the
+other, not as one transaction: a crash in the middle of a rollover can leave a key
+that does not match its certificate, which the server refuses to load.
 """
 
 from __future__ import annotations
@@ -125,6 +128,13 @@ def load_rollover_state(root: Path, ca: str) -> RolloverState:
                          overlap=bool(data.get("overlap", False)), old=old, links=tuple(links))
 
 
+def _read_cert(path: Path) -> x509.Certificate | None:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
 def _title(cert: x509.Certificate) -> str:
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     title = str(cns[0].value) if cns else "tpmid CA"
@@ -175,6 +185,12 @@ def rollover_ca(root: Path, name_or_label: str, *, replace: bool = False,
     ca_name, labels = ca_of(root, name_or_label)
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     cert_path, key_path = root / f"{ca_name}-ca.pem", root / "private" / f"{ca_name}-ca.key"
+    if ca_name == "tls" and not key_path.exists():
+        raise ConfigError(
+            f"this server has no TLS CA of its own ({key_path} does not exist): its TLS "
+            "certificate comes from a label's CA (est-server init --tls-from LABEL)",
+            hint="roll that label over (tpmid est-server rollover LABEL --dir DIR): the TLS "
+            "certificate follows its CA")
     old = load_ca(ca_name, cert_path, key_path)
     state = load_rollover_state(root, ca_name)
     generation = state.generation + 1
@@ -200,6 +216,11 @@ def rollover_ca(root: Path, name_or_label: str, *, replace: bool = False,
         atomic_write(d / f"{name}.pem", cert_pem(cert), 0o644)
     atomic_write(key_path, key_pem(new.key), 0o600)
     atomic_write(cert_path, cert_pem(new.cert), 0o644)
+    tls_copy = root / "tls-ca.pem"
+    if ca_name != "tls" and _read_cert(tls_copy) == old.cert:
+        # init --tls-from: tls-ca.pem is a copy of this CA's root. Clients given it from
+        # now on get the new root; those holding the old one chain through NewWithOld.
+        atomic_write(tls_copy, cert_pem(new.cert), 0o644)
     atomic_write(d / "state.json", (json.dumps(
         {"generation": generation, "overlap": not replace, "replaced_at": now.isoformat(),
          "replace": replace}, indent=1) + "\n").encode(), 0o644)
