@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from tests.server.helpers import DEVICE_SERIAL, enroll, idevid, ldevid, request
 from tpmid.cli import main
 from tpmid.errors import ConfigError
 from tpmid.server.rollover import rollover_ca
+from tpmid.server.state import init_server_dir
 from tpmid.testing.estserver import RunningEstServer
 from tpmid.wiring.est import fetch_cacerts
 
@@ -121,3 +124,45 @@ def test_rollover_names_what_it_does_not_know(fresh_est_server: RunningEstServer
         from tpmid.server.rollover import finish_overlap
 
         finish_overlap(fresh_est_server.dir, "idevid")
+
+
+def test_a_tls_certificate_from_a_labels_ca_follows_that_ca_through_its_rollover(
+    est_server_factory: Callable[..., RunningEstServer],
+) -> None:
+    # init --tls-from ldevid: the operator CA issues the TLS certificate too, and
+    # devices bootstrap /cacerts by pinning that root (RFC 7030 §4.1.1).
+    srv = est_server_factory(init_args={"tls_from": "ldevid"})
+    old_root = srv.dir / "old-operator-ca.pem"
+    old_root.write_bytes(srv.operator_ca.read_bytes())
+    old_pin = _root(old_root).fingerprint(hashes.SHA256()).hex()
+    result = rollover_ca(srv.dir, "ldevid")
+    srv.reload()
+    assert result.tls_reissued
+    new = _root(srv.operator_ca)
+    # tls-ca.pem, the copy of the operator root, follows it: new devices get the new root.
+    assert _root(srv.tls_ca) == new
+    served = x509.load_pem_x509_certificates((srv.dir / "tls" / "server.pem").read_bytes())
+    assert served[0].issuer == new.subject and served[1].issuer == _root(old_root).subject
+    # Devices holding the old root (as a file or as a pin) still authenticate the server.
+    for fetched in (fetch_cacerts(srv.url("ldevid"), trusted_certs=[old_root]),
+                    fetch_cacerts(srv.url("ldevid"), pin=old_pin),
+                    fetch_cacerts(srv.url("ldevid"), trusted_certs=[srv.tls_ca])):
+        assert new in fetched.certificates and len(fetched.certificates) == 4
+    # There is no TLS CA of its own to roll over: the command says which one to roll.
+    with pytest.raises(ConfigError, match="comes from a label's CA") as info:
+        rollover_ca(srv.dir, "tls")
+    assert "tpmid est-server rollover LABEL" in (info.value.hint or "")
+
+
+def test_rollover_without_a_running_server_says_it_applies_at_the_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    init_server_dir(tmp_path / "srv")
+    assert main(["est-server", "rollover", "edgeca", "--dir", str(tmp_path / "srv")]) == 0
+    out = capsys.readouterr().out
+    assert "rolled the operator CA over (generation 2; labels edgeca, ldevid)" in out
+    assert "no server runs for this directory: it applies when the server starts" in out
+    assert main(["est-server", "rollover", "ldevid", "--dir", str(tmp_path / "srv"),
+                 "--finish", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"ca": "operator", "overlap": False,
+                                                   "server": None}
