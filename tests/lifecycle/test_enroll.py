@@ -687,7 +687,7 @@ def test_a_label_that_wants_authentication_for_csrattrs_is_asked_on_the_mtls_con
     assert rig.server.issued()[-1]["key"] == "ecc-p384"
     assert "GET /.well-known/est/ldevid/csrattrs label=ldevid status=401 client=- " in caplog.text
     assert "GET /.well-known/est/ldevid/csrattrs label=ldevid status=200 " \
-           "client=2.5.4.5=TPMID-TEST-0001,CN=IDevID" in caplog.text
+           "client=serialNumber=TPMID-TEST-0001,CN=IDevID" in caplog.text
     assert transient_handles(rig.tcti) == []
 
 
@@ -701,7 +701,7 @@ def test_a_challenge_password_attribute_links_the_csr_to_tls_without_est_pop(
     rig.enroll("idevid")
     rig.enroll("ldevid")
     assert "POST /.well-known/est/ldevid/simpleenroll label=ldevid status=200 " \
-           "client=2.5.4.5=TPMID-TEST-0001,CN=IDevID TLSv1.2" in caplog.text
+           "client=serialNumber=TPMID-TEST-0001,CN=IDevID TLSv1.2" in caplog.text
     assert transient_handles(rig.tcti) == []
 
 

@@ -217,7 +217,7 @@ def test_serverkeygen_imports_the_key_into_the_tpm_and_never_writes_it_down(
     out2 = capsys.readouterr()
     log = (device.server.dir / "run.log").read_text()
     assert ("POST /.well-known/est/ldevid/simplereenroll label=ldevid status=200 "
-            "client=2.5.4.5=SKG-0001,CN=keygen-device") in log
+            "client=serialNumber=SKG-0001,CN=keygen-device") in log
 
     # status says where the key came from (the version that was server-generated).
     assert transient_handles(device.swtpm.tcti) == []

@@ -149,9 +149,9 @@ def test_a_tls_certificate_from_a_labels_ca_follows_that_ca_through_its_rollover
                     fetch_cacerts(srv.url("ldevid"), trusted_certs=[srv.tls_ca])):
         assert new in fetched.certificates and len(fetched.certificates) == 4
     # There is no TLS CA of its own to roll over: the command says which one to roll.
-    with pytest.raises(ConfigError, match="comes from a label's CA") as info:
+    with pytest.raises(ConfigError, match="comes from the CA of label edgeca") as info:
         rollover_ca(srv.dir, "tls")
-    assert "tpmid est-server rollover LABEL" in (info.value.hint or "")
+    assert f"tpmid est-server rollover edgeca --dir {srv.dir}" in (info.value.hint or "")
 
 
 def test_rollover_without_a_running_server_says_it_applies_at_the_start(

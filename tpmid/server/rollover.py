@@ -174,8 +174,20 @@ def ca_of(root: Path, name_or_label: str) -> tuple[str, tuple[str, ...]]:
         raise ConfigError(
             f"{name_or_label!r} is neither a label of this server "
             f"({', '.join(sorted(config.labels))}) nor a CA name ({', '.join(CA_NAMES)})",
-            hint="name the label whose CA rolls over, e.g. tpmid est-server rollover ldevid")
+            hint=f"name the label whose CA rolls over, e.g. tpmid est-server rollover ldevid "
+            f"--dir {root}")
     return ca, tuple(sorted(n for n, lab in config.labels.items() if lab.ca == ca))
+
+
+def _tls_label(root: Path) -> str:
+    """The first label whose CA issued the server's TLS certificate (init --tls-from)."""
+    leaf = _read_cert(root / "tls" / "server.pem")
+    config = load_server_config(root / "config.yaml")
+    for name, label in sorted(config.labels.items()):
+        ca = _read_cert(root / f"{label.ca}-ca.pem")
+        if leaf is not None and ca is not None and leaf.issuer == ca.subject:
+            return name
+    return "ldevid"
 
 
 def rollover_ca(root: Path, name_or_label: str, *, replace: bool = False,
@@ -186,11 +198,12 @@ def rollover_ca(root: Path, name_or_label: str, *, replace: bool = False,
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     cert_path, key_path = root / f"{ca_name}-ca.pem", root / "private" / f"{ca_name}-ca.key"
     if ca_name == "tls" and not key_path.exists():
+        label = _tls_label(root)
         raise ConfigError(
             f"this server has no TLS CA of its own ({key_path} does not exist): its TLS "
-            "certificate comes from a label's CA (est-server init --tls-from LABEL)",
-            hint="roll that label over (tpmid est-server rollover LABEL --dir DIR): the TLS "
-            "certificate follows its CA")
+            f"certificate comes from the CA of label {label} (est-server init --tls-from)",
+            hint=f"roll that label over: tpmid est-server rollover {label} --dir {root} (the "
+            "TLS certificate follows its CA)")
     old = load_ca(ca_name, cert_path, key_path)
     state = load_rollover_state(root, ca_name)
     generation = state.generation + 1
@@ -238,7 +251,7 @@ def finish_overlap(root: Path, name_or_label: str) -> tuple[str, RolloverState]:
     state = load_rollover_state(root, ca_name)
     if state.generation == 1:
         raise ConfigError(f"the {ca_name} CA was never rolled over, so there is no overlap to end",
-                          hint=f"tpmid est-server rollover {name_or_label} starts one")
+                          hint=f"tpmid est-server rollover {name_or_label} --dir {root} starts one")
     d = _dir(root, ca_name)
     data = json.loads((d / "state.json").read_text())
     data["overlap"] = False
