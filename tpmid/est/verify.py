@@ -34,6 +34,11 @@ certificate must pass before tpmid stores it:
    A refusal names the certificate, the rule (:func:`diagnose_path` walks the
    path itself to find it) and the fix; the verifier's own wording is logged at
    DEBUG only.
+
+   After an identity's first certificate, its anchor is the root stored with the
+   current certificate, and :func:`follow_root_key_update` decides which of a later
+   ``/cacerts`` it trusts: a new root only through a NewWithOld signed by that anchor
+   (RFC 7030 §4.1.3 Root CA Key Update), the rest as links of a path.
 3. **Profile**: a ``device`` certificate (IDevID, LDevID) is an end entity whose
    extendedKeyUsage, if present, includes id-kp-clientAuth (RFC 5280 §4.2.1.12:
    no EKU means no restriction); a ``ca`` certificate (the Edge CA) must assert
