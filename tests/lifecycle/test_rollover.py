@@ -206,3 +206,22 @@ def test_a_new_with_old_with_a_bad_signature_is_refused_and_the_anchor_kept(
     after = Store(f.store).current("ldevid")
     assert after is not None and after.version == before.version
     assert _anchor(f, "ldevid") == old
+
+
+@pytest.mark.slow
+def test_a_label_that_stops_accepting_the_ldevids_ca_makes_renewal_fall_back_with_the_403(
+    enrolled: Field,
+) -> None:
+    # The server's TLS layer still accepts the LDevID; the label's own rule no longer
+    # does (403 "the TLS client certificate is not issued by ..."), as when an operator
+    # stops accepting a CA.
+    f = enrolled
+    f.server.edit_config(
+        lambda d: d["labels"]["ldevid"]["auth"]["client_cert"].update(issuers=["manufacturer"]))
+    proc = tpmid(f.config, "renew", "ldevid", "--force", env=f.env)
+    assert "the EST server no longer accepts ldevid's certificate (403: the TLS client " \
+           "certificate is not issued by the manufacturer CA accepted at this label)" \
+           in proc.stderr
+    last = [r for r in f.server.issued() if r["label"] == "ldevid"][-1]
+    assert last["operation"] == "simpleenroll"
+    assert last["authenticated_as"].endswith("CN=IDevID")
