@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import subprocess
 import tempfile
 import time
@@ -134,13 +135,17 @@ def _files_to_search(device: Device, started: float) -> Iterator[Path]:
     for root in roots:
         yield from (p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
     # The system temporary directory: whatever was written there during the test.
-    for entry in Path(tempfile.gettempdir()).rglob("*"):
-        try:
-            if entry.is_file() and not entry.is_symlink() and entry.stat().st_mtime >= started \
-                    and entry.stat().st_size < (4 << 20):
+    # os.walk, not rglob: other tests (other workers) remove their directories while
+    # this walks, and os.walk skips a directory that vanished.
+    for dirpath, _dirs, names in os.walk(tempfile.gettempdir()):
+        for name in names:
+            entry = Path(dirpath, name)
+            try:
+                st = entry.lstat()
+            except OSError:
+                continue  # another process's file, gone or unreadable
+            if stat.S_ISREG(st.st_mode) and st.st_mtime >= started and st.st_size < (4 << 20):
                 yield entry
-        except OSError:
-            continue  # another process's file, gone or unreadable
 
 
 def _assert_nowhere(forms: dict[str, bytes], files: Iterator[Path], texts: dict[str, str]) -> None:
