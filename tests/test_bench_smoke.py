@@ -10,6 +10,8 @@ the targets are benchmarks, not tests.
 from __future__ import annotations
 
 import json
+import os
+import pstats
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 NOT_MEASURED = ("not measured", "—")
 
 
+@pytest.mark.slow
 def test_quick_bench_measures_every_row_for_both_flows_and_writes_both_reports(
     tmp_path: Path,
 ) -> None:
@@ -47,19 +50,39 @@ def test_quick_bench_measures_every_row_for_both_flows_and_writes_both_reports(
     # Every measure has a value for tpmid on plain swtpm; none fell back to "not measured".
     for rid, row in rows.items():
         assert not row["tpmid_plain"].startswith(NOT_MEASURED), (rid, row)
-    for rid in ("provision_time", "enroll_time", "renew_time", "flow_time", "flow_tpm_commands"):
-        for cell in ("manual_plain", "tpmid_delayed", "manual_delayed"):
+    for rid in ("provision_time", "enroll_time", "renew_time", "flow_time", "flow_tpm_commands",
+                "provision_cpu", "enroll_cpu", "renew_cpu", "flow_tpm_wait"):
+        for cell in ("manual_plain", "tpmid_delayed", "manual_delayed", "tpmid_discrete",
+                     "manual_discrete"):
             assert not rows[rid][cell].startswith(NOT_MEASURED), (rid, cell, rows[rid])
-    # Every target got a verdict (✔ or ✘), whatever it is.
+    # Every target got a verdict (✔ or ✘), whatever it is; issue 15's are among them.
     assert data["targets"] and all(v in ("✔", "✘") for v in data["targets"].values())
+    assert {"provision_tpm_commands", "enroll_tpm_commands", "renew_tpm_commands",
+            "flow_tpm_commands", "provision_cpu", "enroll_cpu", "renew_cpu", "status_cpu",
+            "cli_startup", "load_errors"} <= set(data["targets"])
 
-    # Both flows really used the TPM behind the counting proxy, in both columns.
-    assert [c["delay_ms"] for c in data["columns"]] == [0.0, 20.0]
+    # Both flows really used the TPM behind the counting proxy, in all three columns.
+    assert [(c["kind"], c["delay_ms"]) for c in data["columns"]] == [
+        ("plain", 0.0), ("delayed", 20.0), ("discrete", 0.0)]
     for column in data["columns"]:
         for flow in ("tpmid", "manual"):
             for step in ("provision", "enroll", "renew"):
                 low, _high = column[flow]["steps"][step]["tpm_commands"]
                 assert low > 0, (column["label"], flow, step)
+                assert column[flow]["steps"][step]["cpu_ms"][0] > 0, (column["label"], flow)
+            waited = column[flow]["flow_tpm_wait_ms"][0]
+            n = column[flow]["flow_tpm_commands"][0]
+            # Plain forwards at once; 20 ms/cmd adds exactly that; the profile adds at
+            # least a key generation (240 ms) and a signature (200 ms) to each flow.
+            expected = {"plain": (0, 0), "delayed": (20 * n - 1, 20 * n + 1),
+                        "discrete": (440, 1e9)}
+            lo, hi = expected[column["kind"]]
+            assert lo <= waited <= hi, (column["label"], flow, waited)
+    # `tpmid status` was timed on an enrolled device and never touched the TPM.
+    assert data["status"]["measured"] is True and data["status"]["tpm_commands"] == 0
+    # The server under load: every request of every client was answered or counted.
+    assert data["load"]["measured"] is True and data["load"]["enrollments"] > 0
+    assert data["load"]["server_rss_kb_max"] > 0 and data["load"]["server_cpu_s"] is not None
     assert {r["tpmid_plain"] for r in data["rows"] if r["id"] == "handshake_tpm_commands"} \
         == {"1 (Sign)"}
     assert data["counting"]["manual"][0]["programs"]["tpm2_createprimary"] == 1
@@ -134,3 +157,23 @@ def test_manual_kit_makes_tpm2_tools_derive_the_same_idevid_as_tpmid(swtpm: Swtp
         finally:
             key.close()
     assert tools_x == tpmid_x
+
+
+def test_server_profiler_sees_the_work_done_in_threads_not_only_the_main_thread(
+    tmp_path: Path,
+) -> None:
+    """python -m cProfile would miss it: the EST server answers in one thread per connection."""
+    (tmp_path / "threaded_job.py").write_text(
+        "import threading\n"
+        "def work_in_a_thread():\n"
+        "    return sum(i * i for i in range(20000))\n"
+        "t = threading.Thread(target=work_in_a_thread)\n"
+        "t.start(); t.join()\n"
+        "raise SystemExit(3)\n")
+    out = tmp_path / "job.prof"
+    proc = subprocess.run([sys.executable, "-m", "tests.bench.cprofile_threads", str(out),
+                           "-m", "threaded_job"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 3, proc.stderr  # the module's exit status, passed through
+    functions = pstats.Stats(str(out)).get_stats_profile().func_profiles
+    assert "work_in_a_thread" in functions

@@ -138,3 +138,79 @@ def test_command_line_proxy_prints_its_tcti_and_reports_counts(swtpm: Swtpm) -> 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- the discrete-TPM latency profile ------------------------------------------------------
+
+
+def _command(code: int, handles: list[int], params: bytes) -> bytes:
+    """A command frame with one password session, as ESAPI sends it (TPM_ST_SESSIONS)."""
+    session = struct.pack(">IHBH", 0x40000009, 0, 0, 0)  # handle, nonce, attributes, hmac
+    body = b"".join(struct.pack(">I", h) for h in handles)
+    body += struct.pack(">I", len(session)) + session + params
+    return struct.pack(">HII", 0x8002, 10 + len(body), code) + body
+
+
+def _create(code: int, alg: str) -> bytes:
+    from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
+
+    params = TPM2B_SENSITIVE_CREATE().marshal() + TPM2B_PUBLIC.parse(alg).marshal()
+    return _command(code, [0x4000000B], params + b"\0\0" + b"\0\0\0\0")
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "alg", "seconds"),
+    [
+        pytest.param(_create(0x131, "ecc256"), 0x131, "ecc", 0.240, id="createprimary-ecc"),
+        pytest.param(_create(0x131, "rsa2048"), 0x131, "rsa", 3.0, id="createprimary-rsa"),
+        pytest.param(_create(0x191, "rsa2048"), 0x191, "rsa", 3.0, id="createloaded-rsa"),
+        pytest.param(_command(0x15D, [0x81020000], b"\0\x20" + b"d" * 32 + b"\0\x18\0\x0b"),
+                     0x15D, "ecc", 0.200, id="sign-ecdsa"),
+        pytest.param(_command(0x15D, [0x81020000], b"\0\x20" + b"d" * 32 + b"\0\x10"),
+                     0x15D, None, 0.200, id="sign-null-scheme-uses-the-key-default"),
+        pytest.param(_command(0x173, [0x81020000], b""), 0x173, None, 0.0031, id="readpublic"),
+    ],
+)
+def test_discrete_profile_prices_key_generation_by_the_algorithm_in_the_frame(
+    frame: bytes, code: int, alg: str | None, seconds: float,
+) -> None:
+    from tpmid.testing.tpmproxy import DISCRETE_TPM, command_algorithm
+
+    assert command_algorithm(code, frame) == alg
+    assert DISCRETE_TPM(code, frame) == pytest.approx(seconds)
+
+
+def test_discrete_profile_charges_nv_reads_by_the_bytes_asked_for() -> None:
+    from tpmid.testing.tpmproxy import DISCRETE_TPM, nv_read_size
+
+    small = _command(0x14E, [0x01C00002, 0x01C00002], struct.pack(">HH", 16, 0))
+    big = _command(0x14E, [0x01C00002, 0x01C00002], struct.pack(">HH", 1024, 0))
+    assert (nv_read_size(0x14E, small), nv_read_size(0x14E, big)) == (16, 1024)
+    assert DISCRETE_TPM(0x14E, big) - DISCRETE_TPM(0x14E, small) == pytest.approx(
+        (1024 - 16) * DISCRETE_TPM.nv_read_per_byte)
+
+
+def test_truncated_frames_get_the_plain_per_command_figure_not_an_exception() -> None:
+    from tpmid.testing.tpmproxy import DISCRETE_TPM
+
+    truncated = _create(0x131, "rsa2048")[:20]
+    assert DISCRETE_TPM(0x131, truncated) == pytest.approx(0.240)
+
+
+def test_proxy_waits_for_the_latency_function_and_reports_the_time_added(swtpm: Swtpm) -> None:
+    seen: list[int] = []
+
+    def latency(code: int, frame: bytes) -> float:
+        seen.append(code)
+        return 0.05
+
+    with TpmProxy(swtpm.host, swtpm.port, swtpm.ctrl_port, delay=0.01,
+                  latency=latency) as proxy:
+        t0 = time.monotonic()
+        subprocess.run(["tpm2_getrandom", "-T", proxy.tcti, "--hex", "8"], check=True,
+                       capture_output=True, timeout=30)
+        elapsed = time.monotonic() - t0
+        stats = proxy.stats()
+    assert seen and stats["count"] == len(seen)
+    assert stats["waited_s"] == pytest.approx(0.06 * len(seen))
+    assert elapsed >= 0.06 * len(seen)

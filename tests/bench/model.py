@@ -11,12 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.bench.flows import STEPS, MtlsAttempt
-from tests.bench.probes import DaemonResult, StartupResult
+from tests.bench.load import LoadResult
+from tests.bench.probes import DaemonResult, StartupResult, StatusResult
 from tests.bench.rig import StepResult
 from tests.bench.stats import Summary, span
 from tests.bench.sysinfo import SystemInfo
 
 FLOWS = ("tpmid", "manual")
+# The columns of a run: plain swtpm, swtpm + a fixed delay per command, swtpm + the
+# discrete-TPM latency profile (tpmid.testing.tpmproxy.DISCRETE_TPM).
+KINDS = ("plain", "delayed", "discrete")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,11 @@ class BenchOptions:
     delay_ms: float = 20.0
     idle_seconds: float = 60.0
     startup_runs: int = 10
+    status_runs: int = 10
+    profile: str | None = "discrete"  # the third column's latency profile; None: no column
+    load_clients: int = 50
+    load_seconds: float = 60.0
+    load_workers: int = 2
     quick: bool = False
 
     def as_dict(self) -> dict[str, object]:
@@ -37,15 +46,23 @@ class BenchOptions:
 
 @dataclass
 class FlowColumn:
-    """Every device of one column (a proxy delay): the steps of both flows, per device."""
+    """Every device of one column (a proxy delay or profile): both flows' steps, per device."""
 
     delay_ms: float
+    profile: str | None = None
     runs: dict[str, list[list[StepResult]]] = field(
         default_factory=lambda: {flow: [] for flow in FLOWS})
 
     @property
+    def kind(self) -> str:
+        """One of :data:`KINDS`."""
+        return "discrete" if self.profile else "delayed" if self.delay_ms else "plain"
+
+    @property
     def label(self) -> str:
-        """``swtpm`` or ``swtpm + 20 ms/cmd``."""
+        """``swtpm``, ``swtpm + 20 ms/cmd`` or ``swtpm + discrete-TPM profile``."""
+        if self.profile:
+            return f"swtpm + {self.profile}-TPM profile"
         return "swtpm" if not self.delay_ms else f"swtpm + {self.delay_ms:g} ms/cmd"
 
     def step_results(self, flow: str, step: str) -> list[StepResult]:
@@ -57,6 +74,11 @@ class FlowColumn:
         """Wall times of ``step`` in milliseconds."""
         return [r.seconds * 1000.0 for r in self.step_results(flow, step)]
 
+    def cpu_ms(self, flow: str, step: str) -> list[float]:
+        """CPU time (user + sys, the command and its children) of ``step`` in milliseconds."""
+        return [r.cpu_seconds * 1000.0 for r in self.step_results(flow, step)
+                if r.cpu_seconds is not None]
+
     def complete_devices(self, flow: str) -> list[list[StepResult]]:
         """Devices on which every step of ``flow`` succeeded."""
         return [d for d in self.runs[flow]
@@ -65,6 +87,10 @@ class FlowColumn:
     def flow_times_ms(self, flow: str) -> list[float]:
         """Per device, the sum of the three steps (devices where all succeeded)."""
         return [sum(r.seconds for r in d) * 1000.0 for d in self.complete_devices(flow)]
+
+    def flow_tpm_wait_ms(self, flow: str) -> list[float]:
+        """Per device, the latency the proxy added over the three steps (delay or profile)."""
+        return [sum(r.tpm_wait_seconds for r in d) * 1000.0 for d in self.complete_devices(flow)]
 
     def tpm_commands(self, flow: str, step: str) -> list[int]:
         """TPM commands the proxy counted for ``step``."""
@@ -87,7 +113,8 @@ class FlowColumn:
 
     def as_dict(self) -> dict[str, Any]:
         """Summaries per flow and step, with the raw times (JSON)."""
-        out: dict[str, Any] = {"delay_ms": self.delay_ms, "label": self.label}
+        out: dict[str, Any] = {"delay_ms": self.delay_ms, "profile": self.profile,
+                               "kind": self.kind, "label": self.label}
         for flow in FLOWS:
             steps: dict[str, Any] = {}
             for step in STEPS:
@@ -97,6 +124,8 @@ class FlowColumn:
                     "command": results[0].command if results else None,
                     "time_ms": summary.as_dict() if summary else None,
                     "times_ms": [round(t, 2) for t in self.times_ms(flow, step)],
+                    "cpu_ms": [round(t, 2) for t in self.cpu_ms(flow, step)],
+                    "tpm_wait_ms": [round(r.tpm_wait_seconds * 1000.0, 2) for r in results],
                     "tpm_commands": span(self.tpm_commands(flow, step)),
                     "tpm_commands_by_name": results[0].tpm_by_name if results else {},
                     "transient_objects_max": max((r.transient_objects or 0 for r in results),
@@ -110,6 +139,7 @@ class FlowColumn:
                 "devices_complete": len(self.complete_devices(flow)),
                 "steps": steps,
                 "flow_time_ms": total.as_dict() if total else None,
+                "flow_tpm_wait_ms": [round(t, 2) for t in self.flow_tpm_wait_ms(flow)],
                 "flow_tpm_commands": span(self.flow_tpm_commands(flow)),
                 "transient_objects_max": objs,
                 "sessions_max": sess,
@@ -130,21 +160,23 @@ class BenchResult:
     columns: list[FlowColumn] = field(default_factory=list)
     handshakes: list[dict[str, object]] = field(default_factory=list)
     daemon: DaemonResult | None = None
+    status: StatusResult | None = None
+    load: LoadResult | None = None
     mtls_attempts: list[MtlsAttempt] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     duration_s: float = 0.0
 
-    def column(self, delayed: bool) -> FlowColumn | None:
-        """The plain (``delayed=False``) or the delayed column."""
+    def column(self, kind: str) -> FlowColumn | None:
+        """The column of ``kind`` (one of :data:`KINDS`), None if it was not run."""
         for c in self.columns:
-            if bool(c.delay_ms) == delayed:
+            if c.kind == kind:
                 return c
         return None
 
-    def handshake(self, delayed: bool) -> dict[str, object] | None:
-        """The handshake result measured without / with the proxy delay."""
+    def handshake(self, kind: str) -> dict[str, object] | None:
+        """The handshake result measured in the ``plain`` or ``delayed`` column."""
         for h in self.handshakes:
-            if bool(h.get("delay_ms")) == delayed:
+            if kind in ("plain", "delayed") and bool(h.get("delay_ms")) == (kind == "delayed"):
                 return h
         return None
 
@@ -159,4 +191,5 @@ class BenchResult:
     def failed(self) -> bool:
         """True when a step failed or a measurement could not be made."""
         return bool(self.errors) or any(c.failures() for c in self.columns) or any(
-            not r.ok for steps in self.counting.values() for r in steps)
+            not r.ok for steps in self.counting.values() for r in steps) or (
+            self.status is not None and not self.status.measured)

@@ -3,6 +3,8 @@
 * :func:`measure_startup` times ``tpmid --help`` (and a bare ``python -c pass``
   for reference) as a user starts it, and, when asked, lists the imports that
   dominate from ``python -X importtime``.
+* :func:`measure_status` times ``tpmid status`` on an enrolled device (no TPM,
+  no network) and reads its CPU time.
 * :func:`measure_handshake` runs :func:`tests.bench.handshakes.measure_handshakes`
   with a device's persistent IDevID opened through the counting proxy.
 * :class:`DaemonProbe` starts ``tpmid daemon`` for an enrolled device and
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -49,6 +52,7 @@ class StartupResult:
     help_median_ms: float
     help_min_ms: float
     python_median_ms: float
+    help_cpu_median_ms: float | None = None
     heaviest_imports: list[ImportCost] = field(default_factory=list)
     all_top_level: list[ImportCost] = field(default_factory=list)  # depth 0, for the total
 
@@ -60,13 +64,23 @@ class StartupResult:
         return d
 
 
-def _time_runs(argv: list[str], runs: int, env: Mapping[str, str]) -> list[float]:
+def _cpu_children() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _time_runs(argv: list[str], runs: int, env: Mapping[str, str],
+               cpu: list[float] | None = None) -> list[float]:
+    """Wall times (ms) of ``runs`` runs; their CPU times (ms) appended to ``cpu`` if given."""
     times = []
     for _ in range(runs):
+        c0 = _cpu_children()
         t0 = time.perf_counter()
         proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env=dict(env), timeout=60, check=False)
         times.append((time.perf_counter() - t0) * 1000.0)
+        if cpu is not None:
+            cpu.append((_cpu_children() - c0) * 1000.0)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: "
                                f"{proc.stderr.decode(errors='replace')[-500:]}")
@@ -103,12 +117,14 @@ def measure_startup(tpmid: list[str], env: Mapping[str, str], *, runs: int = 10,
     read from one ``python -X importtime`` run of the same console script.
     """
     _time_runs([*tpmid, "--help"], 1, env)
-    help_times = _time_runs([*tpmid, "--help"], runs, env)
+    help_cpu: list[float] = []
+    help_times = _time_runs([*tpmid, "--help"], runs, env, help_cpu)
     py_times = _time_runs([sys.executable, "-c", "pass"], runs, env)
     result = StartupResult(command=" ".join([Path(tpmid[0]).name, *tpmid[1:], "--help"]),
                            runs=runs, help_median_ms=statistics.median(help_times),
                            help_min_ms=min(help_times),
-                           python_median_ms=statistics.median(py_times))
+                           python_median_ms=statistics.median(py_times),
+                           help_cpu_median_ms=statistics.median(help_cpu))
     if explain_over_ms is not None and result.help_median_ms > explain_over_ms:
         script = tpmid if tpmid[0] == sys.executable else [sys.executable, *tpmid]
         proc = subprocess.run([script[0], "-X", "importtime", *script[1:], "--help"],
@@ -118,6 +134,44 @@ def measure_startup(tpmid: list[str], env: Mapping[str, str], *, runs: int = 10,
         result.heaviest_imports = heaviest(costs)
         result.all_top_level = [c for c in costs if c.depth == 0]
     return result
+
+
+# ----------------------------------------------------------------------------- status
+
+
+@dataclass
+class StatusResult:
+    """``tpmid status`` on an enrolled device: wall and CPU time, TPM commands it sent."""
+
+    measured: bool
+    runs: int = 0
+    wall_median_ms: float | None = None
+    cpu_median_ms: float | None = None
+    tpm_commands: int | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly form."""
+        return dict(self.__dict__)
+
+
+def measure_status(tpmid: list[str], env: Mapping[str, str], device: Device, *,
+                   runs: int) -> StatusResult:
+    """Median wall and CPU time of ``tpmid status`` over ``runs`` runs (after one warm-up).
+
+    ``env`` holds the config of an enrolled ``device``; its proxy counts the
+    TPM commands the runs sent (expected: none).
+    """
+    argv = [*tpmid, "status"]
+    try:
+        _time_runs(argv, 1, env)
+        device.proxy.reset()
+        cpu: list[float] = []
+        wall = _time_runs(argv, runs, env, cpu)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        return StatusResult(measured=False, reason=str(e)[-500:])
+    return StatusResult(measured=True, runs=runs, wall_median_ms=statistics.median(wall),
+                        cpu_median_ms=statistics.median(cpu), tpm_commands=device.proxy.count)
 
 
 # ----------------------------------------------------------------------------- handshake

@@ -11,8 +11,10 @@
   (same operator CA and profile as ``ldevid``, HTTP Basic instead of a client
   certificate), because the manual path cannot do mutual TLS with a TPM key.
 * :meth:`Rig.run_step` runs one command as a user would (a subprocess), and
-  records wall time, exit code, the TPM commands the proxy saw, and the
-  transient objects and sessions left in the TPM afterwards. With
+  records wall time, CPU time (user + sys of the command and every process it
+  waited for, from ``getrusage(RUSAGE_CHILDREN)`` deltas), exit code, the TPM
+  commands the proxy saw (and the latency it added), and the transient
+  objects and sessions left in the TPM afterwards. With
   ``count_processes`` it runs under ``strace -f`` to count the programs
   executed; such runs are never timed.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import secrets
 import signal
 import subprocess
@@ -36,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpmid.testing.swtpm import Swtpm, copy_state, manufacture
-from tpmid.testing.tpmproxy import TpmProxy
+from tpmid.testing.tpmproxy import LatencyFunction, TpmProxy
 
+REPO = Path(__file__).resolve().parents[2]  # the checkout (for python -m tests.bench...)
 SERVER_START_TIMEOUT = 30.0
 STEP_TIMEOUT = 180.0
 # Follow forks, one output file per process, report successful and failed execve only.
@@ -75,6 +79,8 @@ class StepResult:
     processes: int | None = None  # programs executed (strace execve), counting runs only
     programs: dict[str, int] = field(default_factory=dict)
     error: str | None = None  # tail of stderr when rc != 0
+    cpu_seconds: float | None = None  # user + sys of the command and its children (timed runs)
+    tpm_wait_seconds: float = 0.0  # latency the proxy added (delay or profile)
 
     @property
     def ok(self) -> bool:
@@ -195,9 +201,16 @@ def _sessions(tcti: str) -> int | None:
 class Rig:
     """The manufactured TPM template, the EST server, and the devices of one run."""
 
-    def __init__(self, workdir: Path, base_env: Mapping[str, str]) -> None:
-        """Prepare a rig in ``workdir``; ``base_env`` is the environment children start from."""
+    def __init__(self, workdir: Path, base_env: Mapping[str, str], *,
+                 server_cprofile: Path | None = None) -> None:
+        """Prepare a rig in ``workdir``; ``base_env`` is the environment children start from.
+
+        With ``server_cprofile``, the EST server runs under
+        :mod:`tests.bench.cprofile_threads` (every thread profiled) and writes its
+        profile there when it stops.
+        """
         self.workdir = workdir
+        self.server_cprofile = server_cprofile
         # Nothing from the caller's shell may steer a flow to another TPM, config or
         # OpenSSL set-up: each flow gets exactly what the bench gives it.
         self.base_env = {k: v for k, v in base_env.items()
@@ -239,9 +252,13 @@ class Rig:
         out = open(res.dir / "run.stdout", "wb")  # noqa: SIM115 - owned by the child
         err = open(res.dir / "run.log", "wb")  # noqa: SIM115
         try:
+            # python -m cProfile would see only the main thread; the server answers
+            # each connection in a thread of its own.
+            profile = ([] if self.server_cprofile is None else
+                       ["-m", "tests.bench.cprofile_threads", str(self.server_cprofile.resolve())])
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tpmid.cli", "est-server", "run", "--dir", str(res.dir),
-                 "--port", "0"],
+                [sys.executable, *profile, "-m", "tpmid.cli", "est-server", "run",
+                 "--dir", str(res.dir), "--port", "0"], cwd=REPO,
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                 env={**self.base_env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         finally:
@@ -262,8 +279,12 @@ class Rig:
                                    f":\n{tail}")
             time.sleep(0.02)
 
-    def device(self, label: str, delay: float = 0.0) -> Device:
-        """A factory-fresh device (a copy of the template TPM) behind a proxy with ``delay``."""
+    def device(self, label: str, delay: float = 0.0,
+               latency: LatencyFunction | None = None) -> Device:
+        """A factory-fresh device (a copy of the template TPM) behind a proxy.
+
+        The proxy waits ``delay`` seconds plus ``latency(code, frame)`` per command.
+        """
         if self.template is None:
             raise BenchFailure("the rig is not started")
         with self._lock:
@@ -273,7 +294,8 @@ class Rig:
         copy_state(self.template, d / "tpm")
         sim = Swtpm(d / "tpm").start()
         try:
-            proxy = TpmProxy(sim.host, sim.port, sim.ctrl_port, delay=delay).start()
+            proxy = TpmProxy(sim.host, sim.port, sim.ctrl_port, delay=delay,
+                             latency=latency).start()
         except BaseException:
             sim.stop()
             raise
@@ -317,6 +339,10 @@ class Rig:
             # --seccomp-bpf: only execve stops the tracee, the rest runs at full speed.
             cmd = [*STRACE_EXECVE, "-o", str(trace_prefix), *cmd]
         device.proxy.reset()
+        # RUSAGE_CHILDREN grows when a child is reaped: the delta is this command plus
+        # every descendant it waited for. Only meaningful when no other thread reaps a
+        # child meanwhile, which holds for the timed steps (they run alone).
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=cwd, env=dict(env), capture_output=True,
@@ -325,6 +351,8 @@ class Rig:
         except subprocess.TimeoutExpired as e:
             rc, stderr = -1, (e.stderr or b"") + f"\n(timed out after {STEP_TIMEOUT:.0f} s)".encode()
         seconds = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         stats = device.proxy.stats()
         by_name = dict(stats["by_name"])  # type: ignore[call-overload]
         processes: int | None = None
@@ -344,4 +372,6 @@ class Rig:
             transient_objects=_count_handles(device.direct_tcti, "handles-transient"),
             sessions=_sessions(device.direct_tcti),
             processes=processes, programs=programs, error=error,
+            cpu_seconds=None if count_processes else cpu,
+            tpm_wait_seconds=float(stats["waited_s"]),  # type: ignore[arg-type]
         )

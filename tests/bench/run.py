@@ -10,9 +10,13 @@ Order of a run (each part on factory-fresh simulated TPMs):
    then), sampled in the background while the rest runs (it is idle: its own
    CPU counters and RSS are what count);
 4. mTLS handshakes, TPM key vs software key, through a plain and a delayed proxy;
-5. the timed devices: for each column (plain swtpm, then swtpm + delay per TPM
-   command), ``--devices`` fresh devices per flow, tpmid and manual alternating;
-6. the daemon's window closes; table, Markdown and JSON.
+5. the timed devices: for each column (plain swtpm, swtpm + delay per TPM
+   command, swtpm + the discrete-TPM latency profile), ``--devices`` fresh
+   devices per flow, tpmid and manual alternating; after the first complete
+   tpmid device of the plain column, ``tpmid status`` on it, timed;
+6. the daemon's window closes;
+7. the EST server under load (``--load-clients`` for ``--load-seconds``);
+8. table, Markdown and JSON.
 """
 
 from __future__ import annotations
@@ -26,18 +30,27 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
-from tests.bench import flows, probes, report, sysinfo
+from tests.bench import flows, load, probes, report, sysinfo
 from tests.bench.model import BenchOptions, BenchResult, FlowColumn
-from tests.bench.rig import BenchFailure, Rig
+from tests.bench.rig import BASIC_LABEL, BASIC_USER, BenchFailure, Rig
+from tpmid.testing.tpmproxy import PROFILES
 
-REPO = Path(__file__).resolve().parents[3]
-QUICK = BenchOptions(devices=1, handshakes=3, idle_seconds=3.0, startup_runs=3, quick=True)
+REPO = Path(__file__).resolve().parents[2]
+QUICK = BenchOptions(devices=1, handshakes=3, idle_seconds=3.0, startup_runs=3, status_runs=3,
+                     load_clients=10, load_seconds=3.0, quick=True)
 REQUIRED_TOOLS = ("swtpm", "swtpm_setup", "tpm2_createprimary", "tpm2_evictcontrol",
                   "tpm2_flushcontext", "tpm2_getcap", "openssl", "curl", "strace", "basenc",
                   "bash")
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
+
+
+def pick(value: T | None, default: T) -> T:
+    """``value`` unless it is None (an option not given)."""
+    return default if value is None else value
 
 
 def _missing_tools() -> list[str]:
@@ -45,7 +58,7 @@ def _missing_tools() -> list[str]:
 
 
 def run_bench(options: BenchOptions, *, workdir: Path, base_env: Mapping[str, str],
-              progress: Progress) -> BenchResult:
+              progress: Progress, server_cprofile: Path | None = None) -> BenchResult:
     """Measure everything ``options`` asks for, with devices and server under ``workdir``."""
     t_start = time.monotonic()
     result = BenchResult(options=options, system=sysinfo.collect())
@@ -62,7 +75,7 @@ def run_bench(options: BenchOptions, *, workdir: Path, base_env: Mapping[str, st
     except (RuntimeError, OSError) as e:
         result.errors.append(f"start-up not measured: {e}")
 
-    rig = Rig(workdir, base_env)
+    rig = Rig(workdir, base_env, server_cprofile=server_cprofile)
     daemon: probes.DaemonProbe | None = None
     try:
         progress("rig: manufacturing the template TPM, starting the EST server")
@@ -85,17 +98,28 @@ def run_bench(options: BenchOptions, *, workdir: Path, base_env: Mapping[str, st
             finally:
                 daemon = count_t.result()  # so that `finally` below can stop it
         _handshakes(rig, options, result, progress)
-        for delay in (0.0, options.delay_ms):
-            col = FlowColumn(delay_ms=delay)
+        columns = [FlowColumn(delay_ms=0.0), FlowColumn(delay_ms=options.delay_ms)]
+        if options.profile:
+            columns.append(FlowColumn(delay_ms=0.0, profile=options.profile))
+        for col in columns:
             result.columns.append(col)
+            latency = PROFILES[col.profile] if col.profile else None
+            prefix = {"plain": "P", "delayed": "D", "discrete": "R"}[col.kind]
             for i in range(options.devices):
-                serial = f"SN-{'D' if delay else 'P'}{i + 1:04d}"
+                serial = f"SN-{prefix}{i + 1:04d}"
                 for flow in ("tpmid", "manual"):
-                    dev = rig.device(f"{flow}-{serial}", delay=delay / 1000.0)
+                    dev = rig.device(f"{flow}-{serial}", delay=col.delay_ms / 1000.0,
+                                     latency=latency)
                     try:
                         if flow == "tpmid":
                             steps = flows.run_tpmid_flow(rig, dev, serial, tpmid=tpmid,
                                                          renew=renew)
+                            if (result.status is None and col.kind == "plain"
+                                    and all(r.ok for r in steps) and len(steps) == 3):
+                                progress(f"`tpmid status` x{options.status_runs} on {serial}")
+                                result.status = probes.measure_status(
+                                    tpmid, flows.tpmid_env(rig, dev.dir / "config.yaml"), dev,
+                                    runs=options.status_runs)
                         else:
                             steps = flows.run_manual_flow(rig, dev, serial, kit=kit)
                     finally:
@@ -112,6 +136,8 @@ def run_bench(options: BenchOptions, *, workdir: Path, base_env: Mapping[str, st
             progress("daemon: waiting for the end of its idle window")
             result.daemon = daemon.finish()
             daemon = None
+        if options.load_clients > 0:
+            result.load = _load(rig, options, progress)
     finally:
         if daemon is not None:
             daemon.stop()
@@ -177,6 +203,17 @@ def _handshakes(rig: Rig, options: BenchOptions, result: BenchResult,
         rig.release(dev)
 
 
+def _load(rig: Rig, options: BenchOptions, progress: Progress) -> load.LoadResult:
+    srv = rig.server
+    assert srv is not None
+    prefix = "/.well-known/est/"
+    return load.run_load(
+        server_pid=srv.process.pid, host=srv.host, port=srv.port,
+        path=f"{prefix}{BASIC_LABEL}/simpleenroll", cafile=srv.tls_ca, user=BASIC_USER,
+        password=rig.basic_password, clients=options.load_clients, seconds=options.load_seconds,
+        workers=options.load_workers, progress=progress)
+
+
 def _count_manual(rig: Rig, kit: Path, result: BenchResult, progress: Progress) -> None:
     dev = rig.device("count-manual")
     try:
@@ -193,15 +230,27 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scripts/bench",
         description="Benchmark tpmid's device flow against the manual path with standard "
-        "tools, on simulated TPMs (plain and with a per-command delay) and the reference EST "
-        "server; print a table and write docs/benchmarks.md and docs/benchmarks.json.")
+        "tools, on simulated TPMs (plain, with a per-command delay, with a discrete-TPM "
+        "latency profile) and the reference EST server; CPU per command, `tpmid status`, "
+        "start-up, the idle daemon, the EST server under load; print a table and write "
+        "docs/benchmarks.md and docs/benchmarks.json.")
     p.add_argument("--quick", action="store_true",
-                   help="tiny counts (1 device, 3 handshakes, 3 s idle); writes nothing "
-                   "unless --out-md/--out-json are given")
+                   help="tiny counts (1 device, 3 handshakes, 3 s idle, 3 status runs, 10 "
+                   "load clients for 3 s); writes nothing unless --out-md/--out-json are given")
     p.add_argument("--devices", type=int, help="fresh devices per flow and column (default 20)")
     p.add_argument("--handshakes", type=int, help="handshakes per key and column (default 50)")
     p.add_argument("--delay-ms", type=float, help="proxy delay per TPM command (default 20)")
     p.add_argument("--idle-seconds", type=float, help="daemon idle window (default 60)")
+    p.add_argument("--profile", choices=[*sorted(PROFILES), "none"],
+                   help="latency profile of the third column (default discrete: a discrete "
+                   "TPM's per-command latencies, see docs/benchmarks.md); none: no third column")
+    p.add_argument("--status-runs", type=int, help="`tpmid status` runs (default 10)")
+    p.add_argument("--load-clients", type=int, help="concurrent clients enrolling against "
+                   "the EST server in the load test (default 50; 0: no load test)")
+    p.add_argument("--load-seconds", type=float, help="load test window (default 60)")
+    p.add_argument("--cprofile-server", type=Path, metavar="FILE",
+                   help="run the EST server under cProfile (every thread) and write its "
+                   "stats to FILE when it stops (read with python -m pstats FILE)")
     p.add_argument("--out-md", type=Path, help="Markdown report (default docs/benchmarks.md)")
     p.add_argument("--out-json", type=Path, help="JSON report (default docs/benchmarks.json)")
     p.add_argument("--workdir", type=Path, help="keep devices and server here (default: a "
@@ -214,15 +263,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     base = QUICK if args.quick else BenchOptions()
     options = BenchOptions(
-        devices=args.devices if args.devices is not None else base.devices,
-        handshakes=args.handshakes if args.handshakes is not None else base.handshakes,
-        delay_ms=args.delay_ms if args.delay_ms is not None else base.delay_ms,
-        idle_seconds=args.idle_seconds if args.idle_seconds is not None else base.idle_seconds,
-        startup_runs=base.startup_runs, quick=base.quick)
+        devices=pick(args.devices, base.devices),
+        handshakes=pick(args.handshakes, base.handshakes),
+        delay_ms=pick(args.delay_ms, base.delay_ms),
+        idle_seconds=pick(args.idle_seconds, base.idle_seconds),
+        startup_runs=base.startup_runs,
+        status_runs=pick(args.status_runs, base.status_runs),
+        profile=base.profile if args.profile is None else (
+            None if args.profile == "none" else args.profile),
+        load_clients=pick(args.load_clients, base.load_clients),
+        load_seconds=pick(args.load_seconds, base.load_seconds),
+        quick=base.quick)
     if options.devices < 1 or options.handshakes < 1 or options.idle_seconds <= 0 \
-            or options.delay_ms <= 0:
-        print("scripts/bench: --devices and --handshakes must be >= 1, --idle-seconds and "
-              "--delay-ms > 0", file=sys.stderr)
+            or options.delay_ms <= 0 or options.status_runs < 1 or options.load_clients < 0 \
+            or options.load_seconds <= 0:
+        print("scripts/bench: --devices, --handshakes and --status-runs must be >= 1, "
+              "--load-clients >= 0, --idle-seconds, --load-seconds and --delay-ms > 0",
+              file=sys.stderr)
         return 2
     out_md = args.out_md or (None if options.quick else REPO / "docs" / "benchmarks.md")
     out_json = args.out_json or (None if options.quick else REPO / "docs" / "benchmarks.json")
@@ -236,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tpmid-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_bench(options, workdir=workdir, base_env=os.environ, progress=progress)
+        result = run_bench(options, workdir=workdir, base_env=os.environ, progress=progress,
+                           server_cprofile=args.cprofile_server)
     except BenchFailure as e:
         print(f"scripts/bench: {e}", file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ import importlib
 from collections.abc import Iterator
 
 # Order here is the order in `tpmid --help`.
-MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "est_server")
+MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "secret", "est_server")
 
 # Every top-level command: the module that registers it and its one-line help.
 # `tpmid --help` lists them from here without importing a command module; running
@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("status", "check TPM, keys, certificates, EST servers, clock and permissions"),
     "reset": ("status", "remove issued identities from the store, to enroll from scratch"),
     "provision": ("provision", "provision this device's IDevID on the manufacturing line"),
+    "secret": ("secret", "seal EST passwords and other secrets to the TPM ({sealed: NAME})"),
     "est-server": ("est_server", "reference CA and EST server for tests and demos"),
 }
 

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tpmid.cancel import Cancelled
-from tpmid.certfiles import load_pem_certificates
+from tpmid.certfiles import load_pem_certificates, spki_der
 from tpmid.clock import utcnow
 from tpmid.config import Config, EstConfig, IdentityConfig
 from tpmid.csr import build_csr, build_subject
@@ -69,7 +69,6 @@ from tpmid.est.verify import (
     describe_cert,
     fingerprint_sha256,
     follow_root_key_update,
-    spki_der,
     verify_chain,
     verify_enrollment,
 )

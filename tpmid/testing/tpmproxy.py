@@ -14,10 +14,14 @@ tpmid would show up as zero commands.
 * Port P+1 (control channel: the ``swtpm`` TCTI expects it at port + 1) is
   forwarded to ``upstream_ctrl_port`` untouched.
 * ``delay`` seconds are added before each command is forwarded, to give the
-  simulator the latency of a hardware TPM in benchmarks.
+  simulator the latency of a hardware TPM in benchmarks; ``latency`` (a function
+  of the command code and frame, such as a :class:`LatencyProfile`) adds a
+  per-command figure on top: :data:`DISCRETE_TPM` models a discrete TPM
+  (key generation by algorithm, signing, NV reads by size; sources in
+  docs/benchmarks.md).
 
 Use it in-process (``with TpmProxy(...) as proxy: ... proxy.tcti``) or as
-``python -m tpmid.testing.tpmproxy --upstream-port N [--delay 0.02]``, which
+``python -m tpmid.testing.tpmproxy --upstream-port N [--delay 0.02] [--profile discrete]``, which
 prints the TCTI, prints a JSON line with the counts on SIGUSR1 and at exit, and
 resets them on SIGUSR2.
 
@@ -36,6 +40,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 
 HEADER = struct.Struct(">HII")  # tag, commandSize, commandCode
@@ -122,6 +128,124 @@ class FrameCounter:
         return out
 
 
+# -- latency models --------------------------------------------------------------------
+
+TPM_ST_SESSIONS = 0x8002
+# TPM_ALG_ID values (TPM 2.0 Part 2 §6.3) that decide what a command costs.
+_ALG_FAMILY = {0x0001: "rsa", 0x0014: "rsa", 0x0016: "rsa", 0x0023: "ecc", 0x0018: "ecc"}
+# Handles in the handle area of the commands whose parameters a profile reads (Part 3).
+_HANDLES = {0x131: 1, 0x153: 1, 0x191: 1, 0x15D: 1, 0x14E: 2}
+
+
+def _parameters(frame: bytes, code: int) -> memoryview | None:
+    """The parameter area of a command frame (after handles and sessions), None if unknown."""
+    handles = _HANDLES.get(code)
+    if handles is None:
+        return None
+    tag = struct.unpack_from(">H", frame)[0]
+    at = HEADER.size + 4 * handles
+    if tag == TPM_ST_SESSIONS:
+        if len(frame) < at + 4:
+            return None
+        at += 4 + struct.unpack_from(">I", frame, at)[0]
+    return memoryview(frame)[at:] if at <= len(frame) else None
+
+
+def command_algorithm(code: int, frame: bytes) -> str | None:
+    """``"rsa"`` or ``"ecc"`` for key creation and signing commands, when the frame says so.
+
+    CreatePrimary, Create and CreateLoaded: the ``type`` of ``inPublic`` (the
+    TPMT_PUBLIC after ``inSensitive``); Sign: the ``inScheme`` (after ``digest``).
+    None for other commands, for a Sign with the NULL scheme (the key's own
+    scheme applies, which the frame does not show) and for frames too short.
+    """
+    params = _parameters(frame, code)
+    try:
+        if params is None:
+            return None
+        if code in (0x131, 0x153, 0x191):
+            sensitive = struct.unpack_from(">H", params)[0]
+            # inPublic: TPM2B size (u16), then TPMT_PUBLIC.type (u16)
+            alg = struct.unpack_from(">H", params, 2 + sensitive + 2)[0]
+        elif code == 0x15D:
+            digest = struct.unpack_from(">H", params)[0]
+            alg = struct.unpack_from(">H", params, 2 + digest)[0]
+        else:
+            return None
+    except struct.error:
+        return None
+    return _ALG_FAMILY.get(alg)
+
+
+def nv_read_size(code: int, frame: bytes) -> int | None:
+    """The ``size`` parameter of a TPM2_NV_Read frame, None for anything else."""
+    if code != 0x14E:
+        return None
+    params = _parameters(frame, code)
+    try:
+        return None if params is None else int(struct.unpack_from(">H", params)[0])
+    except struct.error:
+        return None
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    """Seconds a TPM takes per command: by name, by key algorithm, NV reads by size.
+
+    ``per_command`` maps names without the ``TPM2_`` prefix to seconds;
+    ``by_algorithm`` maps ``(name, "rsa"|"ecc")`` to seconds for the commands
+    :func:`command_algorithm` understands (falling back to ``per_command``);
+    ``nv_read_per_byte`` is added per byte a TPM2_NV_Read asks for; commands
+    not listed cost ``default``. Call it as ``profile(code, frame)``.
+    """
+
+    name: str
+    per_command: Mapping[str, float]
+    by_algorithm: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    nv_read_per_byte: float = 0.0
+    default: float = 0.0
+
+    def __call__(self, code: int, frame: bytes) -> float:
+        """The modelled latency of one command frame, in seconds."""
+        name = _CC_NAMES.get(code, "")
+        alg = command_algorithm(code, frame)
+        seconds = self.by_algorithm.get((name, alg or ""))
+        if seconds is None:
+            seconds = self.per_command.get(name, self.default)
+        size = nv_read_size(code, frame)
+        if size:
+            seconds += size * self.nv_read_per_byte
+        return seconds
+
+
+# A discrete TPM 2.0 (SPI/LPC chip), per command. Published figures where found,
+# assumptions otherwise: every figure's source or "assumed" is listed in
+# docs/benchmarks.md ("Discrete-TPM profile"). Keep the two in step.
+DISCRETE_TPM = LatencyProfile(
+    name="discrete",
+    per_command={
+        "Sign": 0.200,  # Chrome's study, ECDSA P-256, p50 (via stiankri's "TPM performance")
+        "CreatePrimary": 0.240, "Create": 0.240, "CreateLoaded": 0.240,  # ECC, systemd #20716
+        "ReadPublic": 0.0031,  # go-tpm-tools #28: persistent EK read on a real TPM
+        "NV_ReadPublic": 0.003, "GetCapability": 0.003, "FlushContext": 0.003,  # assumed
+        "ECC_Parameters": 0.003, "ContextSave": 0.005, "ContextLoad": 0.005,  # assumed
+        "Hash": 0.005, "GetRandom": 0.005, "NV_Read": 0.003, "Startup": 0.010,  # assumed
+        "Load": 0.030, "StartAuthSession": 0.050, "EvictControl": 0.050,  # assumed
+    },
+    by_algorithm={
+        ("Sign", "ecc"): 0.200, ("Sign", "rsa"): 0.250,  # RSA: assumed
+        ("CreatePrimary", "ecc"): 0.240, ("Create", "ecc"): 0.240, ("CreateLoaded", "ecc"): 0.240,
+        # RSA-2048 key generation: go-tpm-tools #28, EK created on a real TPM in 3.05 s
+        ("CreatePrimary", "rsa"): 3.0, ("Create", "rsa"): 3.0, ("CreateLoaded", "rsa"): 3.0,
+    },
+    nv_read_per_byte=0.00002,  # assumed: 20 µs per byte through the TPM's FIFO
+    default=0.005,  # assumed
+)
+PROFILES: dict[str, LatencyProfile] = {"discrete": DISCRETE_TPM}
+
+LatencyFunction = Callable[[int, bytes], float]
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -133,8 +257,15 @@ class TpmProxy:
     """Forward a swtpm's command and control channels, counting TPM commands."""
 
     def __init__(self, upstream_host: str, upstream_port: int, upstream_ctrl_port: int,
-                 delay: float = 0.0, *, host: str = "127.0.0.1") -> None:
-        """Prepare a proxy to ``upstream_host:upstream_port`` (+ its control port)."""
+                 delay: float = 0.0, *, host: str = "127.0.0.1",
+                 latency: LatencyFunction | None = None, record: bool = False) -> None:
+        """Prepare a proxy to ``upstream_host:upstream_port`` (+ its control port).
+
+        Each command waits ``delay`` seconds plus ``latency(code, frame)`` before
+        it is forwarded. ``record`` keeps every byte of the command channel, both
+        ways (:attr:`wire`): a test can then show what crossed the "bus" in clear
+        and what did not.
+        """
         if not _is_loopback(upstream_host) or not _is_loopback(host):
             raise ValueError("the TPM proxy only works on loopback addresses")
         if delay < 0:
@@ -143,11 +274,15 @@ class TpmProxy:
         self.upstream_port = upstream_port
         self.upstream_ctrl_port = upstream_ctrl_port
         self.delay = delay
+        self.latency = latency
         self.host = host
         self.port = 0
         self._lock = threading.Lock()
         self._commands: list[str] = []
         self._unparsed = 0
+        self._record = record
+        self._wire = bytearray()
+        self._waited = 0.0
         self._listeners: list[socket.socket] = []
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
@@ -185,6 +320,12 @@ class TpmProxy:
         with self._lock:
             return self._unparsed
 
+    @property
+    def wire(self) -> bytes:
+        """Every byte of the command channel, commands and responses (with ``record``)."""
+        with self._lock:
+            return bytes(self._wire)
+
     def by_name(self) -> Counter[str]:
         """Command counts by name."""
         return Counter(self.commands)
@@ -194,12 +335,13 @@ class TpmProxy:
         with self._lock:
             self._commands.clear()
             self._unparsed = 0
+            self._waited = 0.0
 
     def stats(self) -> dict[str, object]:
         """A JSON-friendly snapshot: total, by name, unparsed bytes."""
         with self._lock:
             return {"count": len(self._commands), "by_name": dict(Counter(self._commands)),
-                    "unparsed_bytes": self._unparsed}
+                    "unparsed_bytes": self._unparsed, "waited_s": round(self._waited, 6)}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -257,16 +399,21 @@ class TpmProxy:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns.update((client, up))
-            self._spawn(self._pump, client, up, counted)
-            self._spawn(self._pump, up, client, False)
+            self._spawn(self._pump, client, up, counted, counted)
+            self._spawn(self._pump, up, client, False, counted)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool,
+              command_channel: bool) -> None:
         parser = FrameCounter() if counted else None
+        record = self._record and command_channel
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if record:
+                    with self._lock:
+                        self._wire += data
                 if parser is None:
                     dst.sendall(data)
                     continue
@@ -275,10 +422,12 @@ class TpmProxy:
                         with self._lock:
                             self._unparsed += len(chunk)
                     else:
+                        wait = self.delay + (self.latency(code, chunk) if self.latency else 0.0)
                         with self._lock:
                             self._commands.append(command_name(code))
-                        if self.delay:
-                            time.sleep(self.delay)
+                            self._waited += wait
+                        if wait:
+                            time.sleep(wait)
                     dst.sendall(chunk)
         except OSError:
             pass
@@ -332,10 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upstream-ctrl-port", type=int,
                    help="swtpm control port (default: upstream port + 1)")
     p.add_argument("--delay", type=float, default=0.0, help="seconds added per TPM command")
+    p.add_argument("--profile", choices=sorted(PROFILES),
+                   help="add a per-command latency model (discrete: a discrete TPM chip)")
     args = p.parse_args(argv)
 
     proxy = TpmProxy(args.upstream_host, args.upstream_port,
-                     args.upstream_ctrl_port or args.upstream_port + 1, args.delay).start()
+                     args.upstream_ctrl_port or args.upstream_port + 1, args.delay,
+                     latency=PROFILES[args.profile] if args.profile else None).start()
     done = threading.Event()
 
     def dump(*_: object) -> None:

@@ -19,7 +19,8 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 
 from tpmid.csr import hardware_module_name
 from tpmid.store.ledger import TransientLedger
-from tpmid.tpm import ek, idevid, info, keyfile, nv
+from tpmid.store.sealed import SealedBlob
+from tpmid.tpm import ek, idevid, info, keyfile, nv, sealed
 from tpmid.tpm.context import (
     DEFAULT_COMMAND_TIMEOUT_S,
     DEFAULT_TCTI,
@@ -99,6 +100,22 @@ class TpmConnection(TpmContext):
         """Keep the storage parent loaded for the key-file work inside the block."""
         with keyfile.storage_parent_scope(self):
             yield
+
+    # ------------------------------------------------------------ sealed secrets
+
+    def seal_secret(self, name: str, value: bytes | bytearray, *, pcr_bank: str = "sha256",
+                    pcrs: tuple[int, ...] = (), sealed_at: str) -> SealedBlob:
+        """Seal ``value`` to this TPM, optionally to PCRs (:func:`tpmid.tpm.sealed.seal_secret`)."""
+        return sealed.seal_secret(self, name, value, pcr_bank=pcr_bank, pcrs=pcrs,
+                                  sealed_at=sealed_at)
+
+    def check_sealed_secret(self, blob: SealedBlob) -> None:
+        """SealedSecretError if ``blob`` would not open now (PCRs, another TPM); unseals nothing."""
+        sealed.check_sealed_secret(self, blob)
+
+    def unseal_secret(self, blob: SealedBlob) -> bytearray:
+        """The value of a sealed secret; the caller wipes the bytearray after use."""
+        return sealed.unseal_secret(self, blob)
 
     # ------------------------------------------------------------ EKs, NV, facts
 
