@@ -36,6 +36,8 @@ DEFAULT_EXCHANGE_DEADLINE_S = 120.0
 KeyKind = Literal["persistent", "ek-derived", "file"]
 Template = Literal["H-1", "H-2", "H-3"]
 FileAlg = Literal["ecc-p256", "ecc-p384", "rsa-2048"]
+CsrAttrsMode = Literal["follow", "ignore", "require"]
+CSRATTRS_MODES: tuple[str, ...] = ("follow", "ignore", "require")
 TEMPLATES: tuple[str, ...] = ("H-1", "H-2", "H-3")
 FILE_ALGS: tuple[str, ...] = ("ecc-p256", "ecc-p384", "rsa-2048")
 
@@ -198,10 +200,18 @@ class StoreConfig:
     dir: Path = DEFAULT_STORE_DIR
 
 
+TrustProfile = Literal["rfc5280", "webpki"]
+TRUST_PROFILES: tuple[str, ...] = ("rfc5280", "webpki")
+
+
 @dataclass(frozen=True)
 class TrustConfig:
     est_anchors: tuple[Path, ...] = ()
     use_system_store: bool = False
+    # How CA certificates are judged: rfc5280 (anchors are a name and a key, RFC 5280
+    # §6.1.1(d); intermediates by RFC 5280 §6.1.4) or webpki (the CA/Browser Forum
+    # profile for anchors and intermediates alike, tpmid's behaviour before).
+    profile: TrustProfile = "rfc5280"
 
 
 @dataclass(frozen=True)
@@ -278,6 +288,12 @@ class EstConfig:
     # RFC 7030 §3.6.1: accept a server certificate that chains to the anchors and
     # carries id-kp-cmcRA even when it does not name the host in the URL.
     accept_cmc_ra: bool = False
+    # RFC 7030 §4.5: what the label's /csrattrs asks for shapes the CSR (follow), is not
+    # fetched (ignore), or must be honoured in full (require).
+    csrattrs: CsrAttrsMode = "follow"
+    # RFC 7030 §4.4: the server generates the key, which is imported into the TPM
+    # (enrollment and every renewal of this identity).
+    serverkeygen: bool = False
 
 
 @dataclass(frozen=True)
@@ -634,6 +650,8 @@ def _est(r: MappingReader) -> EstConfig:
         max_wait=r.duration("max_wait", 300),
         accept_rewritten_subject=r.flag("accept_rewritten_subject", False),
         accept_cmc_ra=r.flag("accept_cmc_ra", False),
+        csrattrs=_choice(r, "csrattrs", CSRATTRS_MODES, "follow"),
+        serverkeygen=r.flag("serverkeygen", False),
     )
     if url.startswith("http://") and not est.allow_http:
         raise r.err("url", f"{shown(url)} is plain HTTP; set allow_http: true if you really mean it")
@@ -728,7 +746,8 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     s.done()
     tr = top.sub("trust")
     trust = TrustConfig(est_anchors=tr.paths("est_anchors"),
-                        use_system_store=tr.flag("use_system_store", False))
+                        use_system_store=tr.flag("use_system_store", False),
+                        profile=_choice(tr, "profile", TRUST_PROFILES, "rfc5280"))
     tr.done()
     ids = top.sub("identities")
     identities: dict[str, IdentityConfig] = {}

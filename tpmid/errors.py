@@ -86,7 +86,17 @@ class EstError(TpmidError):
 
 
 class EstTransportError(EstError):
-    """The server could not be reached or the TLS connection failed."""
+    """The server could not be reached or the TLS connection failed.
+
+    ``refused_client_certificate`` names the TLS alert when the server refused the
+    client certificate tpmid presented (unknown CA, revoked, expired...): the identity
+    may then still get through with its bootstrap identity.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None,
+                 refused_client_certificate: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.refused_client_certificate = refused_client_certificate
 
 
 class EstServerError(EstError):

@@ -159,6 +159,23 @@ def test_serverkeygen_returns_a_key_that_matches_its_certificate(
     assert spki(resp.certificate) != spki(key)  # RFC 7030 §4.4.1: the server made the key
 
 
+@pytest.mark.parametrize("form", ["wrapped", "crlf", "unwrapped"], ids=str)
+def test_every_operation_reads_base64_with_or_without_line_breaks(
+    fresh_est_server: RunningEstServer, client_for: Callable[..., EstClient], form: str,
+) -> None:
+    # Deployed servers answer in 64-column lines (LF or CRLF) or in one unbroken line.
+    fresh_est_server.configure("idevid", base64=form)
+    client = client_for(fresh_est_server, "idevid", secret=fresh_est_server.secret)
+    assert client.cacerts() == load(fresh_est_server.manufacturer_ca)
+    assert [a.oid.dotted_string for a in client.csrattrs()] == ["1.2.840.10045.2.1",
+                                                                "1.2.840.10045.4.3.2"]
+    csr, key = software_csr(f"device-{form}")
+    assert spki(client.simpleenroll(csr).certificate) == spki(key)
+    resp = client.serverkeygen(software_csr(f"keygen-{form}")[0])
+    assert spki(resp.certificate) == spki(serialization.load_der_private_key(
+        resp.private_key_der, None))
+
+
 def test_the_request_body_is_base64_der_in_lines_ending_with_a_newline(
     fresh_est_server: RunningEstServer, client_for: Callable[..., EstClient],
 ) -> None:
@@ -338,6 +355,33 @@ def test_redirects_are_not_followed_and_credentials_stay_home(
         client.simpleenroll(software_csr()[0])
     assert info.value.status == 302
     assert target.seen == []
+
+
+def test_a_trailing_nul_after_the_csrattrs_base64_is_tolerated_with_a_warning(
+    canned: Callable[..., CannedServer], tls_ca: TestCa,
+    tls_contexts: Callable[..., ClientTls], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A server that writes its C string whole, terminator included (seen in the field).
+    body = messages.encode_csrattrs([messages.CsrAttr.of("1.2.840.113549.1.9.7"),
+                                     messages.CsrAttr.of("1.2.840.10045.4.3.3")],
+                                    "unwrapped") + b"\x00"
+    srv = canned(lambda seen: (200, [("Content-Type", "application/csrattrs")], body))
+    with caplog.at_level(logging.WARNING, logger="tpmid.est.client"):
+        attrs = _canned_client(srv, tls_ca, tls_contexts).csrattrs()
+    assert [a.oid.dotted_string for a in attrs] == ["1.2.840.113549.1.9.7", "1.2.840.10045.4.3.3"]
+    assert "the answer ends in 1 NUL byte(s) (0x00) after the base64" in caplog.text
+
+
+def test_a_stray_byte_inside_base64_is_named_in_the_error(
+    canned: Callable[..., CannedServer], tls_ca: TestCa,
+    tls_contexts: Callable[..., ClientTls],
+) -> None:
+    good = messages.encode_csrattrs([messages.CsrAttr.of("1.2.840.113549.1.9.7")], "unwrapped")
+    body = good[:8] + b"\x00" + good[8:]
+    srv = canned(lambda seen: (200, [("Content-Type", "application/csrattrs")], body))
+    with pytest.raises(EstProtocolError, match=r"1 byte\(s\) that are not base64, the first "
+                                               r"0x00 at offset 8"):
+        _canned_client(srv, tls_ca, tls_contexts).csrattrs()
 
 
 def test_an_oversized_answer_is_refused(

@@ -70,6 +70,27 @@ CLI_FAILURES = {
 }
 
 
+def test_csrattrs_names_common_oids_instead_of_question_marks(
+    fresh_est_server: RunningEstServer, capsys: pytest.CaptureFixture[str],
+) -> None:
+    fresh_est_server.configure("idevid", csrattrs=[
+        "1.2.840.113549.1.9.1", "2.16.840.1.101.3.4.2.2", "2.5.4.5",
+        {"type": "1.2.840.113549.1.9.14", "values": ["1.3.6.1.1.1.1.22", "2.5.29.17"]},
+        "2.999.7"])
+    rc = main(["est", "csrattrs", fresh_est_server.url("idevid"), "--trusted-certs",
+               str(fresh_est_server.tls_ca)])
+    assert rc == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "1.2.840.113549.1.9.1 (emailAddress)",
+        "2.16.840.1.101.3.4.2.2 (sha384)",
+        "2.5.4.5 (serialNumber)",
+        # DER sorts a SET OF by encoding: the shorter OID first.
+        "1.2.840.113549.1.9.14 (extensionRequest): 2.5.29.17 (subjectAltName), "
+        "1.3.6.1.1.1.1.22 (macAddress)",
+        "2.999.7 (?)",  # an OID nobody has named
+    ]
+
+
 @pytest.mark.parametrize(("args", "code", "message"), CLI_FAILURES.values(),
                          ids=CLI_FAILURES.keys())
 def test_cacerts_failures_have_precise_messages_and_exit_codes(

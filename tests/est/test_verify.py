@@ -96,8 +96,7 @@ CASES = {
         _leaf(ca=True, eku=None, cert_sign=False), "needs keyUsage keyCertSign", profile="ca"),
     "Edge CA profile refuses a CA without keyUsage": Case(
         _leaf(ca=True, eku=None, key_usage=False),
-        "extension keyUsage (2.5.29.15): Certificate is missing required extension",
-        profile="ca"),
+        "the CA profile needs keyUsage keyCertSign, and it has no keyUsage", profile="ca"),
 }
 
 
@@ -214,3 +213,179 @@ def test_server_certificate_from_another_ca_fails_the_pinned_bootstrap(world: Wo
     with pytest.raises(VerificationError, match="against the pinned root"):
         verify_server_certificate(chain[0], root=world.root.cert, intermediates=[],
                                   host=str(ipaddress.ip_address("127.0.0.1")), now=NOW)
+
+
+# --------------------------------------------------------------------------- RFC 5280 trust anchors
+
+# What lab, legacy and vendor-made private CAs look like: a self-signed root whose
+# basicConstraints is not critical and which has no keyUsage (and no key identifiers);
+# intermediates of the same make. RFC 5280 §6.1 trusts an anchor's name and key, and
+# checks the certificates below it with its own rules, which do not care for criticality.
+
+LAB_BC = (x509.BasicConstraints(ca=True, path_length=None), False)
+
+
+def _ku(cert_sign: bool) -> tuple[x509.KeyUsage, bool]:
+    return (x509.KeyUsage(digital_signature=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          key_cert_sign=cert_sign, crl_sign=cert_sign, encipher_only=False,
+                          decipher_only=False), True)
+
+
+def make_cert(subject: str, issuer: str, key: ec.EllipticCurvePrivateKey, public_key: object,
+              extensions: list[tuple[x509.ExtensionType, bool]], *,
+              not_before: datetime.datetime | None = None,
+              not_after: datetime.datetime | None = None) -> x509.Certificate:
+    b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+         .public_key(public_key).serial_number(x509.random_serial_number())  # type: ignore[arg-type]
+         .not_valid_before(not_before or NOW - datetime.timedelta(hours=1))
+         .not_valid_after(not_after or NOW + datetime.timedelta(days=1)))
+    for ext, critical in extensions:
+        b = b.add_extension(ext, critical=critical)
+    if subject != issuer:
+        # Below the anchor, an authorityKeyIdentifier (which the webpki profile demands).
+        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            key.public_key()), critical=False)
+    return b.sign(key, hashes.SHA256())
+
+
+@dataclass
+class Lab:
+    root_key: ec.EllipticCurvePrivateKey
+    inter_key: ec.EllipticCurvePrivateKey
+    device_key: ec.EllipticCurvePrivateKey
+
+    def root(self, *extensions: tuple[x509.ExtensionType, bool]) -> x509.Certificate:
+        return make_cert("lab root", "lab root", self.root_key, self.root_key.public_key(),
+                         list(extensions))
+
+    def inter(self, *extensions: tuple[x509.ExtensionType, bool], **kw: object
+              ) -> x509.Certificate:
+        return make_cert("lab intermediate", "lab root", self.root_key,
+                         self.inter_key.public_key(), list(extensions), **kw)  # type: ignore[arg-type]
+
+    def device(self, issuer: str = "lab root", *extensions: tuple[x509.ExtensionType, bool]
+               ) -> x509.Certificate:
+        key = self.root_key if issuer == "lab root" else self.inter_key
+        return make_cert("dev", issuer, key, self.device_key.public_key(), list(extensions))
+
+
+@pytest.fixture(scope="module")
+def lab() -> Lab:
+    return Lab(*(ec.generate_private_key(ec.SECP256R1()) for _ in range(3)))
+
+
+def _verify(lab: Lab, cert: x509.Certificate, anchors: list[x509.Certificate],
+            extra: list[x509.Certificate] = (), **kw: object) -> tuple[x509.Certificate, ...]:  # type: ignore[assignment]
+    return verify_enrollment(cert, key_spki_der=spki(lab.device_key), requested_subject=name("dev"),
+                             issuers=anchors, extra_certs=extra, now=NOW, **kw).chain  # type: ignore[arg-type]
+
+
+ANCHOR_SHAPES = {
+    "basicConstraints not critical, no keyUsage": [LAB_BC],
+    "no basicConstraints at all, no keyUsage": [],
+    "keyUsage without keyCertSign": [LAB_BC, _ku(False)],
+    "critical basicConstraints with pathLen 0 (not applied to a trust anchor)": [
+        (x509.BasicConstraints(ca=True, path_length=0), True)],
+}
+
+
+@pytest.mark.parametrize("extensions", ANCHOR_SHAPES.values(), ids=ANCHOR_SHAPES.keys())
+def test_an_anchor_is_a_name_and_a_key_whatever_its_extensions(
+    lab: Lab, extensions: list[tuple[x509.ExtensionType, bool]],
+) -> None:
+    root = lab.root(*extensions)
+    inter = lab.inter(LAB_BC)
+    for cert, extra in ((lab.device(), []), (lab.device("lab intermediate"), [inter])):
+        chain = _verify(lab, cert, [root], extra)
+        assert chain[-1] == root  # the chain keeps the configured anchor itself
+
+
+def test_the_webpki_profile_keeps_refusing_a_lab_anchor_naming_it_and_the_switch(
+    lab: Lab,
+) -> None:
+    root = lab.root(LAB_BC)
+    with pytest.raises(VerificationError) as info:
+        _verify(lab, lab.device(), [root], trust="webpki")
+    message = info.value.message
+    assert "the trust anchor 'CN=lab root' (SHA-256 " in message
+    assert "does not mark basicConstraints critical" in message
+    assert "trust.profile: rfc5280" in (info.value.hint or "")
+
+
+def test_an_anchor_that_says_ca_false_is_refused_naming_it(lab: Lab) -> None:
+    root = lab.root((x509.BasicConstraints(ca=False, path_length=None), True))
+    with pytest.raises(VerificationError) as info:
+        _verify(lab, lab.device(), [root])
+    assert "the trust anchor 'CN=lab root' (SHA-256 " in info.value.message
+    assert "its basicConstraints says cA=FALSE" in info.value.message
+    assert "not a device or server certificate" in (info.value.hint or "")
+
+
+BROKEN_INTERMEDIATES = {
+    "cA=FALSE": ([(x509.BasicConstraints(ca=False, path_length=None), True)], {},
+                 "is not a CA certificate: its basicConstraints says cA=FALSE "
+                 "(RFC 5280 §6.1.4 (k))"),
+    "no basicConstraints": ([], {}, "is not a CA certificate: it has no basicConstraints"),
+    "keyUsage without keyCertSign": ([LAB_BC, _ku(False)], {},
+                                     "may not sign certificates: its keyUsage lacks keyCertSign "
+                                     "(RFC 5280 §6.1.4 (n))"),
+    "expired": ([LAB_BC], {"not_before": NOW - datetime.timedelta(days=9),
+                           "not_after": NOW - datetime.timedelta(days=1)},
+                "is not valid now"),
+    "unknown critical extension": (
+        [LAB_BC, (x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"),
+                                             b"\x05\x00"), True)], {},
+        "carries the critical extension 1.3.6.1.4.1.99999.1"),
+}
+
+
+@pytest.mark.parametrize(("extensions", "validity", "error"), BROKEN_INTERMEDIATES.values(),
+                         ids=BROKEN_INTERMEDIATES.keys())
+@pytest.mark.parametrize("trust", ["rfc5280", "webpki"])
+def test_a_broken_intermediate_is_refused_naming_it_and_the_rule(
+    lab: Lab, extensions: list[tuple[x509.ExtensionType, bool]], validity: dict[str, object],
+    error: str, trust: str,
+) -> None:
+    root = make_cert("lab root", "lab root", lab.root_key, lab.root_key.public_key(),
+                     [(x509.BasicConstraints(ca=True, path_length=None), True), _ku(True)])
+    inter = lab.inter(*extensions, **validity)
+    with pytest.raises(VerificationError) as info:
+        _verify(lab, lab.device("lab intermediate"), [root], [inter], trust=trust)
+    message = info.value.message
+    assert "'CN=lab intermediate' (SHA-256 " in message
+    assert error in message
+    assert info.value.hint
+    for internal in ("candidates exhausted", "encountered processing", "Certificate(",
+                     "invalid extension"):
+        assert internal not in message
+
+
+def test_path_length_constraint_of_an_intermediate_is_applied_and_named(lab: Lab) -> None:
+    root = lab.root(LAB_BC)
+    inter = lab.inter((x509.BasicConstraints(ca=True, path_length=0), False))
+    sub_key = ec.generate_private_key(ec.SECP256R1())
+    sub = make_cert("lab sub CA", "lab intermediate", lab.inter_key, sub_key.public_key(),
+                    [LAB_BC])
+    dev = make_cert("dev", "lab sub CA", sub_key, lab.device_key.public_key(), [])
+    with pytest.raises(VerificationError) as info:
+        _verify(lab, dev, [root], [inter, sub])
+    assert "'CN=lab intermediate' (SHA-256 " in info.value.message
+    assert "allows 0 CA certificate(s) below it (pathLenConstraint), the chain has 1" \
+        in info.value.message
+
+
+def test_a_device_certificate_without_client_auth_is_refused_under_rfc5280_too(lab: Lab) -> None:
+    dev = make_cert("dev", "lab root", lab.root_key, lab.device_key.public_key(),
+                    [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)])
+    with pytest.raises(VerificationError, match="does not include id-kp-clientAuth"):
+        _verify(lab, dev, [lab.root(LAB_BC)])
+
+
+def test_a_chain_to_nowhere_names_where_it_ends(lab: Lab, world: World) -> None:
+    inter = lab.inter(LAB_BC)
+    with pytest.raises(VerificationError) as info:
+        _verify(lab, lab.device("lab intermediate"), [world.root.cert], [inter])
+    assert "its chain ends at 'CN=lab intermediate'" in info.value.message
+    assert "issued by 'CN=lab root', which is neither one of those CA certificates" \
+        in info.value.message

@@ -72,12 +72,13 @@ def tpmid(config: Path, *args: str, env: dict[str, str], timeout: float = 60,
 
 class Field:
     def __init__(self, swtpm: Swtpm, tmp: Path, lifetimes: tuple[str, str],
-                 renew: dict[str, Any] | None = None) -> None:
+                 renew: dict[str, Any] | None = None, *, server_process: bool = False) -> None:
         def edit(d: dict[str, Any]) -> None:
             d["labels"]["ldevid"]["lifetime"] = lifetimes[0]
             d["labels"]["edgeca"]["lifetime"] = lifetimes[1]
 
-        self.server = start_est_server(tmp / "est", config=edit)
+        # server_process: `tpmid est-server run` as a process, not a server in this one.
+        self.server = start_est_server(tmp / "est", config=edit, process=server_process)
         self.store = tmp / "store"
         self.config = write_config(tmp / "config.yaml", self.server, swtpm.tcti, self.store, renew)
         self.env = {**os.environ, SECRET_ENV: self.server.secret, "PYTHONUNBUFFERED": "1"}

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.est.test_client import FakeClock, load
@@ -31,6 +32,7 @@ from tests.est.test_client_support import (
     tls_versions,
     transient_handles,
 )
+from tests.server.helpers import lab_shaped_ca
 from tests.support.wiring import enroll
 from tpmid.config import Config
 from tpmid.errors import (
@@ -86,6 +88,7 @@ def make_rig(swtpm: Swtpm, tmp_path: Path) -> Iterator[Callable[..., Rig]]:
 
     def make(*, template: str = "H-2", tls: str | None = None,
              server_edit: Callable[[dict[str, Any]], None] | None = None,
+             server_prepare: Callable[[Path], None] | None = None,
              proxy: bool = False, **config: Any) -> Rig:
         def edit(d: dict[str, Any]) -> None:
             if tls:
@@ -93,7 +96,7 @@ def make_rig(swtpm: Swtpm, tmp_path: Path) -> Iterator[Callable[..., Rig]]:
             if server_edit:
                 server_edit(d)
 
-        srv = start_est_server(tmp_path / "srv", config=edit)
+        srv = start_est_server(tmp_path / "srv", config=edit, prepare=server_prepare)
         px = TpmProxy(swtpm.host, swtpm.port, swtpm.ctrl_port).start() if proxy else None
         tcti = px.tcti if px else swtpm.tcti
         tpm = TpmConnection(tcti)
@@ -227,7 +230,8 @@ def test_one_ldevid_enrollment_costs_the_documented_tpm_commands(
     freeing it (FlushContext), opening the persistent IDevID (one ReadPublic: its Name
     proves it is the certificate's key from the template), one mTLS handshake for
     /cacerts and /simpleenroll on one connection (Sign), then the storage root key is
-    flushed. No command to probe the TPM when connecting."""
+    flushed. No command to probe the TPM when connecting. (/csrattrs, asked first
+    without client authentication, costs no TPM command.)"""
     rig = make_rig(proxy=True)
     rig.enroll("idevid")
     proxy = rig.proxy
@@ -508,7 +512,9 @@ def test_pop_linked_enrollment_signs_tls_unique_into_the_csr_with_the_tpm(
 def test_a_pop_label_refuses_an_unlinked_request_and_the_key_is_rolled_back(
     make_rig: Callable[..., Rig],
 ) -> None:
-    rig = make_rig(server_edit=lambda d: _label(d, "ldevid", pop=True))
+    # est.csrattrs: ignore, so the label's challengePassword attribute is not followed.
+    rig = make_rig(server_edit=lambda d: _label(d, "ldevid", pop=True),
+                   ldevid_est={"csrattrs": "ignore"})
     rig.enroll("idevid")
     with pytest.raises(EstServerError, match="proof-of-possession linking needs tls-unique") \
             as info:
@@ -537,6 +543,166 @@ def test_hardware_module_name_names_this_tpm_in_the_issued_certificate(
     assert hw_type == "2.23.133.1.2"  # TCG: TPM 2.0
     # swtpm's EK certificates carry an AKI, so hwSerialNum is "<mfr>:<aki>:<serial>".
     assert serial.count(b":") == 2
+
+
+# --------------------------------------------------------------------------- RFC 5280 trust anchors
+
+
+def _lab_cas(dir: Path) -> None:
+    # The operator CA (LDevIDs) and the TLS CA as lab and vendor CAs make them:
+    # basicConstraints not critical, no keyUsage (issue 14: the example CA of a widely
+    # used open-source EST server looks like this).
+    lab_shaped_ca(dir, "operator")
+    lab_shaped_ca(dir, "tls")
+
+
+def test_lab_shaped_anchors_enroll_and_renew_under_rfc5280(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(server_prepare=_lab_cas)
+    operator = load(rig.server.operator_ca)[0]
+    assert not operator.extensions.get_extension_for_class(x509.BasicConstraints).critical
+    rig.enroll("idevid")
+    first = rig.enroll("ldevid")
+    assert first.chain[-1] == operator  # the anchor as the server serves it, stored
+    renewed = rig.enroll("ldevid", reenroll=True)
+    assert renewed.certificate.issuer == operator.subject
+    assert transient_handles(rig.tcti) == []
+
+
+def test_webpki_profile_keeps_refusing_lab_shaped_anchors_and_names_the_switch(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(server_prepare=_lab_cas, trust={"est_anchors": [], "profile": "webpki"})
+    rig.config = dataclasses.replace(rig.config, trust=dataclasses.replace(
+        rig.config.trust, est_anchors=(rig.server.tls_ca,)))
+    rig.enroll("idevid")
+    with pytest.raises(VerificationError) as info:
+        rig.enroll("ldevid")
+    assert "the trust anchor 'CN=tpmid Operator CA (LDevID\\, Edge CA),O=tpmid reference EST " \
+           "server' (SHA-256 " in info.value.message
+    assert "does not mark basicConstraints critical" in info.value.message
+    assert "trust.profile: rfc5280" in (info.value.hint or "")
+    assert "candidates exhausted" not in info.value.message
+
+
+def test_a_tls_anchor_that_is_not_a_ca_is_refused_naming_the_file(
+    make_rig: Callable[..., Rig], tmp_path: Path,
+) -> None:
+    rig = make_rig()
+    server_cert = rig.server.dir / "tls" / "server.pem"  # an end entity, configured by mistake
+    rig.config = dataclasses.replace(rig.config, trust=dataclasses.replace(
+        rig.config.trust, est_anchors=(server_cert,)))
+    with pytest.raises(ConfigError) as info:
+        rig.enroll("idevid")
+    assert "the trust anchor 'CN=localhost' (SHA-256 " in info.value.message
+    assert f" in {server_cert} is not a CA certificate: its basicConstraints says cA=FALSE" \
+        in info.value.message
+    assert info.value.message.startswith("test-config: trust.est_anchors: ")
+
+
+# --------------------------------------------------------------------------- CSR attributes
+
+P384_SHA384 = [{"type": "1.2.840.10045.2.1", "values": ["1.3.132.0.34"]},  # id-ecPublicKey P-384
+               "1.2.840.10045.4.3.3"]  # ecdsa-with-SHA384
+
+
+def test_csrattrs_asking_p384_and_sha384_make_the_file_key_p384_signed_with_sha384(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="tpmid")
+    rig = make_rig(server_edit=lambda d: _label(d, "ldevid", csrattrs=P384_SHA384))
+    assert rig.config.identities["ldevid"].key.alg == "ecc-p256"  # the config's choice
+    rig.enroll("idevid")
+    ldevid = rig.enroll("ldevid")
+    key = ldevid.certificate.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"
+    record = rig.server.issued()[-1]
+    assert (record["label"], record["key"], record["csr_signature"]) == (
+        "ldevid", "ecc-p384", "ecdsa-with-SHA384")
+    assert ldevid.key_path is not None
+    with load_key_file(rig.tpm, ldevid.key_path.read_bytes()) as stored:
+        assert (stored.alg, stored.hash_name) == ("ecc-p384", "sha384")
+    assert "ldevid: CSR attributes: key id-ecPublicKey (1.2.840.10045.2.1) on secp384r1 " \
+           "(1.3.132.0.34): a new ECC NIST P-384 key" in caplog.text
+    # It renews (its own P-384 key authenticates the re-enrollment) and stays P-384.
+    renewed = rig.enroll("ldevid", reenroll=True)
+    assert rig.server.issued()[-1]["key"] == "ecc-p384"
+    assert renewed.certificate.subject == ldevid.certificate.subject
+    assert transient_handles(rig.tcti) == []
+
+
+def test_require_refuses_when_a_persistent_idevid_cannot_change_algorithm(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(server_edit=lambda d: _label(d, "idevid", csrattrs=P384_SHA384),
+                   idevid_est={"csrattrs": "require"})
+    with pytest.raises(ConfigError) as info:
+        rig.enroll("idevid")
+    message = info.value.message
+    assert message.startswith("idevid: the EST label's CSR attributes ask for what this "
+                              "identity cannot put in its CSR:")
+    assert "idevid's key (persistent H-2 at 0x81020000) is ECC NIST P-256 and never changes " \
+           "algorithm" in message
+    assert "signs with SHA-256 only" in message
+    assert "est.csrattrs: follow" in (info.value.hint or "")
+    assert rig.server.issued() == []
+
+
+def test_follow_warns_about_what_an_idevid_cannot_honour_and_enrolls(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = make_rig(server_edit=lambda d: _label(d, "idevid", csrattrs=P384_SHA384))
+    with caplog.at_level(logging.WARNING, logger="tpmid"):
+        idevid = rig.enroll("idevid")
+    assert rig.server.issued()[-1]["key"] == "ecc-p256"
+    assert idevid.certificate.public_key().key_size == 256  # type: ignore[union-attr]
+    assert "idevid: CSR attributes: cannot honour key id-ecPublicKey" in caplog.text
+
+
+def test_ignore_does_not_ask_for_csr_attributes(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="tpmid.server")
+    rig = make_rig(server_edit=lambda d: _label(d, "ldevid", csrattrs=P384_SHA384),
+                   ldevid_est={"csrattrs": "ignore"})
+    rig.enroll("idevid")
+    rig.enroll("ldevid")
+    assert rig.server.issued()[-1]["key"] == "ecc-p256"
+    assert "GET /.well-known/est/ldevid/csrattrs" not in caplog.text
+    assert "GET /.well-known/est/idevid/csrattrs" in caplog.text  # follow (the default)
+
+
+def test_a_label_that_wants_authentication_for_csrattrs_is_asked_on_the_mtls_connection(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The first /csrattrs (without client authentication) is answered 401, as by a server
+    # that tailors CSR attributes to the client; the authenticated connection gets them.
+    caplog.set_level(logging.INFO, logger="tpmid.server")
+    rig = make_rig(server_edit=lambda d: _label(
+        d, "ldevid", csrattrs=P384_SHA384,
+        faults={"status": 401, "operations": ["csrattrs"], "times": 1}))
+    rig.enroll("idevid")
+    rig.enroll("ldevid")
+    assert rig.server.issued()[-1]["key"] == "ecc-p384"
+    assert "GET /.well-known/est/ldevid/csrattrs label=ldevid status=401 client=- " in caplog.text
+    assert "GET /.well-known/est/ldevid/csrattrs label=ldevid status=200 " \
+           "client=serialNumber=TPMID-TEST-0001,CN=IDevID" in caplog.text
+    assert transient_handles(rig.tcti) == []
+
+
+def test_a_challenge_password_attribute_links_the_csr_to_tls_without_est_pop(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A pop label lists challengePassword (RFC 7030 §3.5); tpmid follows it.
+    caplog.set_level(logging.INFO, logger="tpmid.server")
+    rig = make_rig(server_edit=lambda d: _label(d, "ldevid", pop=True))
+    assert not rig.config.identities["ldevid"].est.pop  # type: ignore[union-attr]
+    rig.enroll("idevid")
+    rig.enroll("ldevid")
+    assert "POST /.well-known/est/ldevid/simpleenroll label=ldevid status=200 " \
+           "client=serialNumber=TPMID-TEST-0001,CN=IDevID TLSv1.2" in caplog.text
+    assert transient_handles(rig.tcti) == []
 
 
 # --------------------------------------------------------------------------- other credentials

@@ -85,7 +85,7 @@ def test_status_of_an_enrolled_device_shows_certificate_key_placement_and_schedu
     idev = by_name["idevid"]
     assert idev["key"] == {"kind": "persistent", "description": "persistent H-2 at 0x81020000",
                            "handle": f"{IDEVID_HANDLE:#010x}", "template": "H-2",
-                           "alg": "ecc-p256", "path": None}
+                           "alg": "ecc-p256", "path": None, "origin": None}
     assert idev["next_renewal"] is None
     assert idev["public_key_sha256"] == _spki_sha256(enrolled, "idevid")
 

@@ -221,3 +221,26 @@ def ldevid(srv: RunningEstServer, tmp: Path, name: str = "ldevid",
 
 def b64(data: bytes) -> bytes:
     return base64.b64encode(data)
+
+
+def lab_shaped_ca(dir: Path, name: str) -> x509.Certificate:
+    """Re-make the server's ``name`` CA certificate the way lab and vendor CAs look.
+
+    Same key and subject (so everything it issued still chains to it), but its
+    basicConstraints (cA=TRUE) is not critical and it has no keyUsage and no key
+    identifiers: a trust anchor the CA/Browser Forum profile refuses and RFC 5280
+    accepts. Written over ``DIR/<name>-ca.pem`` before the server starts.
+    """
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    path = dir / f"{name}-ca.pem"
+    old = x509.load_pem_x509_certificate(path.read_bytes())
+    key = serialization.load_pem_private_key((dir / "private" / f"{name}-ca.key").read_bytes(),
+                                             None)
+    cert = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(old.subject)
+            .public_key(old.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(old.not_valid_before_utc).not_valid_after(old.not_valid_after_utc)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=False)
+            .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert

@@ -57,6 +57,43 @@ def test_cacerts_serves_the_issuing_ca_of_each_label_without_credentials(
     assert all(len(line) <= 64 for line in reply.body.splitlines())
 
 
+BASE64_LAYOUTS = {
+    # form: (the line ends of a body, every line at most 64 columns)
+    "wrapped": (b"\n", True),
+    "crlf": (b"\r\n", True),
+    "unwrapped": (b"", False),
+}
+
+
+@pytest.mark.parametrize("form", BASE64_LAYOUTS, ids=str)
+def test_base64_layout_of_response_bodies_is_chosen_per_label(
+    fresh_est_server: RunningEstServer, tmp_path: Path, form: str,
+) -> None:
+    srv = fresh_est_server
+    srv.configure("ldevid", base64=form)
+    line_end, wrapped = BASE64_LAYOUTS[form]
+    dev = idevid(srv, tmp_path)
+    bodies = {
+        "cacerts": request(srv.url("ldevid", "cacerts"), cafile=srv.tls_ca).body,
+        "csrattrs": request(srv.url("ldevid", "csrattrs"), cafile=srv.tls_ca).body,
+        "simpleenroll": request(srv.url("ldevid", "simpleenroll"), cafile=srv.tls_ca,
+                                method="POST", body=csr_body(make_csr(new_key(), "b64-device",
+                                                                      serial=DEVICE_SERIAL)),
+                                headers={"Content-Type": messages.PKCS10},
+                                cert=dev.cert_path, key=dev.key_path).body,
+    }
+    for op, body in bodies.items():
+        if wrapped:
+            lines = body.split(line_end)
+            assert lines[-1] == b"" and len(lines) >= 2, op  # every line ends in line_end
+            assert all(len(line) <= 64 and b"\n" not in line for line in lines), op
+        else:
+            assert b"\n" not in body and b"\r" not in body, op
+    # The other labels keep the default: 64-column lines ending in LF.
+    other = request(srv.url("idevid", "cacerts"), cafile=srv.tls_ca).body
+    assert other.endswith(b"\n") and b"\r" not in other
+
+
 # --------------------------------------------------------------------------- /csrattrs
 
 

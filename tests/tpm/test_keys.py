@@ -355,13 +355,21 @@ def test_identity_key_opens_each_kind_of_key(tpm: TpmConnection, key_config: Key
     assert tpm.transient_handles() == []
 
 
-def test_identity_key_rejects_a_key_file_of_another_algorithm(tpm: TpmConnection,
-                                                              tmp_path: Path) -> None:
+def test_key_alg_is_what_new_keys_use_and_a_version_may_hold_another(tpm: TpmConnection,
+                                                                     tmp_path: Path) -> None:
+    # key.alg chooses new keys; the EST server's CSR attributes may have asked for another
+    # algorithm for one version, whose key file still opens (its certificate says what it is).
     key_file = tmp_path / "key.tss2.pem"
     key_file.write_bytes(keyfile.create_key_file(tpm, "ecc-p256"))
     key = _identity(KeyConfig(kind="file", alg="ecc-p384"))
-    with pytest.raises(KeyMismatchError, match="config says ecc-p384"):
-        key.open(tpm, key_file)
+    with key.open(tpm, key_file) as loaded:
+        assert loaded.alg == "ecc-p256"
+    new = key.for_new_certificate(tpm, rotate=True)
+    with new.loaded:
+        assert new.loaded.alg == "ecc-p384"
+    chosen = key.for_new_certificate(tpm, rotate=True, alg="rsa-2048")
+    with chosen.loaded:
+        assert chosen.loaded.alg == "rsa-2048"
     with pytest.raises(StoreError, match="no key file"):
         key.open(tpm, None)
     assert tpm.transient_handles() == []

@@ -19,20 +19,6 @@ from tpmid.render import serial as render_serial
 if TYPE_CHECKING:
     from cryptography import x509
 
-# Short names for the OIDs a CSR-attributes answer usually holds (RFC 7030 §4.5.2).
-_OID_NAMES = {
-    "1.2.840.113549.1.9.7": "challengePassword",
-    "1.2.840.10045.2.1": "id-ecPublicKey",
-    "1.2.840.10045.3.1.7": "secp256r1",
-    "1.3.132.0.34": "secp384r1",
-    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256",
-    "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
-    "1.2.840.113549.1.1.1": "rsaEncryption",
-    "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
-    "1.2.840.113549.1.9.14": "extensionRequest",
-    "1.3.6.1.1.1.1.22": "macAddress",
-}
-
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``est`` (cacerts, csrattrs) and ``enroll``."""
@@ -69,6 +55,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("name", metavar="NAME", help="identity name in the config")
     p.add_argument("--reenroll", action="store_true",
                    help="simplereenroll, authenticated with the identity's current certificate")
+    p.add_argument("--serverkeygen", action="store_true",
+                   help="let the EST server generate the key (RFC 7030 §4.4) and import it into "
+                   "the TPM (as est.serverkeygen: true; key-file identities only)")
     add_json_flag(p)
     p.set_defaults(func=cmd_enroll)
 
@@ -133,15 +122,16 @@ def cmd_cacerts(ctx: Ctx) -> int:
 
 def cmd_csrattrs(ctx: Ctx) -> int:
     """``tpmid est csrattrs URL``."""
+    from tpmid.est.csrattrs import oid_name
     from tpmid.wiring.est import fetch_csrattrs
 
     result = fetch_csrattrs(ctx.args.url, **_trust_args(ctx))
     attrs = []
     for a in result.attributes:
         oid = a.oid.dotted_string
-        entry: dict[str, Any] = {"oid": oid, "name": _OID_NAMES.get(oid)}
+        entry: dict[str, Any] = {"oid": oid, "name": oid_name(oid)}
         if a.is_attribute:
-            entry["values"] = [{"oid": v, "name": _OID_NAMES.get(v)} for v in a.value_oids]
+            entry["values"] = [{"oid": v, "name": oid_name(v)} for v in a.value_oids]
             entry["other_values"] = len(a.values or ()) - len(a.value_oids)
         attrs.append(entry)
 
@@ -182,7 +172,8 @@ def cmd_enroll(ctx: Ctx) -> int:
     result = enroll_identity(rt.config, name, store=rt.store(),
                              lease=TpmLease(tpm_opener(rt)),
                              clients=EstClients(rt.config, rt.secret, progress=ctx.progress),
-                             reenroll=bool(ctx.args.reenroll))
+                             reenroll=bool(ctx.args.reenroll),
+                             serverkeygen=bool(ctx.args.serverkeygen))
 
     def human(d: dict[str, Any]) -> str:
         lines = [
@@ -196,7 +187,9 @@ def cmd_enroll(ctx: Ctx) -> int:
             f"  chain:       {d['chain_path']}",
         ]
         if d["key_path"]:
-            lines.append(f"  key file:    {d['key_path']}")
+            lines.append(f"  key file:    {d['key_path']}"
+                         + (" (server-generated, imported into the TPM)"
+                            if d.get("key_origin") else ""))
         if d["subject_rewritten"]:
             lines.append(f"  NOTE: the server rewrote the subject (requested "
                          f"{d['requested_subject']}); accepted by est.accept_rewritten_subject")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
 from tpmid.errors import ConfigError
 
@@ -105,6 +106,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     h = s.add_parser("hash-secret",
                      help="read a secret from stdin, print its salted hash for config.yaml")
     h.set_defaults(func=cmd_hash_secret)
+
+    register_rollover(s)
 
 
 def cmd_init(ctx: Ctx) -> int | None:
@@ -291,4 +294,86 @@ def cmd_hash_secret(ctx: Ctx) -> int | None:
     if not secret:
         raise ConfigError("expected the secret on standard input, got an empty line")
     ctx.emit({"hash": hash_secret(secret)}, lambda d: d["hash"])
+    return None
+
+
+# --------------------------------------------------------------------------- rollover
+
+
+def register_rollover(s: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``est-server rollover LABEL [--finish | --replace]`` (RFC 7030 §4.1.3)."""
+    r = s.add_parser(
+        "rollover", help="replace the CA of a label, linked by RFC 7030 key-update certificates",
+        description="Replace the CA behind LABEL (and every label that uses it) with a new "
+        "root. /cacerts then serves the new root with OldWithOld, OldWithNew and NewWithOld "
+        "(RFC 7030 §4.1.3); client certificates of the old CA are accepted until --finish. "
+        "A running server for DIR applies the change at once (SIGHUP, then this command "
+        "waits until the server confirms). See docs/est-server.md.")
+    r.add_argument("label", metavar="LABEL",
+                   help="the label whose CA rolls over (or a CA name: operator, manufacturer, tls)")
+    r.add_argument("--dir", required=True, type=Path, help="server directory (from init)")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--finish", action="store_true",
+                      help="end the overlap: refuse client certificates of the old CA")
+    mode.add_argument("--replace", action="store_true",
+                      help="replace the CA outright: no key-update certificates, no overlap "
+                      "(devices must be given the new root)")
+    add_json_flag(r)
+    r.set_defaults(func=cmd_rollover)
+
+
+def cmd_rollover(ctx: Ctx) -> int | None:
+    """Roll the CA of a label over, or end the overlap of the last rollover.
+
+    A running server for the directory applies the change before this returns
+    (SIGHUP, confirmed), as ``est-server label`` does.
+    """
+    from tpmid.render import name as render_name
+    from tpmid.server.lab import change_and_reload
+    from tpmid.server.rollover import finish_overlap, rollover_ca
+
+    args = ctx.args
+
+    def applied(server: Any) -> str:
+        return (f"applied to the running server (pid {server.pid}, {server.url})" if server
+                else "no server runs for this directory: it applies when the server starts")
+
+    if args.finish:
+        (ca, _state), server = change_and_reload(
+            args.dir, lambda paths: finish_overlap(paths.dir, args.label))
+        ctx.emit({"ca": ca, "overlap": False,
+                  "server": {"pid": server.pid, "url": server.url} if server else None},
+                 f"the overlap of the {ca} CA has ended: client certificates of its previous "
+                 f"root are refused from now on\n{applied(server)}")
+        return None
+    res, server = change_and_reload(
+        args.dir, lambda paths: rollover_ca(paths.dir, args.label, replace=bool(args.replace)))
+    data: dict[str, Any] = {
+        "ca": res.ca, "generation": res.generation, "labels": list(res.labels),
+        "old": render_name(res.old.subject), "new": render_name(res.new.subject),
+        "fingerprints": res.fingerprints, "key_update_certificates": len(res.links),
+        "tls_certificate_reissued": res.tls_reissued, "overlap": not args.replace,
+        "server": {"pid": server.pid, "url": server.url} if server else None,
+    }
+
+    def human(d: dict[str, Any]) -> str:
+        lines = [f"rolled the {d['ca']} CA over (generation {d['generation']}; labels "
+                 f"{', '.join(d['labels']) or 'none'})",
+                 f"  old root: {d['old']}  SHA-256 {d['fingerprints']['old']}",
+                 f"  new root: {d['new']}  SHA-256 {d['fingerprints']['new']}"]
+        if d["overlap"]:
+            lines += ["  /cacerts now serves the new root with OldWithOld, OldWithNew and "
+                      "NewWithOld (RFC 7030 §4.1.3);",
+                      "  client certificates of the old CA are accepted until "
+                      f"`tpmid est-server rollover {args.label} --dir {args.dir} --finish`"]
+        else:
+            lines.append("  replaced outright: no key-update certificates; devices must be "
+                         "given the new root (est.issuer_anchors)")
+        if d["tls_certificate_reissued"]:
+            lines.append("  the TLS server certificate was re-issued by the new CA"
+                         + (" (served with NewWithOld)" if d["overlap"] else ""))
+        lines.append(applied(server))
+        return "\n".join(lines)
+
+    ctx.emit(data, human)
     return None

@@ -39,11 +39,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tpmid import cancel
 from tpmid.certfiles import spki_der
@@ -59,7 +60,13 @@ from tpmid.errors import (
     TlsShimError,
 )
 from tpmid.est import messages
-from tpmid.est.verify import check_pinned_root, verify_server_certificate
+from tpmid.est.verify import (
+    TrustProfile,
+    ca_problem,
+    check_pinned_root,
+    describe_cert,
+    verify_server_certificate,
+)
 from tpmid.policy import MAX_RETRY_AFTER_S, clamp_retry_after
 from tpmid.render import format_duration, quoted_name
 from tpmid.render import name as render_name
@@ -197,6 +204,25 @@ def _tls_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+# TLS alerts a server sends about the client certificate it was given (RFC 8446 §6.2).
+_CERT_ALERTS = {
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate unknown",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "certificate revoked",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate expired",
+    "TLSV1_ALERT_ACCESS_DENIED": "access denied",
+}
+
+
+def _refused_client_certificate(exc: BaseException) -> str | None:
+    """The TLS alert by which the server refused our client certificate, if that is what failed."""
+    serr = _find_cause(exc, ssl.SSLError)
+    if isinstance(serr, ssl.SSLError) and not isinstance(serr, ssl.SSLCertVerificationError):
+        return _CERT_ALERTS.get(serr.reason or "")
+    return None
+
+
 def _scrub(text: str, secrets: Iterable[str]) -> str:
     for s in secrets:
         if s:
@@ -246,6 +272,9 @@ class EstClient:
       certificate is a root with SHA-256 fingerprint ``pin`` and the server's TLS
       certificate chains to it for this host. No other operation is allowed.
 
+    ``trust_profile`` is ``trust.profile``: how the pinned bootstrap judges the
+    CAs between the pinned root and the server's certificate.
+
     ``basic`` is ``(username, password)`` for HTTP Basic; ``headers`` are extra
     request headers (their values are treated as secrets). ``max_wait`` bounds
     the total time spent resending after ``202 Accepted``; ``sleep`` and ``now``
@@ -269,9 +298,11 @@ class EstClient:
         sleep: Callable[[float], None] = cancel.sleep,
         now: Callable[[], datetime] = utcnow,
         deadline: float | None = DEFAULT_EXCHANGE_DEADLINE,
+        trust_profile: TrustProfile = "rfc5280",
         progress: Callable[[str], None] | None = None,
     ) -> None:
         self.base_url = est_base_url(base_url)
+        self.trust_profile: TrustProfile = trust_profile
         parts = urlsplit(self.base_url)
         self._scheme = parts.scheme
         self._host = parts.hostname or ""
@@ -331,7 +362,7 @@ class EstClient:
                 raise EstTransportError(f"{self._where()}: the server presented no certificate")
             root = check_pinned_root(certs, self.pin)
             verify_server_certificate(leaf, root=root, intermediates=certs, host=self._host,
-                                      now=self._now())
+                                      now=self._now(), trust=self.trust_profile)
             log.info("pinned /cacerts bootstrap: root %s matches the pin and the server's "
                      "certificate chains to it", render_name(root.subject))
         return certs
@@ -345,8 +376,17 @@ class EstClient:
                              empty_ok=(204, 404))
         if resp.status in (204, 404):
             return []
+        body = resp.body
+        # Some servers terminate the base64 with a NUL byte (a C string written whole).
+        trimmed = body.rstrip(b"\x00\r\n\t ")
+        nuls = body[len(trimmed):].count(b"\x00")
+        if nuls:
+            log.warning("%s: the answer ends in %d NUL byte(s) (0x00) after the base64, which "
+                        "RFC 7030 §4.5.2 does not allow; ignoring them",
+                        self._where("csrattrs"), nuls)
+            body = trimmed
         try:
-            return list(messages.decode_csrattrs(resp.body))
+            return list(messages.decode_csrattrs(body))
         except EstProtocolError as e:
             raise EstProtocolError(f"{self._where('csrattrs')}: {e.message}") from e
         except Exception as e:
@@ -368,13 +408,18 @@ class EstClient:
         """POST /simplereenroll (RFC 7030 §4.2.2): renew or rekey, authenticated by the old cert."""
         return self._enroll("simplereenroll", csr)
 
-    def serverkeygen(self, csr: CsrInput) -> ServerKeygenResponse:
-        """POST /serverkeygen (RFC 7030 §4.4): the server makes the key (software keys only).
+    def serverkeygen(self, csr: CsrInput | CsrFactory | ChannelBoundCsr
+                     ) -> ServerKeygenResponse:
+        """POST /serverkeygen (RFC 7030 §4.4): the server makes the key and returns it.
 
-        A key made outside the TPM is, by definition, not a TPM key: tpmid uses
-        this only for software-key identities (bootstrap, comparison).
+        The answer holds the unencrypted PKCS#8 private key (§4.4.2; the encrypted
+        form is refused) and the certificate for it. The server ignores the CSR's
+        public key and signature (§4.4.1); the CSR carries the subject and, with a
+        :data:`CsrFactory`, the tls-unique of proof-of-possession linking. tpmid
+        imports the key into the TPM (:mod:`tpmid.lifecycle.enroll`); the key's
+        bytes are never logged and never written.
         """
-        body = messages.encode_csr(csr)
+        body = self._csr_body(csr, [])
         resp, _ = self._call("POST", "serverkeygen", body, expect=messages.MULTIPART_MIXED)
         try:
             key_der, certs = messages.parse_serverkeygen(resp.body,
@@ -384,7 +429,12 @@ class EstClient:
         except Exception as e:
             raise EstProtocolError(f"{self._where('serverkeygen')}: malformed multipart "
                                    f"answer: {e}") from e
-        picked = _pick_issued(certs, None)
+        try:
+            key_spki: bytes | None = spki_der(
+                serialization.load_der_private_key(key_der, password=None).public_key())  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            key_spki = None
+        picked = _pick_issued(certs, key_spki)
         return ServerKeygenResponse(picked.certificate, key_der, picked.extra_certs)
 
     # ------------------------------------------------------------------ internals
@@ -392,12 +442,17 @@ class EstClient:
     def _where(self, op: str | None = None) -> str:
         return f"{self.base_url}/{op}" if op else f"{self._host}:{self._port}"
 
-    def _enroll(self, op: str, csr: CsrInput | CsrFactory | ChannelBoundCsr) -> EnrollResponse:
-        used: list[x509.CertificateSigningRequest] = []
+    def _csr_body(self, csr: CsrInput | CsrFactory | ChannelBoundCsr,
+                  used: list[x509.CertificateSigningRequest]) -> bytes | _BodyFactory:
+        """The request body of ``csr``, or a body factory called with the connection.
+
+        A :data:`CsrFactory` (PoP) gets the connection's tls-unique, a
+        :class:`ChannelBoundCsr` its channel binding; ``used`` gets the CSR sent.
+        """
         if isinstance(csr, x509.CertificateSigningRequest):
-            body: bytes | _BodyFactory = messages.encode_csr(csr)
             used.append(csr)
-        elif isinstance(csr, ChannelBoundCsr):
+            return messages.encode_csr(csr)
+        if isinstance(csr, ChannelBoundCsr):
             bound = csr
 
             def make_bound(sock: ssl.SSLSocket, url: str) -> bytes:
@@ -405,16 +460,19 @@ class EstClient:
                 used.append(made)
                 return messages.encode_csr(made)
 
-            body = make_bound
-        else:
-            factory = csr
+            return make_bound
+        factory = csr
 
-            def make(sock: ssl.SSLSocket, url: str) -> bytes:
-                made = factory(self._tls_unique(sock, url))
-                used.append(made)
-                return messages.encode_csr(made)
+        def make(sock: ssl.SSLSocket, url: str) -> bytes:
+            made = factory(self._tls_unique(sock, url))
+            used.append(made)
+            return messages.encode_csr(made)
 
-            body = make
+        return make
+
+    def _enroll(self, op: str, csr: CsrInput | CsrFactory | ChannelBoundCsr) -> EnrollResponse:
+        used: list[x509.CertificateSigningRequest] = []
+        body = self._csr_body(csr, used)
         resp, _ = self._call("POST", op, body, expect=messages.PKCS7_MIME)
         certs = self._decode_certs(resp, op)
         csr_key = spki_der(used[-1].public_key()) if used else None
@@ -635,6 +693,19 @@ class EstClient:
         # handshake error; the TLS handle kept the real one.
         if self.tls is not None:
             self.tls.raise_pending(e)
+            failure = getattr(self.tls, "verify_failure", lambda: None)()
+            verr = _find_cause(e, ssl.SSLCertVerificationError)
+            if failure is not None and isinstance(verr, ssl.SSLCertVerificationError):
+                return _refused_chain(failure, url, self._where(), self._host,
+                                      verr.verify_message or verr.reason or "")
+        refused = _refused_client_certificate(e)
+        if refused is not None:
+            return EstTransportError(
+                f"{url}: connection to {self._where()} failed: the server refused our TLS "
+                f"client certificate (TLS alert: {refused})",
+                hint="the server does not (or no longer) accept this certificate: after a CA "
+                "rollover the old CA's certificates end with the overlap, a revoked one at once",
+                refused_client_certificate=refused)
         if _find_cause(e, DeadlineExceeded) is not None:
             return EstTransportError(
                 f"{url}: no complete answer from {self._where()} within the exchange deadline "
@@ -656,6 +727,8 @@ class EstClient:
 
     def _via_session(self, method: str, url: str, body: bytes | None,
                      headers: Mapping[str, str]) -> _Response:
+        if self.tls is not None:
+            self.tls.clear_pending()
         try:
             r = self.session.request(method, url, data=body, headers=dict(headers),
                                      timeout=self.timeout, stream=True, allow_redirects=False)
@@ -770,6 +843,57 @@ class EstClient:
             f"{quoted_name(leaf.subject)} neither names {self._host!r} nor carries "
             "id-kp-cmcRA (RFC 7030 §3.6.1)",
         )
+
+
+# OpenSSL's X509_V_ERR_* codes (x509_vfy.h) as the rule a certificate broke.
+_VERIFY_RULES = {
+    2: "its issuer is neither in the chain the server sent nor among the trust anchors",
+    7: "its signature does not verify with its issuer's key",
+    9: "it is not valid yet",
+    10: "it has expired",
+    18: "it is self-signed and not one of the trust anchors",
+    19: "the chain ends at a root that is not one of the trust anchors",
+    20: "its issuer is neither in the chain the server sent nor among the trust anchors",
+    21: "its issuer is neither in the chain the server sent nor among the trust anchors",
+    25: "the chain is longer than a CA's pathLenConstraint allows (RFC 5280 §6.1.4 (m))",
+    26: "its extendedKeyUsage does not allow a TLS server (id-kp-serverAuth)",
+    34: "it carries a critical extension OpenSSL does not process (RFC 5280 §6.1.4 (o))",
+    62: "it does not name the host in the URL (RFC 6125)",
+    64: "it does not name the IP address in the URL (RFC 6125)",
+    79: "it is not a valid CA certificate (basicConstraints cA=TRUE needed; keyUsage, if "
+        "present, with keyCertSign; RFC 5280 §6.1.4 (k), (n))",
+}
+
+
+def _refused_chain(failure: Any, url: str, where: str, host: str,
+                   reason: str) -> EstTransportError:
+    """The EST server's TLS chain was refused: name the certificate, the rule and the fix."""
+    cert = None
+    if failure.cert_der:
+        try:
+            cert = x509.load_der_x509_certificate(failure.cert_der)
+        except ValueError:
+            cert = None
+    who = describe_cert(cert) if cert is not None else "a certificate"
+    position = ("the server's own certificate" if failure.depth == 0
+                else f"depth {failure.depth} of the chain it sent")
+    rule = _VERIFY_RULES.get(failure.code, f"OpenSSL verification error {failure.code}")
+    if failure.code == 79 and cert is not None:
+        rule = ca_problem(cert) or rule
+    if failure.code in (2, 18, 19, 20, 21):
+        hint = ("trust the CA that issued the server's TLS certificate (trust.est_anchors or "
+                "est.trust_anchors), or have the server send its intermediate CA certificates")
+    elif failure.code in (9, 10):
+        hint = "check the device clock (NTP); if it is right, the server's certificate must be renewed"
+    elif failure.code in (62, 64):
+        hint = (f"use the name the certificate was issued for in est.url, or (RFC 7030 §3.6.1) "
+                f"est.accept_cmc_ra: true for an RA certificate; {host!r} is not in it")
+    else:
+        hint = ("the EST server sends a chain that cannot be trusted; its operator must fix "
+                "the certificate named here")
+    return EstTransportError(
+        f"{url}: connection to {where} failed: certificate verify failed: {reason}: the "
+        f"server's TLS certificate chain is refused at {who} ({position}): {rule}", hint=hint)
 
 
 def _names_host(cert: x509.Certificate, host: str) -> bool:

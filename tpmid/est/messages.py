@@ -27,6 +27,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -105,7 +106,18 @@ def _body_to_der(body: bytes, what: str) -> bytes:
         return bytes(body)
     raise EstProtocolError(
         f"{what}: expected base64-encoded DER, PEM or DER, got {_preview(stripped)}"
+        f"{_first_stray_byte(stripped)}"
     )
+
+
+def _first_stray_byte(body: bytes) -> str:
+    """``; byte 0x00 at offset 52 is not base64`` for a body that is base64 but for a few bytes."""
+    stray = [i for i, b in enumerate(body) if b not in _B64_CHARS and b not in _WHITESPACE]
+    if not stray or len(stray) > 4:
+        return ""
+    where = "at the end" if stray[0] == len(body) - len(stray) else f"at offset {stray[0]}"
+    return (f"; {len(stray)} byte(s) that are not base64, the first {body[stray[0]]:#04x} "
+            f"{where}")
 
 
 def b64_lines(der: bytes, width: int = 64) -> bytes:
@@ -118,18 +130,36 @@ def b64_lines(der: bytes, width: int = 64) -> bytes:
     return b"".join(text[i:i + width] + b"\n" for i in range(0, len(text), width)) or b"\n"
 
 
+# How a response body's base64 is laid out (the reference server's per-label ``base64``):
+# 64-column lines ending in LF (the default, what ``openssl base64 -d`` needs), the same
+# lines ending in CRLF, or one line without any line break (some deployed EST clients
+# reject line breaks). tpmid's client reads all three.
+Base64Form = Literal["wrapped", "crlf", "unwrapped"]
+BASE64_FORMS: tuple[str, ...] = ("wrapped", "crlf", "unwrapped")
+
+
+def encode_base64(der: bytes, form: Base64Form = "wrapped") -> bytes:
+    """Base64 of ``der`` laid out as ``form`` (see :data:`Base64Form`)."""
+    if form == "unwrapped":
+        return base64.b64encode(der)
+    lines = b64_lines(der)
+    return lines.replace(b"\n", b"\r\n") if form == "crlf" else lines
+
+
 # --------------------------------------------------------------------------- certs-only
 
 
-def encode_certs_only(certs: Sequence[x509.Certificate]) -> bytes:
+def encode_certs_only(certs: Sequence[x509.Certificate], form: Base64Form = "wrapped") -> bytes:
     """A certs-only CMC Simple PKI Response (RFC 7030 §4.1.3, §4.2.3; RFC 5272 §4.1).
 
-    DER SignedData with no signers, base64 in 64-column lines. DER orders the
-    certificate SET, so the order of ``certs`` is not preserved on the wire.
+    DER SignedData with no signers, base64 laid out as ``form`` (64-column lines by
+    default). DER orders the certificate SET, so the order of ``certs`` is not
+    preserved on the wire.
     """
     if not certs:
         raise ValueError("a certs-only response needs at least one certificate")
-    return b64_lines(pkcs7.serialize_certificates(list(certs), serialization.Encoding.DER))
+    return encode_base64(pkcs7.serialize_certificates(list(certs), serialization.Encoding.DER),
+                         form)
 
 
 _OID_SIGNED_DATA = "1.2.840.113549.1.7.2"  # RFC 5652 §5.1
@@ -282,8 +312,8 @@ class CsrAttr:
         return cls(x509.ObjectIdentifier(oid), tuple(der_oid(v) for v in value_oids))
 
 
-def encode_csrattrs(items: Sequence[CsrAttr]) -> bytes:
-    """``CsrAttrs ::= SEQUENCE SIZE (0..MAX) OF AttrOrOID`` as base64 DER lines."""
+def encode_csrattrs(items: Sequence[CsrAttr], form: Base64Form = "wrapped") -> bytes:
+    """``CsrAttrs ::= SEQUENCE SIZE (0..MAX) OF AttrOrOID`` as base64 DER (``form``)."""
     parts = []
     for item in items:
         oid = der_oid(item.oid.dotted_string)
@@ -293,7 +323,7 @@ def encode_csrattrs(items: Sequence[CsrAttr]) -> bytes:
             # X.690 §11.6: DER sorts the components of a SET OF by their encoding.
             values = b"".join(sorted(item.values))
             parts.append(der_tlv(TAG_SEQUENCE, oid + der_tlv(TAG_SET, values)))
-    return b64_lines(der_tlv(TAG_SEQUENCE, b"".join(parts)))
+    return encode_base64(der_tlv(TAG_SEQUENCE, b"".join(parts)), form)
 
 
 def decode_csrattrs(body: bytes) -> list[CsrAttr]:
@@ -389,24 +419,28 @@ def _media_param(content_type: str, name: str) -> str | None:
     return None
 
 
-def encode_serverkeygen(key_der: bytes, certs: Sequence[x509.Certificate]) -> tuple[bytes, str]:
+def encode_serverkeygen(key_der: bytes, certs: Sequence[x509.Certificate],
+                        form: Base64Form = "wrapped") -> tuple[bytes, str]:
     """A server-side key generation response (RFC 7030 §4.4.2).
 
     ``multipart/mixed`` with an ``application/pkcs8`` part (the unencrypted
-    PrivateKeyInfo) and a certs-only part. Returns ``(body, content_type)``.
+    PrivateKeyInfo) and a certs-only part, each base64 laid out as ``form``
+    (MIME line ends are CRLF either way). Returns ``(body, content_type)``.
     The boundary is random and cannot occur in base64 text.
     """
     boundary = "est-" + secrets.token_hex(12)
     crlf = b"\r\n"
 
     def part(content_type: str, payload: bytes) -> bytes:
+        # RFC 2046 §5.1.1: the CRLF before the next boundary belongs to the boundary.
+        text = payload.replace(b"\r\n", b"\n").rstrip(b"\n").replace(b"\n", crlf)
         return (b"--" + boundary.encode() + crlf
                 + f"Content-Type: {content_type}".encode() + crlf
                 + b"Content-Transfer-Encoding: base64" + crlf + crlf
-                + payload.replace(b"\n", crlf))
+                + text + crlf)
 
-    body = (part(PKCS8, b64_lines(key_der))
-            + part(CERTS_ONLY_CONTENT_TYPE, encode_certs_only(certs))
+    body = (part(PKCS8, encode_base64(key_der, form))
+            + part(CERTS_ONLY_CONTENT_TYPE, encode_certs_only(certs, form))
             + b"--" + boundary.encode() + b"--" + crlf)
     return body, f"{MULTIPART_MIXED}; boundary={boundary}"
 

@@ -350,7 +350,8 @@ def check_chain(config: Config, ident: IdentityConfig, stored: StoredIdentity,
         # so an expired certificate is one failure, not two.
         at = min(max(as_utc(now), stored.not_before), stored.not_after)
         chain = verify_chain(stored.cert, issuers=anchors, intermediates=stored.chain,
-                             profile="ca" if ident.profile == "ca" else "device", now=at)
+                             profile="ca" if ident.profile == "ca" else "device", now=at,
+                             trust=config.trust.profile)
     except TpmidError as e:
         return _from_error(name, e)
     top = render_name(chain[-1].subject) if chain else "?"

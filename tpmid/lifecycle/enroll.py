@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tpmid.cancel import Cancelled
 from tpmid.certfiles import load_pem_certificates, spki_der
@@ -57,9 +58,26 @@ from tpmid.csr import (
     build_csr_with_attribute,
     build_subject,
 )
-from tpmid.errors import ConfigError, EstProtocolError, EstRetryLater, StoreError
+from tpmid.errors import (
+    ConfigError,
+    EstAuthError,
+    EstProtocolError,
+    EstRetryLater,
+    EstServerError,
+    EstTransportError,
+    StoreError,
+    VerificationError,
+)
+from tpmid.est.csrattrs import CsrPlan, DeviceFacts, plan_csr
 from tpmid.est.messages import decode_csr
-from tpmid.est.verify import fingerprint_sha256, verify_enrollment
+from tpmid.est.verify import (
+    CacertsTrust,
+    describe_cert,
+    fingerprint_sha256,
+    follow_root_key_update,
+    verify_chain,
+    verify_enrollment,
+)
 from tpmid.evidence import (
     ID_AA_ATTESTATION,
     TCG_ATTEST_TPM_CERTIFY,
@@ -74,16 +92,19 @@ from tpmid.secrets import check_private_file
 from tpmid.store import JournalEntry, Store, StoredIdentity
 from tpmid.tpm.identity import IdentityKey, identity_key
 from tpmid.tpm.lease import LeasedKey, TpmLease
+from tpmid.tpm.specs import KEY_SPECS
 
 if TYPE_CHECKING:
-    from tpmid.est.client import CsrFactory, EstClient
+    from tpmid.est.client import CsrFactory, EstClient, ServerKeygenResponse
     from tpmid.tls.keys import TlsSigningKey
     from tpmid.tpm.connection import TpmConnection
     from tpmid.tpm.loaded import LoadedKey
 
 log = logging.getLogger(__name__)
 
-Operation = Literal["simpleenroll", "simplereenroll"]
+Operation = Literal["simpleenroll", "simplereenroll", "serverkeygen"]
+# What a version whose key came from the EST server records (Store.commit key_origin).
+SERVER_GENERATED = "server-generated"
 
 
 class EstClientFactory(Protocol):
@@ -125,6 +146,7 @@ class EnrollResult:
     requested_subject: str
     subject_rewritten: bool = False
     resumed: bool = field(default=False)
+    key_origin: str | None = None  # "server-generated" (RFC 7030 §4.4)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description (what ``tpmid enroll`` prints)."""
@@ -145,6 +167,7 @@ class EnrollResult:
             "cert_path": str(self.cert_path),
             "chain_path": str(self.chain_path),
             "key_path": str(self.key_path) if self.key_path else None,
+            "key_origin": self.key_origin,
             "resumed": self.resumed,
         }
 
@@ -180,6 +203,8 @@ class _Enrollment:
         self.hw_module = hw_module
         self.stack = stack
         self.entry: JournalEntry | None = None
+        # The server's CSR attributes as followed for this request (None: not read).
+        self.plan: CsrPlan | None = None
         # est.attestation: include → always; required-by-server → when /csrattrs asks.
         self.attest = est.attestation == "include"
 
@@ -189,7 +214,8 @@ class _Enrollment:
         """Record (or update) the work in flight before the next step that can be lost."""
         if self.entry is None:
             fields: dict[str, Any] = {
-                "operation": "renew" if self.operation == "simplereenroll" else "enroll",
+                "operation": "renew" if self.operation == "simplereenroll" or (
+                    self.operation == "serverkeygen" and self.auth_with_current) else "enroll",
                 "phase": "staged", "method": self.operation, "started": self.now(),
                 "updated": self.now(),
             }
@@ -228,14 +254,34 @@ class _Enrollment:
             f"it back; `tpmid reset {self.name}` starts over",
         )
 
+    @property
+    def rotates(self) -> bool:
+        """True when the new certificate gets a new key (always, except renew.rotate_key: false)."""
+        return not (self.auth_with_current and not self.ident.renew.rotate_key)
+
+    def facts(self) -> DeviceFacts:
+        """What the CSR-attributes plan needs to know about this identity and request."""
+        subject = self.ident.subject
+        san = self.ident.san
+        return DeviceFacts(
+            alg=self.key.alg,
+            alg_fixed=not (self.key.chooses_alg and self.rotates),
+            subject=frozenset(k for k in ("cn", "o", "ou", "serial_number")
+                              if getattr(subject, k)),
+            san=bool(san.dns or san.ip or san.uri or san.hardware_module_name),
+            pop=self.est.pop,
+            attestation=self.est.attestation != "off",
+            kind_note=f"{self.name}'s key ({self.key.describe()})",
+        )
+
     def new_key(self, current_key_file: Path | None) -> _Key:
         """Open the key the new certificate will certify (staging a new file key)."""
-        rotate = not (self.auth_with_current and not self.ident.renew.rotate_key)
-        new = self.key.for_new_certificate(self.lease.tpm(), rotate=rotate,
-                                           current_file=current_key_file)
+        new = self.key.for_new_certificate(self.lease.tpm(), rotate=self.rotates,
+                                           current_file=current_key_file,
+                                           alg=self.plan.alg if self.plan else None)
         self.lease.keep(new.loaded)
         if new.key_file is None:
-            path = current_key_file if not rotate else None
+            path = current_key_file if not self.rotates else None
             return _Key(new.loaded, new.loaded.public_key_der(), path)
         # Durable before it is used: the staged file and the journal entry let a crash
         # from here on be rolled back or resumed.
@@ -248,11 +294,13 @@ class _Enrollment:
                 Path(path).unlink()
             raise
         log.info("%s: created a new %s key in the TPM (key file version %s)", self.name,
-                 self.key.alg, version)
+                 new.loaded.alg, version)
         return _Key(new.loaded, new.loaded.public_key_der(), path)
 
     def resumed_key(self, entry: JournalEntry, current_key_file: Path | None) -> _Key:
         """The key of the request being resent (its staged file, or the current key)."""
+        if self.operation == "serverkeygen":
+            return _Key(None, b"", None)  # the key comes with the answer
         path = (self.store.key_path(self.name, entry.version) if entry.version
                 else current_key_file)
         spki = self.key.public_key_der(self.lease.tpm(), path)
@@ -359,6 +407,7 @@ def enroll_identity(
     reenroll: bool = False,
     auth_with_current: bool = False,
     hw_module: tuple[str, bytes] | None = None,
+    serverkeygen: bool = False,
 ) -> EnrollResult:
     """Enroll (or with ``reenroll``, re-enroll) identity ``name``; see the module docstring.
 
@@ -373,6 +422,12 @@ def enroll_identity(
     the EKs (provisioning); otherwise they are read when the SAN asks for it.
     ``lease`` lends the TPM (see the module docstring); it is released when this
     returns or raises.
+
+    ``serverkeygen`` (or ``est.serverkeygen``) asks the server for the key (RFC 7030
+    §4.4, ``/serverkeygen``, authenticated as a simpleenroll would be, or with the
+    current certificate when re-enrolling): the private key that comes back is
+    imported into the TPM (TPM2_Import under the storage root key) and becomes the
+    version's TSS2 key file; its bytes are never written or logged.
     """
     ident = config.identity(name)
     est = ident.est
@@ -385,6 +440,15 @@ def enroll_identity(
             f"{config.source}: identities.{name}.est.attestation: an IDevID is certified by "
             "the IAK when the device is provisioned, not in its own CSR",
             hint="use est.attestation for key-file identities (LDevID, Edge CA)")
+    if (serverkeygen or est.serverkeygen) and est.attestation != "off":
+        raise ConfigError(
+            f"{config.source}: identities.{name}: a server-generated key cannot be attested "
+            "(it was not made in the TPM), but est.attestation is "
+            f"{est.attestation}", hint=f"set identities.{name}.est.attestation: off to "
+            "enroll with --serverkeygen, or let the TPM make the key")
+    if serverkeygen or est.serverkeygen:
+        _check_serverkeygen(config, ident)
+        operation = "serverkeygen"
 
     with store.identity_lock(name), contextlib.ExitStack() as stack:
         # Released last: nothing of the TPM is held once this returns.
@@ -413,18 +477,43 @@ def enroll_identity(
             raise
 
 
+def _check_serverkeygen(config: Config, ident: IdentityConfig) -> None:
+    """ConfigError unless ``ident`` can take a server-generated key (RFC 7030 §4.4)."""
+    identity_key(ident).check_server_keygen()
+    if ident.san.hardware_module_name:
+        raise ConfigError(
+            f"{config.source}: identities.{ident.name}: a server-generated key is imported into "
+            "the TPM, so it cannot carry a hardwareModuleName (the TPM did not make it and "
+            "cannot attest it)",
+            hint=f"set identities.{ident.name}.san.hardware_module_name: false, or let the TPM "
+            "make the key (no --serverkeygen, est.serverkeygen: false)")
+
+
 def _run(run: _Enrollment, current: StoredIdentity | None) -> EnrollResult:
     requested = _requested_subject(run, current)
     credentials = run.clients.credentials(run.est)
     trust = run.clients.trust(run.est, f"identities.{run.name}.est")
-    key, payload, resumed = _key_and_request(run, current)
-    client = run.client(trust, current, credentials)
-    if not isinstance(getattr(client.tls, "key", None), LeasedKey):
-        # No TPM signature in the handshake: give the TPM back before the network.
+    resume = run.resumable()
+    client: EstClient | None = None
+    if resume is None and run.est.csrattrs != "ignore":
+        # RFC 7030 §4.5: the CSR attributes come first, they choose the key.
+        run.plan, client = _follow_csrattrs(run, trust, current, credentials)
+        if run.plan is not None and run.plan.pop and not run.est.pop:
+            # challengePassword asked for: a connection capped at TLS 1.2 (tls-unique).
+            run.est = replace(run.est, pop=True)
+            client = None
+    key, payload, resumed = _key_and_request(run, current, resume)
+    if client is not None:
+        # The connection is up already: nothing of the TPM is held across the network.
         run.lease.release()
-    issuers = _issuers(run, client)
+    else:
+        client = run.client(trust, current, credentials)
+        if not isinstance(getattr(client.tls, "key", None), LeasedKey):
+            # No TPM signature in the handshake: give the TPM back before the network.
+            run.lease.release()
+    issuers = _issuers(run, client, current)
     if run.est.attestation == "required-by-server":
-        run.attest = _server_wants_evidence(client)
+        run.attest = _server_wants_evidence(run, client)
         log.info("%s: the server %s attestation evidence", run.name,
                  "asks for" if run.attest else "does not ask for")
     response = _send(run, client, payload)
@@ -446,12 +535,65 @@ def _requested_subject(run: _Enrollment, current: StoredIdentity | None) -> x509
     return requested
 
 
-def _key_and_request(run: _Enrollment, current: StoredIdentity | None
+def _follow_csrattrs(run: _Enrollment, trust: Any, current: StoredIdentity | None,
+                     credentials: tuple[dict[str, str], tuple[str, str] | None],
+                     ) -> tuple[CsrPlan | None, EstClient | None]:
+    """Read the label's CSR attributes and decide what the CSR honours (est.csrattrs).
+
+    The attributes are asked for first on a connection without client
+    authentication (no client certificate, no credential: the TPM is not touched
+    and the enrollment's TPM work keeps its order); a label that wants the client
+    authenticated for /csrattrs (401, 403, or a TLS handshake that needs a client
+    certificate) is asked again on the enrollment's own connection, which is then
+    returned for the rest of the exchange.
+
+    ``follow`` warns about what cannot be honoured and goes on; ``require`` refuses.
+    A server whose /csrattrs answers an error or garbage is, under ``follow``, a
+    warning too: the CSR is then built from the config alone.
+    """
+    mode = run.est.csrattrs
+    client: EstClient | None = None
+    try:
+        try:
+            with run.clients.open(run.est, trust, credentials=({}, None)) as anonymous:
+                attrs = anonymous.csrattrs()
+        except (EstAuthError, EstTransportError) as e:
+            log.debug("%s: /csrattrs without client authentication failed (%s); asking on "
+                      "the authenticated connection", run.name, e.message)
+            client = run.client(trust, current, credentials)
+            attrs = client.csrattrs()
+    except (EstServerError, EstProtocolError) as e:
+        if mode == "require":
+            e.hint = e.hint or (f"the label's CSR attributes are required "
+                                f"(identities.{run.name}.est.csrattrs: require)")
+            raise
+        log.warning("%s: cannot read the label's CSR attributes (%s); building the CSR from "
+                    "the config", run.name, e.message)
+        return None, client
+    plan = plan_csr(attrs, run.facts())
+    for item in plan.honoured:
+        log.info("%s: CSR attributes: %s", run.name, item)
+    if plan.unhonoured:
+        listed = "; ".join(plan.unhonoured)
+        if mode == "require":
+            raise ConfigError(
+                f"{run.name}: the EST label's CSR attributes ask for what this identity "
+                f"cannot put in its CSR: {listed}",
+                hint=f"change the identity's config (key, subject, san) or the label's CSR "
+                f"attributes, or set identities.{run.name}.est.csrattrs: follow to enroll "
+                "with a warning instead")
+        for item in plan.unhonoured:
+            log.warning("%s: CSR attributes: cannot honour %s", run.name, item)
+    return plan, client
+
+
+def _key_and_request(run: _Enrollment, current: StoredIdentity | None,
+                     resume: JournalEntry | None,
                      ) -> tuple[_Key, x509.CertificateSigningRequest | CsrFactory
                                 | ChannelBoundCsr, bool]:
-    """The key and what to send: the journalled CSR, a new CSR, or a PoP CSR factory."""
+    """The key and what to send: the journalled CSR, a new CSR, or a CSR made later
+    on the connection (proof-of-possession linking, attestation evidence)."""
     current_key_file = current.key_file if current is not None else None
-    resume = run.resumable()
     if resume is not None:
         run.entry = resume
         assert resume.csr_pem is not None
@@ -461,6 +603,8 @@ def _key_and_request(run: _Enrollment, current: StoredIdentity | None
                  "(RFC 7030 §4.2.3)", run.name, resume.method, resume.phase)
         run.journal(phase="submitted")
         return key, csr, True
+    if run.operation == "serverkeygen":
+        return _serverkeygen_request(run)
     key = run.new_key(current_key_file)
     assert key.loaded is not None
     if run.est.attestation != "off":
@@ -519,25 +663,137 @@ def _channel_bound_request(run: _Enrollment, key: _Key) -> ChannelBoundCsr:
     return ChannelBoundCsr(make)
 
 
-def _server_wants_evidence(client: EstClient) -> bool:
+def _server_wants_evidence(run: _Enrollment, client: EstClient) -> bool:
     """True when the label's /csrattrs lists id-aa-attestation (est.attestation:
-    required-by-server)."""
+    required-by-server); the attributes already read for the CSR are reused."""
+    if run.plan is not None:
+        return run.plan.attestation
     return any(a.oid.dotted_string == ID_AA_ATTESTATION for a in client.csrattrs())
 
 
-def _issuers(run: _Enrollment, client: EstClient) -> list[x509.Certificate]:
-    """The CAs the issued certificate must chain to."""
+def _serverkeygen_request(run: _Enrollment
+                          ) -> tuple[_Key, x509.CertificateSigningRequest | CsrFactory, bool]:
+    """The CSR of a server-side key generation (RFC 7030 §4.4.1).
+
+    The server ignores the CSR's public key and signature and makes the key itself;
+    the CSR carries the subject and subjectAltName (and, with PoP, tls-unique). It is
+    signed with a throwaway software key of the algorithm the new key should have
+    (some servers make a key of the CSR's type), which certifies nothing and is
+    dropped at once. No TPM work happens until the answer arrives.
+    """
+    alg = run.plan.alg if run.plan is not None else run.key.alg
+    throwaway: Any = (rsa.generate_private_key(65537, 2048) if alg.startswith("rsa")
+                      else ec.generate_private_key(ec.SECP384R1() if alg == "ecc-p384"
+                                                   else ec.SECP256R1()))
+    hash_name = KEY_SPECS[alg].hash_name
+
+    def make(challenge: str | None = None) -> x509.CertificateSigningRequest:
+        return build_csr(throwaway, run.ident.subject, run.ident.san, hash_name=hash_name,
+                         challenge_password=challenge)
+
+    key = _Key(None, b"", None)
+    if run.est.pop:
+        def pop_csr(tls_unique: bytes) -> x509.CertificateSigningRequest:
+            return make(base64.b64encode(tls_unique).decode("ascii"))
+
+        return key, pop_csr, False
+    csr = make()
+    run.journal(phase="submitted", csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode())
+    return key, csr, False
+
+
+def _import_server_key(run: _Enrollment, response: ServerKeygenResponse) -> _Key:
+    """Import the server-generated key into the TPM and stage its key file (RFC 7030 §4.4.2).
+
+    The key's bytes live in memory only, for as long as the import takes; the store
+    gets the TPM's key file, whose private part only this TPM can decrypt.
+    """
+    try:
+        private = serialization.load_der_private_key(response.private_key_der, password=None)
+    except (ValueError, TypeError) as e:
+        raise EstProtocolError(f"{run.est.url}: the server-generated key does not parse "
+                               f"as a PKCS#8 private key ({type(e).__name__})") from None
+    try:
+        if not isinstance(private, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise EstProtocolError(
+                f"{run.est.url}: the server generated a {type(private).__name__.lstrip('_')}, "
+                "which cannot become a TPM identity key (ECC P-256, P-384 or RSA-2048)",
+                hint="configure the label to generate ECC P-256, P-384 or RSA-2048 keys")
+        new = run.key.import_server_key(run.lease.tpm(), private)
+    finally:
+        del private
+    run.lease.keep(new.loaded)
+    assert new.key_file is not None
+    path = run.store.stage_key(run.name, new.key_file)
+    try:
+        run.journal(version=run.store.key_version(path))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+        raise
+    spki = new.loaded.public_key_der()
+    new.loaded.close()
+    log.info("%s: imported the server-generated %s key into the TPM (key file version %s)",
+             run.name, new.loaded.alg, run.store.key_version(path))
+    return _Key(None, spki, path)
+
+
+def _issuers(run: _Enrollment, client: EstClient,
+             current: StoredIdentity | None) -> CacertsTrust:
+    """The CAs the issued certificate must chain to.
+
+    ``est.issuer_anchors`` (the operator's explicit anchors) when configured. Else the
+    label's ``/cacerts`` over the channel whose server was just authenticated (RFC 7030
+    §4.1.3): all of it for an identity's first certificate; for the next ones, what
+    chains to the anchor stored with the current certificate — a new root only through
+    NewWithOld (a CA rollover), never just because the server offers it.
+    """
     if run.est.issuer_anchors:
-        return load_pem_certificates(run.est.issuer_anchors, "issuer anchor file")
-    # RFC 7030 §4.1.3: the CA certificates of this label, over the channel whose
-    # server was just authenticated.
-    return client.cacerts()
+        return CacertsTrust(tuple(load_pem_certificates(run.est.issuer_anchors,
+                                                        "issuer anchor file")))
+    offered = client.cacerts()
+    if current is None or not current.chain:
+        return CacertsTrust(tuple(offered))
+    anchor = current.chain[-1]
+    trust = follow_root_key_update(offered, anchor, now=run.now())
+    for root in trust.new_roots:
+        log.info("%s: /cacerts offers the new root %s, vouched for by the current anchor %s "
+                 "through NewWithOld (RFC 7030 §4.1.3 Root CA Key Update)", run.name,
+                 describe_cert(root), describe_cert(anchor))
+    for u in trust.unvouched:
+        log.warning("%s: /cacerts offers the root %s, which this identity's anchor %s does not "
+                    "vouch for (%s); it is not trusted", run.name, describe_cert(u.root),
+                    describe_cert(anchor), u.reason)
+    return trust
+
+
+def _explain_unvouched_root(run: _Enrollment, response: Any, trust: CacertsTrust,
+                            error: VerificationError) -> None:
+    """A certificate issued under a root nothing vouches for: say that, and what to do."""
+    for u in trust.unvouched:
+        try:
+            verify_chain(response.certificate, issuers=[u.root],
+                         intermediates=[*response.extra_certs, *trust.intermediates],
+                         profile="ca" if run.ident.profile == "ca" else "device",
+                         now=run.now(), trust=run.config.trust.profile)
+        except VerificationError:
+            continue
+        raise VerificationError(
+            f"{run.name}: the certificate the EST server issued chains to the root "
+            f"{describe_cert(u.root)} that /cacerts now offers, but this identity's trust "
+            f"anchor {describe_cert(trust.anchors[0])} does not vouch for it: {u.reason} "
+            "(RFC 7030 §4.1.3 Root CA Key Update), so the new root is refused",
+            hint=f"if the CA operator really replaced the CA, check the new root's SHA-256 "
+            f"fingerprint with them and configure identities.{run.name}.est.issuer_anchors "
+            "with it; the identity keeps its current certificate meanwhile") from error
 
 
 def _send(run: _Enrollment, client: EstClient,
           payload: x509.CertificateSigningRequest | CsrFactory | ChannelBoundCsr) -> Any:
     """simpleenroll / simplereenroll; a 202 that outlasts est.max_wait keeps the CSR."""
     try:
+        if run.operation == "serverkeygen":
+            return client.serverkeygen(payload)
         if run.operation == "simplereenroll":
             return client.simplereenroll(payload)
         return client.simpleenroll(payload)
@@ -554,15 +810,31 @@ def _send(run: _Enrollment, client: EstClient,
 
 
 def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x509.Name,
-                       issuers: list[x509.Certificate], resumed: bool) -> EnrollResult:
+                       trust: CacertsTrust, resumed: bool) -> EnrollResult:
     """Verify the issued certificate (key, chain, subject, validity, EKU) and commit it."""
-    verified = verify_enrollment(
-        response.certificate, key_spki_der=key.spki, requested_subject=requested,
-        issuers=issuers, extra_certs=response.extra_certs,
-        profile="ca" if run.ident.profile == "ca" else "device", now=run.now(),
-        accept_rewritten_subject=run.est.accept_rewritten_subject,
-    )
-    stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path)
+    origin = None
+    if run.operation == "serverkeygen":
+        # The certificate must be for the key now in the TPM, as for any other key.
+        key = _import_server_key(run, response)
+        run.lease.release()
+        origin = SERVER_GENERATED
+    try:
+        verified = verify_enrollment(
+            response.certificate, key_spki_der=key.spki, requested_subject=requested,
+            issuers=trust.anchors, extra_certs=[*response.extra_certs, *trust.intermediates],
+            profile="ca" if run.ident.profile == "ca" else "device", now=run.now(),
+            accept_rewritten_subject=run.est.accept_rewritten_subject,
+            trust=run.config.trust.profile,
+        )
+    except VerificationError as e:
+        _explain_unvouched_root(run, response, trust, e)
+        raise
+    if verified.chain and verified.chain[-1] in trust.new_roots:
+        log.warning("%s: after the CA's Root CA Key Update its trust anchor is now %s (was %s), "
+                    "stored with the new certificate", run.name,
+                    describe_cert(verified.chain[-1]), describe_cert(trust.anchors[0]))
+    stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path,
+                              key_origin=origin)
     run.entry = None  # commit cleared the journal
     log.info("%s: enrolled %s (serial %x, until %s) via %s", run.name,
              render_name(verified.certificate.subject), verified.certificate.serial_number,
@@ -572,4 +844,5 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
         version=stored.version, cert_path=stored.cert_path, chain_path=stored.chain_path,
         key_path=stored.key_file, requested_subject=render_name(requested),
         subject_rewritten=verified.subject_rewritten, resumed=resumed,
+        key_origin=stored.key_origin,
     )

@@ -81,7 +81,7 @@ from tpmid.errors import (
     TpmidError,
     VerificationError,
 )
-from tpmid.est.verify import verify_chain
+from tpmid.est.verify import TrustProfile, verify_chain
 from tpmid.lifecycle.enroll import EstClientFactory, enroll_identity
 from tpmid.manifest import EkCertificate, ProvisionRecord, append_record, open_manifest
 from tpmid.render import name as render_name
@@ -145,8 +145,9 @@ class _Run:
     """The record being built and the progress lines of one provisioning run."""
 
     def __init__(self, *, identity: str, station: str, serial: str | None, started: datetime,
-                 progress: Progress) -> None:
+                 progress: Progress, trust: TrustProfile = "rfc5280") -> None:
         self.progress = progress
+        self.trust: TrustProfile = trust  # trust.profile: how the IDevID's chain is judged
         self.started = started
         self.t0 = time.monotonic()
         self.index = 0
@@ -235,7 +236,7 @@ def provision(
     manifest cannot be opened (before the device is touched).
     """
     run = _Run(identity=identity, station=station_id, serial=serial, started=now(),
-               progress=progress)
+               progress=progress, trust=config.trust.profile)
     fd = open_manifest(manifest_path) if manifest_path is not None else None
     try:
         try:
@@ -442,7 +443,8 @@ def _enroll(run: _Run, config: Config, ident: IdentityConfig, key: IdentityKey,
         if stored is None:  # enroll_identity just committed it
             raise StoreError(f"{ident.name}: the certificate just stored cannot be read back")
         with run.step("proving the identity") as st:
-            st.text, _ = _prove(tpm, ident, key, stored.cert, stored.chain, serial, now=now)
+            st.text, _ = _prove(tpm, ident, key, stored.cert, stored.chain, serial, now=now,
+                                trust=run.trust)
         _nv_copy(run, tpm, stored.cert, spki, nv_index)
     except BaseException:
         if ensured.created and not committed:
@@ -484,7 +486,7 @@ def _check_existing(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: Tpm
                    "already provisioned, no EST request")
     with run.step("proving the identity") as st:
         st.text, _ = _prove(tpm, ident, key, current.cert, current.chain,
-                            run.fields["device_serial"], now=now)
+                            run.fields["device_serial"], now=now, trust=run.trust)
     _nv_copy(run, tpm, current.cert, spki, nv_index)
     run.fields["outcome"] = "already-provisioned"
 
@@ -508,7 +510,7 @@ def _adopt(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: TpmConnectio
     with run.step("proving the identity") as st:
         anchors = _adoption_anchors(ident, clients)
         st.text, chain = _prove(tpm, ident, key, cert, (), run.fields["device_serial"], now=now,
-                                anchors=anchors)
+                                anchors=anchors, trust=run.trust)
     with run.step("storing the certificate") as st:
         if current is not None and current.cert == cert:
             run.fields["outcome"] = "already-provisioned"
@@ -592,6 +594,7 @@ def _prove(tpm: TpmConnection, ident: IdentityConfig, ikey: IdentityKey, cert: x
            chain: tuple[x509.Certificate, ...], serial: str | None, *,
            now: Callable[[], datetime],
            anchors: tuple[list[x509.Certificate], str] | None = None,
+           trust: TrustProfile = "rfc5280",
            ) -> tuple[str, tuple[x509.Certificate, ...]]:
     """Check that ``cert`` is this device's valid IDevID.
 
@@ -617,7 +620,7 @@ def _prove(tpm: TpmConnection, ident: IdentityConfig, ikey: IdentityKey, cert: x
     issuers, where = anchors if anchors is not None else _manufacturer_anchors(ident, chain)
     # Validity at now(), signatures up to the anchor, device profile (clientAuth EKU).
     verified = verify_chain(cert, issuers=issuers, intermediates=chain, profile="device",
-                            now=now())
+                            now=now(), trust=trust)
     if serial is not None:
         found = _cert_serial(cert)
         if found != serial:

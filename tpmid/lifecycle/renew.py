@@ -17,7 +17,9 @@ How an identity renews (same meaning as Azure IoT Edge's ``auto_renew``):
 * a certificate that cannot be a TLS client certificate (``profile: ca``, the
   Edge CA) renews with its first-enrollment authentication via simpleenroll;
 * an expired or missing certificate falls back to the first-enrollment
-  authentication (``est.auth``, e.g. the IDevID: the bootstrap identity).
+  authentication (``est.auth``, e.g. the IDevID: the bootstrap identity); so does a
+  certificate the server no longer accepts (a TLS alert such as "unknown CA" after a
+  CA rollover's overlap ended, or a revocation), with a warning that says why.
 
 After a commit the previous key file is deleted (at once, or after
 ``renew.grace``), the attempt state is reset and ``hooks.after_renew`` runs.
@@ -38,7 +40,14 @@ from typing import TYPE_CHECKING
 from tpmid.cancel import Cancelled
 from tpmid.clock import as_utc, utcnow
 from tpmid.config import Config, IdentityConfig
-from tpmid.errors import EstRetryLater, KeyUnavailableError, StoreError, TpmidError
+from tpmid.errors import (
+    EstAuthError,
+    EstRetryLater,
+    EstTransportError,
+    KeyUnavailableError,
+    StoreError,
+    TpmidError,
+)
 from tpmid.lifecycle.enroll import EnrollResult, EstClientFactory, enroll_identity
 from tpmid.lifecycle.plan import managed_identities, plan_renewal
 from tpmid.policy import (
@@ -58,6 +67,20 @@ HOOK_TIMEOUT_S = 120.0
 
 HookRunner = Callable[[Sequence[str], Mapping[str, str]], int]
 HookEnvironment = Callable[[IdentityConfig, Mapping[str, str]], dict[str, str]]
+
+
+def refused_certificate(e: TpmidError) -> str | None:
+    """Why the server refused the identity's own certificate, if that is what ``e`` says.
+
+    A TLS alert about the client certificate (unknown CA, revoked, expired...), or a
+    403 whose reason is the client certificate (the reference server's "not issued by
+    the ... CA accepted at this label").
+    """
+    if isinstance(e, EstTransportError) and e.refused_client_certificate:
+        return f"TLS alert: {e.refused_client_certificate}"
+    if isinstance(e, EstAuthError) and e.status == 403 and "client certificate" in e.body.lower():
+        return f"403: {e.body[:120]}"
+    return None
 
 
 def run_hook(argv: Sequence[str], env: Mapping[str, str]) -> int:
@@ -207,17 +230,36 @@ class RenewalEngine:
         if resumed is not None:
             reenroll, self_auth, why = resumed
         log.info("%s: renewing via %s (%s)", name,
-                 "simplereenroll" if reenroll else "simpleenroll", why)
+                 "serverkeygen" if ident.est is not None and ident.est.serverkeygen
+                 else "simplereenroll" if reenroll else "simpleenroll", why)
         self._drop_unresumable_journal(name, reenroll)
         if attempt.retrying and attempt.retry_after is None and ident.est is not None:
             # The last attempt failed: before a new TPM key is made (seconds for RSA on a
             # real TPM), check that the server answers at all.
             log.info("%s: checking that %s answers before retrying", name, ident.est.url)
             self.clients().fetch_cacerts(ident.est)
+        try:
+            with TpmLease(self.open_tpm) as lease:
+                return enroll_identity(
+                    self.config, name, store=self.store, lease=lease, clients=self.clients(),
+                    now=self.now, reenroll=reenroll, auth_with_current=self_auth,
+                )
+        except (EstTransportError, EstAuthError) as e:
+            refused = refused_certificate(e) if self_auth else None
+            if refused is None:
+                raise
+        # The server no longer accepts the identity's own certificate (a CA rollover whose
+        # overlap ended, a revocation): as with an expired one, the bootstrap identity.
+        est = ident.est
+        via = est.auth.client if est is not None and est.auth.client else "est.auth"
+        log.warning("%s: the EST server no longer accepts %s's certificate (%s); renewing "
+                    "through the bootstrap identity (%s) instead, as for an expired "
+                    "certificate", name, name, refused, via)
+        self._drop_unresumable_journal(name, False)
         with TpmLease(self.open_tpm) as lease:
             return enroll_identity(
                 self.config, name, store=self.store, lease=lease, clients=self.clients(),
-                now=self.now, reenroll=reenroll, auth_with_current=self_auth,
+                now=self.now, reenroll=False, auth_with_current=False,
             )
 
     def _heal(self, name: str, e: KeyUnavailableError) -> bool:
@@ -353,7 +395,9 @@ class RenewalEngine:
     def _drop_unresumable_journal(self, name: str, reenroll: bool) -> None:
         """A pending request for the other method (e.g. the cert expired meanwhile) is abandoned."""
         entry = self.store.journal_get(name)
-        wanted = "simplereenroll" if reenroll else "simpleenroll"
+        est = self.config.identity(name).est
+        wanted = ("serverkeygen" if est is not None and est.serverkeygen
+                  else "simplereenroll" if reenroll else "simpleenroll")
         if entry is None or entry.method == wanted:
             return
         log.warning("%s: abandoning the %s in flight (phase %s); starting a %s", name,

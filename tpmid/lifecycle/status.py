@@ -68,6 +68,7 @@ class IdentityStatus:
     key_template: str | None = None
     key_alg: str | None = None
     key_path: Path | None = None
+    key_origin: str | None = None  # "server-generated": the EST server made the key
     version: str | None = None
     cert_path: Path | None = None
     subject: str | None = None
@@ -117,6 +118,7 @@ class IdentityStatus:
                 "template": self.key_template,
                 "alg": self.key_alg,
                 "path": str(self.key_path) if self.key_path else None,
+                "origin": self.key_origin,
             },
             "version": self.version,
             "cert_path": str(self.cert_path) if self.cert_path else None,
@@ -214,6 +216,11 @@ def identity_status(config: Config, store: Store | None, name: str, now: datetim
     c = cert.cert
     if cert.key_file is not None:
         base["key_path"] = cert.key_file
+    if cert.key_origin is not None:
+        # RFC 7030 §4.4: the EST server made the key; the TPM holds it but did not make it.
+        base["key_description"] += (f", {cert.key_origin} (made by the EST server, imported "
+                                    "into the TPM; no hardwareModuleName, no attestation)")
+        base["key_origin"] = cert.key_origin
     return IdentityStatus(
         state=_state(cert, now, decision),
         version=cert.version,

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -38,6 +38,7 @@ from tpmid.certfiles import spki_der
 from tpmid.csr import ChannelBinding
 from tpmid.errors import EstProtocolError
 from tpmid.est import messages
+from tpmid.est.csrattrs import oid_name
 from tpmid.evidence import ID_AA_ATTESTATION
 from tpmid.render import name as render_name
 from tpmid.render import quoted_name
@@ -170,6 +171,21 @@ def verify_csr_signature(csr: x509.CertificateSigningRequest, allow_sha1: bool) 
         raise ValueError(f"the CSR signature algorithm is not supported ({e})") from None
 
 
+def _key_description(key: Any) -> str:
+    """``ecc-p384``, ``rsa-2048``... for the issue log."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return {"secp256r1": "ecc-p256", "secp384r1": "ecc-p384"}.get(key.curve.name,
+                                                                      f"ecc-{key.curve.name}")
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"rsa-{key.key_size}"
+    return type(key).__name__
+
+
+def _form(label: LabelConfig) -> messages.Base64Form:
+    """The label's base64 layout for response bodies (``base64`` in the config)."""
+    return cast(messages.Base64Form, label.base64)  # checked against BASE64_FORMS when parsed
+
+
 def _check_key_strength(key: Any) -> None:
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
         raise ValueError(f"RSA-{key.key_size} is too weak; use 2048 bits or more")
@@ -200,10 +216,13 @@ class EstApp:
         """The config in effect."""
         return self._config
 
-    def set_config(self, config: ServerConfig) -> None:
-        """Switch to a new config; pending and fault counters start afresh."""
+    def set_config(self, config: ServerConfig,
+                   cas: dict[str, CertificateAuthority] | None = None) -> None:
+        """Switch to a new config (and CAs, after a rollover); counters start afresh."""
         with self._lock:
             self._config = config
+            if cas is not None:
+                self.cas = cas
             self._pending.clear()
             self._fault_hits.clear()
 
@@ -316,12 +335,15 @@ class EstApp:
     # ------------------------------------------------------------------ GET operations
 
     def _cacerts(self, label: LabelConfig) -> Response:
-        # RFC 7030 §4.1.3: certs-only, the CA certificate(s) of this label.
+        # RFC 7030 §4.1.3: certs-only, the CA certificate(s) of this label; after a
+        # rollover also the Root CA Key Update certificates OldWithOld, OldWithNew and
+        # NewWithOld (tpmid.server.rollover).
         ca = self.cas[label.ca]
-        return Response(200, messages.encode_certs_only([ca.cert]), [
+        note = f"{label.ca} CA" + (" + key-update certificates" if ca.links else "")
+        return Response(200, messages.encode_certs_only([ca.cert, *ca.links], _form(label)), [
             ("Content-Type", messages.CERTS_ONLY_CONTENT_TYPE),
             ("Content-Transfer-Encoding", "base64"),
-        ], note=f"{label.ca} CA")
+        ], note=note)
 
     def _csrattrs(self, label: LabelConfig) -> Response:
         items = label.csrattrs
@@ -340,7 +362,7 @@ class EstApp:
         if not items:
             # RFC 7030 §4.5.2: 204 means no CSR attributes are available.
             return Response(204, note="no attributes")
-        return Response(200, messages.encode_csrattrs(items), [
+        return Response(200, messages.encode_csrattrs(items, _form(label)), [
             ("Content-Type", messages.CSRATTRS),
             ("Content-Transfer-Encoding", "base64"),
         ], note=f"{len(items)} attributes")
@@ -415,15 +437,15 @@ class EstApp:
                                 lifetime=label.lifetime, now=when, policies=policies)
         except (ValueError, TypeError) as e:
             raise _reject(400, f"cannot issue a certificate for this CSR: {e}") from None
-        self._record(label, operation, cert, verdict.principal, attestation)
+        self._record(label, operation, cert, verdict.principal, csr, attestation)
         note = f"issued serial={render_serial(cert.serial_number)} subject={render_name(cert.subject)}"
         if faults.wrong_key:
             note += " [fault: wrong key]"
         if key_der is not None:
-            body, content_type = messages.encode_serverkeygen(key_der, [cert])
+            body, content_type = messages.encode_serverkeygen(key_der, [cert], _form(label))
             return Response(200, body, [("Content-Type", content_type)], note=note)
         # RFC 7030 §4.2.3: certs-only with only the issued certificate.
-        return Response(200, messages.encode_certs_only([cert]), [
+        return Response(200, messages.encode_certs_only([cert], _form(label)), [
             ("Content-Type", messages.CERTS_ONLY_CONTENT_TYPE),
             ("Content-Transfer-Encoding", "base64"),
         ], note=note)
@@ -534,7 +556,9 @@ class EstApp:
         return r
 
     def _record(self, label: LabelConfig, operation: str, cert: x509.Certificate,
-                principal: str, attestation: AttestationVerdict | None = None) -> None:
+                principal: str, csr: x509.CertificateSigningRequest,
+                attestation: AttestationVerdict | None = None) -> None:
+        oid = csr.signature_algorithm_oid
         entry: dict[str, Any] = {
             "time": format_datetime(datetime.now(UTC), usegmt=True),
             "label": label.name,
@@ -547,6 +571,9 @@ class EstApp:
             "not_after": cert.not_valid_after_utc.isoformat(),
             "sha256": cert.fingerprint(hashes.SHA256()).hex(),
             "authenticated_as": principal,
+            # What the client made its request with (CSR attributes ask for these).
+            "csr_signature": oid_name(oid.dotted_string) or oid.dotted_string,
+            "key": _key_description(cert.public_key()),
         }
         if attestation is not None:
             entry["attestation"] = attestation.log_entry()

@@ -117,6 +117,11 @@ class CertificateAuthority:
     # Tests of time-driven behaviour (renewal schedules) run the CA on an
     # injected clock; None means the real one.
     clock: Callable[[], datetime] | None = None
+    # After a rollover (tpmid.server.rollover): the old root while its client
+    # certificates are still accepted, and the RFC 7030 §4.1.3 key-update certificates
+    # /cacerts serves next to the current root.
+    previous: tuple[x509.Certificate, ...] = ()
+    links: tuple[x509.Certificate, ...] = ()
 
     def now(self) -> datetime:
         """The CA's idea of the current time (aware UTC)."""
@@ -128,15 +133,20 @@ class CertificateAuthority:
         return alg_of(self.key)
 
     def issued(self, cert: x509.Certificate, now: datetime | None = None) -> bool:
-        """True if this CA signed ``cert`` directly and ``cert`` is valid at ``now``."""
+        """True if this CA signed ``cert`` directly and ``cert`` is valid at ``now``.
+
+        During a rollover's overlap, a certificate of the previous root counts too.
+        """
         now = now or self.now()
-        if cert.issuer != self.cert.subject:
-            return False
-        try:
-            cert.verify_directly_issued_by(self.cert)
-        except (ValueError, TypeError, InvalidSignature):
-            return False
-        return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+        for ca_cert in (self.cert, *self.previous):
+            if cert.issuer != ca_cert.subject:
+                continue
+            try:
+                cert.verify_directly_issued_by(ca_cert)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+        return False
 
     def issue(
         self,

@@ -22,7 +22,7 @@ from cryptography import x509
 from tpmid.config import MappingReader, parse_duration, read_yaml_file, shown
 from tpmid.der import oid_of_der
 from tpmid.errors import ConfigError
-from tpmid.est.messages import CsrAttr, der_oid
+from tpmid.est.messages import BASE64_FORMS, CsrAttr, der_oid
 from tpmid.server.subject_policy import (
     SUBJECT_POLICIES,
     AnySubject,
@@ -156,6 +156,9 @@ class LabelConfig:
     serverkeygen: bool = True
     serverkeygen_alg: str | None = None  # None: the CA's algorithm
     csrattrs: tuple[CsrAttr, ...] | None = None  # None: derived from profile and CA key
+    # Layout of the base64 in response bodies: 64-column lines (LF), the same with
+    # CRLF, or one unbroken line (messages.Base64Form).
+    base64: str = "wrapped"
     faults: Faults = field(default_factory=Faults)
     # Key-attestation evidence (docs/attestation.md): off, verify (check it when a CSR
     # carries it), require (refuse a CSR without it). IAK certificates must chain to
@@ -355,6 +358,7 @@ def _label(name: str, r: MappingReader) -> LabelConfig:
         serverkeygen=r.flag("serverkeygen", True),
         serverkeygen_alg=r.string("serverkeygen_alg", None, choices=ALGS),
         csrattrs=csrattrs,
+        base64=r.string("base64", "wrapped", choices=BASE64_FORMS),
         faults=_faults(r.sub("faults")),
         attestation=r.string("attestation", "off", choices=ATTESTATION_MODES),
         attestation_ca=r.string("attestation_ca", "manufacturer", choices=CA_NAMES),

@@ -30,10 +30,10 @@ import json
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -312,6 +312,32 @@ def _read_lab(paths: ServerPaths) -> LabOverrides:
 def _parse(config_doc: Any, lab: LabOverrides, paths: ServerPaths) -> ServerConfig:
     source = f"{paths.config} (with {paths.lab.name})" if lab else str(paths.config)
     return parse_server_config(merge_lab(config_doc, lab, str(paths.lab)), source)
+
+
+T = TypeVar("T")
+
+
+def change_and_reload(dir: Path, change: Callable[[ServerPaths], T], *,
+                      timeout: float = RELOAD_TIMEOUT) -> tuple[T, RunInfo | None]:
+    """Run ``change`` on the server directory in turn with lab commands, then apply it.
+
+    ``DIR/lab.lock`` is held across the change and the reload (as by
+    :func:`update_label`); a running server is sent SIGHUP and confirms. Returns what
+    ``change`` returned and the running server (None if none runs).
+    """
+    paths = ServerPaths(dir.resolve())
+    _require_server_dir(paths)
+    try:
+        fd = acquire_lock(paths.dir / LAB_LOCK, wait=True, timeout=timeout,
+                          busy=lambda holder: f"another lab command is changing {paths.dir} "
+                          f"({holder})", hint="try again when it is done")
+    except StoreError as e:
+        raise ConfigError(e.message, hint=e.hint) from e
+    try:
+        result = change(paths)
+        return result, reload_running(paths, timeout)
+    finally:
+        release_lock(fd)
 
 
 def update_label(dir: Path, label: str, change: LabChange, *,

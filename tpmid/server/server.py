@@ -36,7 +36,7 @@ from tpmid.errors import ConfigError, TlsShimError
 from tpmid.render import name as render_name
 from tpmid.server.app import EstApp, Request
 from tpmid.server.ca import IssueLog, cert_pem
-from tpmid.server.config import ServerConfig, load_server_config
+from tpmid.server.config import ServerConfig
 from tpmid.server.state import ServerState, est_url
 from tpmid.tls.binding import channel_binding
 
@@ -293,8 +293,10 @@ class EstServer:
             raise ConfigError(f"cannot load the server's TLS certificate and key: {e}") from e
         # Requested, not required: Secret-Value/Basic labels share the port with mTLS labels.
         ctx.verify_mode = ssl.CERT_OPTIONAL
-        ctx.load_verify_locations(
-            cadata=b"".join(cert_pem(ca.cert) for ca in self.state.cas.values()).decode())
+        # During a rollover's overlap the old root is trusted too (tpmid.server.rollover).
+        ctx.load_verify_locations(cadata=b"".join(
+            cert_pem(c) for ca in self.state.cas.values() for c in (ca.cert, *ca.previous)
+        ).decode())
         if self.clock is not None:
             # X509_V_FLAG_NO_CHECK_TIME: validity is judged by the CAs on the injected
             # clock (auth.issuer_of / CertificateAuthority.issued), not the wall clock.
@@ -341,11 +343,18 @@ class EstServer:
         return est_url(self.host, self.port, label, operation)
 
     def reload(self) -> None:
-        """Re-read ``config.yaml`` and ``lab.yaml``; on error the old config stays (ConfigError)."""
-        config = load_server_config(self.state.paths.config, self.state.paths.lab)
-        context = self._make_context(config)
-        self.state.config = config
-        self.app.set_config(config)
+        """Re-read the directory: ``config.yaml`` and ``lab.yaml``, the CAs and their rollover
+        state, the TLS certificate. On error the old state stays and ConfigError is raised."""
+        state = ServerState.load(self.state.paths.dir)
+        for ca in state.cas.values():
+            ca.clock = self.clock
+        previous, self.state = self.state, state
+        try:
+            context = self._make_context(state.config)
+        except BaseException:
+            self.state = previous
+            raise
+        self.app.set_config(state.config, state.cas)
         self._ssl_context = context
         log.info("configuration reloaded from %s", self.state.paths.config)
 
@@ -398,7 +407,7 @@ class EstServer:
         except (OSError, ssl.SSLError) as e:
             reason = getattr(e, "reason", None) or e
             log.info("TLS handshake with %s failed: %s", address[0], reason)
-            tls.close()
+            _close_after_alert(tls)
             return
         with self._cv:
             self._conns[id(tls)] = _Conn(tls)
@@ -420,6 +429,30 @@ class EstServer:
 def _clean(text: str) -> str:
     """Client-controlled text (paths, subjects) made safe for a one-line log entry."""
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+
+def _close_after_alert(sock: ssl.SSLSocket) -> None:
+    """Close a connection whose handshake failed without losing the alert OpenSSL sent.
+
+    In TLS 1.3 the server judges the client certificate after the client has finished
+    its handshake, and the client sends its request at once. Closing with that request
+    unread makes the kernel reset the connection, and a reset can overtake the alert
+    ("unknown CA"), which the client needs to know why. So: end our side, read what
+    the client still sends (briefly), then close.
+    """
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        sock.settimeout(0.5)
+        for _ in range(64):
+            if not socket.socket.recv(sock, 65536):
+                break
+    except OSError:
+        pass
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 def _shutdown_socket(sock: ssl.SSLSocket) -> None:

@@ -11,6 +11,8 @@ Layout (``DIR``)::
     issued.jsonl           0644  one JSON line per issued certificate
     lab.yaml               0600  lab overrides per label (``tpmid est-server label``)
     run.json, run.lock           the running server (``tpmid est-server run``), see lab.py
+    rollover/<ca>/         0755  after `tpmid est-server rollover`: state.json and the
+                                 RFC 7030 §4.1.3 key-update certificates (tpmid.server.rollover)
 
 ``init_server_dir(dir, tls_from=LABEL)`` makes no TLS CA: the server's TLS
 certificate is issued by that label's CA, and ``tls-ca.pem`` is a copy of that
@@ -42,6 +44,7 @@ from tpmid.server.ca import (
     loopback_san,
 )
 from tpmid.server.config import ALGS, YEAR, ServerConfig, load_server_config
+from tpmid.server.rollover import load_rollover_state
 from tpmid.store.fsio import atomic_write
 
 DEFAULT_PORT = 8443
@@ -194,6 +197,8 @@ labels:
 #   reenroll_forcing: true   GlobalSign default: subject copied from a presented
 #                            certificate of this label's CA
 #   libest_quirks: true      reject a one-line base64 body without newline
+#   base64: unwrapped        response bodies as one base64 line (default wrapped:
+#                            64-column lines; crlf: the same lines ending in CRLF)
 #   pop: true                require tls-unique in challengePassword (TLS 1.2)
 #   faults: {{status: 503, retry_after: 3s, malformed_body: true,
 #            wrong_content_type: true, delay: 2s, wrong_key: true,
@@ -324,6 +329,10 @@ class ServerState:
         config = load_server_config(paths.config, paths.lab)
         cas = {name: load_ca(name, paths.ca_cert(name), paths.ca_key(name))
                for name in ("manufacturer", "operator")}
+        for name, ca in cas.items():
+            # tpmid.server.rollover: the old root during the overlap, the key-update certs.
+            rolled = load_rollover_state(paths.dir, name)
+            ca.previous, ca.links = rolled.accepted_old, rolled.links
         try:
             tls_ca = x509.load_pem_x509_certificate(paths.ca_cert("tls").read_bytes())
         except (OSError, ValueError) as e:

@@ -2,7 +2,7 @@
 
 Layout under ``store.dir`` (documented in ``docs/store-and-renewal.md``)::
 
-    certs/      0755  <name>/<version>/cert.pem, chain.pem (0644)
+    certs/      0755  <name>/<version>/cert.pem, chain.pem (0644), key-origin (server-generated keys)
                       <name>/<version>/key.tss2.pem -> ../../../keys/<name>/<version>.tss2.pem
                       <name>/current -> <version>       (symlink, swapped by rename)
     keys/       0700  <name>/<version>.tss2.pem (0600)  (file keys only)
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION = 2
 KEY_SUFFIX = ".tss2.pem"
+KEY_ORIGIN = "key-origin"  # in a version directory: where its key came from (if not the TPM)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # same rule as tpmid.config
 
 # (directory, mode): certs are public, everything else is private to the tpmid user.
@@ -73,6 +74,9 @@ class StoredIdentity:
     key_file: Path | None
     cert_path: Path
     chain_path: Path
+    # Where the key came from when not from the TPM itself: "server-generated" (RFC 7030
+    # §4.4, imported into the TPM); None for a key the TPM made.
+    key_origin: str | None = None
 
     @property
     def not_before(self) -> datetime:
@@ -287,8 +291,12 @@ class Store:
             if not _key_file_present(key_file):
                 raise StoreError(f"{name} version {version} is damaged: its key file "
                                  f"{key_file} is missing or empty", hint=hint)
+        origin: str | None = None
+        with contextlib.suppress(OSError):
+            origin = (vdir / KEY_ORIGIN).read_text(encoding="ascii").strip()[:40] or None
         return StoredIdentity(name=name, version=version, cert=cert, chain=chain,
-                              key_file=key_file, cert_path=cert_path, chain_path=chain_path)
+                              key_file=key_file, cert_path=cert_path, chain_path=chain_path,
+                              key_origin=origin)
 
     def version_problem(self, name: str, version: str) -> str | None:
         """Why ``version`` of ``name`` cannot be used (damaged, incomplete), or None if intact."""
@@ -342,7 +350,7 @@ class Store:
         return path
 
     def commit(self, name: str, cert: x509.Certificate, chain: Sequence[x509.Certificate],
-               key_file: Path | None) -> StoredIdentity:
+               key_file: Path | None, *, key_origin: str | None = None) -> StoredIdentity:
         """Make ``cert`` (verified by the caller) with ``chain`` and ``key_file`` current.
 
         A key file from :meth:`stage_key` becomes that version's key; any other key
@@ -350,7 +358,8 @@ class Store:
         version. ``None`` means the key is not a file (persistent, ek-derived).
         Writes the version directory, swaps ``current``, clears the journal, then
         prunes versions beyond the retention. The previous version stays usable
-        until the swap.
+        until the swap. ``key_origin`` ("server-generated") is recorded with the
+        version for ``tpmid status``.
         """
         self._check_name(name)
         self._dir("certs")
@@ -401,6 +410,8 @@ class Store:
             if key_file is not None:
                 os.symlink(os.path.join("..", "..", "..", "keys", name, f"{version}{KEY_SUFFIX}"),
                            tmp / "key.tss2.pem")
+            if key_origin is not None:
+                write_new(tmp / KEY_ORIGIN, key_origin.encode("ascii") + b"\n", 0o644)
             os.chmod(tmp, 0o755)
             fsync_dir(tmp)
             mark_step("commit:temp-version", tmp)

@@ -185,15 +185,19 @@ def start_est_server(dir: Path, *, alg: str = "ecc-p256", process: bool = False,
                      labels: LabelOverrides | None = None,
                      config: ConfigEdit | None = None,
                      clock: Callable[[], datetime] | None = None,
-                     init_args: Mapping[str, Any] | None = None) -> RunningEstServer:
+                     init_args: Mapping[str, Any] | None = None,
+                     prepare: Callable[[Path], None] | None = None) -> RunningEstServer:
     """Initialise ``dir`` and start a server on a free loopback port.
 
     ``labels`` overrides settings per label (``{"ldevid": {"lifetime": "10min",
     "pending": 1}}``); ``config`` edits the whole YAML document before start;
     ``clock`` (in-process servers only) runs the server's CAs on an injected clock.
     ``init_args`` go to :func:`tpmid.server.init_server_dir` (``tls_from="ldevid"``).
+    ``prepare(dir)`` may change the server directory (its CA files) before the start.
     """
     res = init_server_dir(dir, alg=alg, **dict(init_args or {}))
+    if prepare is not None:
+        prepare(res.dir)
     if labels or config is not None:
         data = yaml.safe_load(res.config_path.read_text())
         if labels:

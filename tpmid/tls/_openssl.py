@@ -67,6 +67,8 @@ RSA_SIGN_FN = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p,
     ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
 )
+#   int (*verify_callback)(int preverify_ok, X509_STORE_CTX *x509_ctx)   (ssl.h)
+VERIFY_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
 
 
 def read_maps() -> str:
@@ -211,6 +213,30 @@ class OpenSsl:
             s, "SSL_export_keying_material", i,
             [vp, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t,
              ctypes.c_char_p, ctypes.c_size_t, i])
+
+    def verify_api(self) -> None:
+        """Declare what :mod:`tpmid.tls._verify` needs (separately: the shim does not)."""
+        if getattr(self, "SSL_CTX_set_verify", None) is not None:
+            return
+        c, s = self.libcrypto, self.libssl
+        vp, i, f = ctypes.c_void_p, ctypes.c_int, self._fn
+        self.SSL_CTX_get_verify_mode = f(s, "SSL_CTX_get_verify_mode", i, [vp])
+        self.X509_STORE_CTX_get_error = f(c, "X509_STORE_CTX_get_error", i, [vp])
+        self.X509_STORE_CTX_get_error_depth = f(c, "X509_STORE_CTX_get_error_depth", i, [vp])
+        self.X509_STORE_CTX_get_current_cert = f(c, "X509_STORE_CTX_get_current_cert", vp, [vp])
+        self.i2d_X509 = f(c, "i2d_X509", i, [vp, ctypes.POINTER(ctypes.c_char_p)])
+        self.SSL_CTX_set_verify = f(s, "SSL_CTX_set_verify", None, [vp, i, VERIFY_FN])
+
+    def cert_der(self, x509_ptr: int) -> bytes | None:
+        """The DER of an ``X509 *`` (i2d_X509 into a buffer of the size it reports)."""
+        size = self.i2d_X509(x509_ptr, None)
+        if not isinstance(size, int) or size <= 0:
+            return None
+        buf = ctypes.create_string_buffer(size)
+        p = ctypes.c_char_p(ctypes.addressof(buf))
+        if self.i2d_X509(x509_ptr, ctypes.byref(p)) != size:
+            return None
+        return buf.raw
 
     # -- process checks --------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from cryptography.x509.oid import NameOID
 from tpmid import __version__
 from tpmid.errors import ConfigError, StoreError, TlsShimError
 from tpmid.store.fsio import atomic_write
-from tpmid.tls import _openssl, _shim, deadline
+from tpmid.tls import _openssl, _shim, _verify, deadline
 from tpmid.tls.keys import SoftwareSigningKey, TlsSigningKey, profile_for
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,14 @@ class ClientTls:
 
     def __init__(self, ssl_context: ssl.SSLContext, *, key: TlsSigningKey | None = None,
                  binding: _shim.Binding | None = None,
-                 pending: _shim.PendingErrors | None = None) -> None:
+                 pending: _shim.PendingErrors | None = None,
+                 recorder: _verify.VerifyRecorder | None = None) -> None:
         """Wrap an already configured context; use :func:`client_tls` to build one."""
         self.ssl_context = ssl_context
         self.key = key
         self._binding = binding
         self._pending = pending or _shim.PendingErrors()
+        self._recorder = recorder
         self._closed = False
 
     @property
@@ -102,6 +104,13 @@ class ClientTls:
     def clear_pending(self) -> None:
         """Forget a captured error on this thread (call before a new handshake)."""
         self._pending.clear()
+        if self._recorder is not None:
+            self._recorder.clear()
+
+    def verify_failure(self) -> _verify.VerifyFailure | None:
+        """The certificate of the server's chain OpenSSL refused in this thread's last
+        handshake (code, depth, DER), if it refused one and the recorder is installed."""
+        return self._recorder.pop() if self._recorder is not None else None
 
     @contextlib.contextmanager
     def translate_errors(self) -> Iterator[None]:
@@ -210,15 +219,17 @@ def _build(*, key: TlsSigningKey | None, key_file: Path | None,
     # Every step on the wire respects the exchange deadline; a key that borrows the
     # TPM (tpmid.tpm.lease.LeasedKey) gives it back after each handshake.
     deadline.install(ctx, after_handshake=getattr(key, "after_handshake", None))
+    # Which certificate of the server's chain OpenSSL refuses, for the error message.
+    recorder = _verify.install(ctx) if verify_server else None
     if key is not None:
         binding = _shim.install_key(ctx, key, [c.public_bytes(_DER) for c in cert_chain],
                                     pending)
-        return ClientTls(ctx, key=key, binding=binding, pending=pending)
+        return ClientTls(ctx, key=key, binding=binding, pending=pending, recorder=recorder)
     if key_file is not None:
         _load_key_file(ctx, Path(key_file), cert_chain)
     elif cert_chain:
         raise ConfigError("a client certificate was given without its key")
-    return ClientTls(ctx, pending=pending)
+    return ClientTls(ctx, pending=pending, recorder=recorder)
 
 
 def client_tls(*, key: TlsSigningKey | None = None, key_file: Path | None = None,

@@ -107,6 +107,10 @@ class TpmConnection(TpmContext):
         """A new signing key under the storage root key: its TSS2 PEM, and the key loaded."""
         return keyfile.create_loaded_key_file(self, alg)
 
+    def import_key_file(self, key: keyfile.ImportableKey) -> tuple[bytes, LoadedKey]:
+        """Import a server-generated private key (RFC 7030 §4.4): its TSS2 PEM, and the key loaded."""
+        return keyfile.import_key_file(self, key)
+
     def load_key_file(self, pem: bytes) -> LoadedKey:
         """Load a TSS2 PRIVATE KEY PEM made by :meth:`create_key_file` (or tpm2-openssl)."""
         return keyfile.load_key_file(self, pem)

@@ -82,6 +82,11 @@ class IdentityKey(ABC):
     adoptable: ClassVar[bool] = False
     #: What the provisioning manifest records for a key that is already in place.
     reuse_action: ClassVar[str] = "kept"
+    #: A new key may be of another algorithm than ``key.alg`` when the EST server's CSR
+    #: attributes ask for one (RFC 7030 §4.5); an IDevID never changes algorithm.
+    chooses_alg: ClassVar[bool] = False
+    #: The key may come from the EST server (RFC 7030 §4.4) and be imported into the TPM.
+    server_keygen: ClassVar[bool] = False
 
     def __init__(self, name: str, config: KeyConfig) -> None:
         self.name = name
@@ -156,9 +161,31 @@ class IdentityKey(ABC):
         """
 
     def for_new_certificate(self, tpm: TpmConnection, *, rotate: bool,
-                            current_file: Path | None = None) -> NewKey:
-        """The key a new certificate will certify: this same key, unless it rotates."""
+                            current_file: Path | None = None, alg: str | None = None) -> NewKey:
+        """The key a new certificate will certify: this same key, unless it rotates.
+
+        ``alg`` is the algorithm a new key is made with (:attr:`chooses_alg` kinds
+        only; default ``key.alg``).
+        """
         return NewKey(self.open(tpm, current_file), None)
+
+    def check_server_keygen(self) -> None:
+        """ConfigError unless this kind of key can come from the EST server (RFC 7030 §4.4)."""
+        if self.server_keygen:
+            return
+        raise ConfigError(
+            f"{self.name} is {self.describe()}: its key is made in the TPM and never replaced, "
+            "so it cannot take a server-generated key",
+            hint="server-side key generation (--serverkeygen, est.serverkeygen) is for "
+            "key-file identities (key.kind: file)")
+
+    def import_server_key(self, tpm: TpmConnection, key: Any) -> NewKey:
+        """Import a server-generated private key (RFC 7030 §4.4) as this identity's new key.
+
+        Only a key-file identity can (:attr:`server_keygen`); the others raise ConfigError.
+        """
+        self.check_server_keygen()
+        raise NotImplementedError  # pragma: no cover - kinds with server_keygen override it
 
     @abstractmethod
     def ensure(self, tpm: TpmConnection, *, force: bool = False,
@@ -389,6 +416,8 @@ class KeyFile(IdentityKey):
 
     kind = "file"
     renewable = True
+    chooses_alg = True
+    server_keygen = True
 
     def __init__(self, name: str, config: KeyConfig) -> None:
         super().__init__(name, config)
@@ -417,20 +446,20 @@ class KeyFile(IdentityKey):
             e.hint = (f"enroll {self.name} again with a new key: tpmid reset {self.name} --yes "
                       f"&& tpmid enroll {self.name}")
             raise
-        if loaded.alg != self.alg:
-            loaded.close()
-            raise KeyMismatchError(
-                f"{self.name}'s key file holds an {loaded.alg} key but the config says "
-                f"{self.alg}",
-                hint=f"fix identities.{self.name}.key.alg, or enroll again with the configured "
-                f"algorithm: tpmid reset {self.name} --yes && tpmid enroll {self.name}")
+        # key.alg is the algorithm of *new* keys: a version's key may be another one the
+        # EST server asked for (CSR attributes, server-side key generation); what matters
+        # is that it is the key of its certificate, which every user of it checks.
         return loaded
 
     def for_new_certificate(self, tpm: TpmConnection, *, rotate: bool,
-                            current_file: Path | None = None) -> NewKey:
+                            current_file: Path | None = None, alg: str | None = None) -> NewKey:
         if not rotate and current_file is not None:
             return NewKey(self.open(tpm, current_file), None)
-        pem, loaded = tpm.create_key_file(self.alg)
+        pem, loaded = tpm.create_key_file(alg or self.alg)
+        return NewKey(loaded, pem)
+
+    def import_server_key(self, tpm: TpmConnection, key: Any) -> NewKey:
+        pem, loaded = tpm.import_key_file(key)
         return NewKey(loaded, pem)
 
     def ensure(self, tpm: TpmConnection, *, force: bool = False,

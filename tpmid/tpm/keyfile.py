@@ -15,9 +15,20 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from tpm2_pytss.constants import ESYS_TR, TPM2_RC, TPMA_OBJECT
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC, TPMA_OBJECT
 from tpm2_pytss.tsskey import TSSPrivKey
-from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE, TPM2B_TEMPLATE
+from tpm2_pytss.types import (
+    TPM2B_ECC_PARAMETER,
+    TPM2B_PRIVATE_KEY_RSA,
+    TPM2B_SENSITIVE,
+    TPM2B_SENSITIVE_CREATE,
+    TPM2B_TEMPLATE,
+    TPMT_SENSITIVE,
+    TPMT_SYM_DEF_OBJECT,
+    TPMU_SENSITIVE_COMPOSITE,
+)
+from tpm2_pytss.utils import wrap
 
 from tpmid.errors import KeyMismatchError, KeyUnavailableError, StoreError, TpmError
 from tpmid.tpm.context import TpmContext
@@ -25,7 +36,13 @@ from tpmid.tpm.idevid import read_persistent_public
 from tpmid.tpm.loaded import LoadedKey, flush_transient
 from tpmid.tpm.rc import is_code, tpm_call
 from tpmid.tpm.specs import OWNER_PERSISTENT_FIRST, PARENT_OWNER, SRK_HANDLE
-from tpmid.tpm.templates import describe_public, file_key_template, storage_parent_template, template_fields
+from tpmid.tpm.templates import (
+    describe_public,
+    file_key_template,
+    imported_key_public,
+    storage_parent_template,
+    template_fields,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +161,61 @@ def create_loaded_key_file(tpm: TpmContext, alg: str) -> tuple[bytes, LoadedKey]
     except BaseException:
         flush_transient(tpm, handle, "the key-file key")
         raise
+
+
+ImportableKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _sensitive(key: ImportableKey) -> TPM2B_SENSITIVE:
+    """The TPM sensitive area of ``key``: its private part, empty authValue (TPM 2.0 Part 2 §12.3)."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        size = (key.curve.key_size + 7) // 8
+        composite = TPMU_SENSITIVE_COMPOSITE(ecc=TPM2B_ECC_PARAMETER(
+            key.private_numbers().private_value.to_bytes(size, "big")))
+        kind = TPM2_ALG.ECC
+    else:
+        # The TPM keeps one prime of an RSA key and derives the rest (Part 1 §C.3).
+        nums = key.private_numbers()
+        composite = TPMU_SENSITIVE_COMPOSITE(rsa=TPM2B_PRIVATE_KEY_RSA(
+            nums.p.to_bytes((key.key_size // 2 + 7) // 8, "big")))
+        kind = TPM2_ALG.RSA
+    return TPM2B_SENSITIVE(sensitiveArea=TPMT_SENSITIVE(sensitiveType=kind, sensitive=composite))
+
+
+def import_key_file(tpm: TpmContext, key: ImportableKey) -> tuple[bytes, LoadedKey]:
+    """Import a server-generated private key under the storage root key; return it as a key file.
+
+    RFC 7030 §4.4 server-side key generation: the key arrives from the EST server and
+    becomes a TSS2 key file like any other (parent 0x40000001), usable by tpmid and by
+    tpm2-openssl. TPM2_Import (TPM 2.0 Part 3 §13.3) of a duplicate with no inner wrapper
+    and the outer wrapper of TPM 2.0 Part 1 §23.3.2: the sensitive area is encrypted and
+    integrity-protected with a seed only the storage parent can recover, so the private
+    key crosses the TPM interface (a bus, or swtpm's socket) encrypted. The key's
+    attributes say it was not made in the TPM (:func:`imported_key_public`): it can
+    never claim a hardwareModuleName or attestation. Nothing is written here; the
+    caller stages the returned key file in the store. The returned key is loaded.
+    """
+    public = imported_key_public(key.public_key())
+    sensitive = _sensitive(key)
+    with tpm.lock:
+        parent = _create_storage_parent(tpm)
+        try:
+            with tpm_call("reading the storage root key", tpm, handles=("the storage root key",)):
+                parent_public, _, _ = tpm.esapi.read_public(parent)
+            try:
+                enc_key, duplicate, seed = wrap(parent_public.publicArea, public, sensitive)
+            except ValueError as e:
+                raise TpmError("cannot wrap the server-generated key for the storage root key "
+                               f"({e})") from None
+            with tpm_call("importing the server-generated key under the storage root key", tpm,
+                          handles=("the storage root key",)):
+                private = tpm.esapi.import_(parent, enc_key, public, duplicate, seed,
+                                            TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL))
+        finally:
+            _release_storage_parent(tpm, parent)
+            del sensitive
+    pem = bytes(TSSPrivKey(private, public, empty_auth=True, parent=PARENT_OWNER).to_pem())
+    return pem, load_key_file(tpm, pem)
 
 
 def _parse_key_file(pem: bytes) -> Any:

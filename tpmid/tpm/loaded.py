@@ -26,6 +26,7 @@ from tpmid.tpm.signer import tpm_private_key
 from tpmid.tpm.templates import (
     describe_public,
     identify_template,
+    is_imported,
     key_spec_of,
     public_key_from_tpm,
     tpm_hash,
@@ -176,13 +177,19 @@ class LoadedKey:
         return identify_template(self.public)
 
     @property
+    def server_generated(self) -> bool:
+        """True for a key imported into the TPM (RFC 7030 §4.4): not fixedTPM, not made there."""
+        return is_imported(self.public)
+
+    @property
     def can_decrypt(self) -> bool:
         """True when the key has the ``decrypt`` attribute (an identity key must not)."""
         return bool(self.public.publicArea.objectAttributes & TPMA_OBJECT.DECRYPT)
 
     def describe(self) -> str:
         """``a ECC NIST P-256 signing key (IDevID template H-2)`` and the like."""
-        return describe_public(self.public)
+        text = describe_public(self.public)
+        return f"{text}, server-generated and imported" if self.server_generated else text
 
 
 

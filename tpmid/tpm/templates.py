@@ -121,6 +121,45 @@ def file_key_template(alg: str) -> TPM2B_PUBLIC:
                          sign_hash=h if alg.startswith("ecc-") else None, policy=b"", unique=b"")
 
 
+def imported_key_public(key: PublicKeyTypes) -> TPM2B_PUBLIC:
+    """The public area of a server-generated key imported into the TPM (RFC 7030 §4.4).
+
+    Like :func:`file_key_template` (sign only, never decrypt, noDA, the scheme of the
+    algorithm's one hash), but without fixedTPM, fixedParent and sensitiveDataOrigin:
+    the TPM did not make the key and it existed outside it, which TPM2_Import requires
+    the attributes to say (TPM 2.0 Part 1 §23.3). ``unique`` is the key's public part.
+    """
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        alg = {"secp256r1": "ecc-p256", "secp384r1": "ecc-p384"}.get(key.curve.name)
+    elif isinstance(key, rsa.RSAPublicKey):
+        alg = "rsa-2048" if key.key_size == 2048 and key.public_numbers().e == 65537 else None
+    else:
+        alg = None
+    if alg is None:
+        raise TpmError(f"a {type(key).__name__.lstrip('_')} of this size cannot be imported as a "
+                       f"TPM identity key (use one of {', '.join(FILE_ALGS)})")
+    attrs = TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA | TPMA_OBJECT.SIGN_ENCRYPT
+    h = KEY_SPECS[alg].hash_name
+    public = _build_public(alg, attrs=attrs, name_hash="sha256",
+                           sign_hash=h if alg.startswith("ecc-") else None, policy=b"", unique=b"")
+    area = public.publicArea
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        size = (key.curve.key_size + 7) // 8
+        nums = key.public_numbers()
+        area.unique.ecc = TPMS_ECC_POINT(x=nums.x.to_bytes(size, "big"),
+                                         y=nums.y.to_bytes(size, "big"))
+    else:
+        assert isinstance(key, rsa.RSAPublicKey)
+        area.unique.rsa = TPM2B_PUBLIC_KEY_RSA(key.public_numbers().n.to_bytes(256, "big"))
+    return public
+
+
+def is_imported(public: TPM2B_PUBLIC) -> bool:
+    """True for a key the TPM did not generate (no fixedTPM / sensitiveDataOrigin)."""
+    attrs = public.publicArea.objectAttributes
+    return not (attrs & TPMA_OBJECT.FIXEDTPM and attrs & TPMA_OBJECT.SENSITIVEDATAORIGIN)
+
+
 def storage_parent_template() -> TPM2B_PUBLIC:
     """The ECC P-256 storage primary template with empty unique (key-file parent 0x40000001).
 

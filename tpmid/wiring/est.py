@@ -30,9 +30,9 @@ from tpmid import cancel
 from tpmid.certfiles import load_pem_certificates
 from tpmid.clock import utcnow
 from tpmid.config import Config, EstConfig, SecretRef
-from tpmid.errors import ConfigError
+from tpmid.errors import ConfigError, VerificationError
 from tpmid.est.client import DEFAULT_TIMEOUT, EstClient, ServerCheck, est_base_url, make_session
-from tpmid.est.verify import normalize_pin
+from tpmid.est.verify import TrustProfile, normalize_pin, trust_anchors
 from tpmid.tls import ClientTls, TlsSigningKey, client_tls
 from tpmid.tls.context import SELFTEST_RECORD
 
@@ -68,8 +68,28 @@ def tls_chain(cert: x509.Certificate, chain: Sequence[x509.Certificate]) -> list
     return [cert, *(c for c in chain if c.issuer != c.subject)]
 
 
+def load_trust_anchors(paths: Sequence[Path], profile: TrustProfile, what: str,
+                       where: str = "") -> tuple[x509.Certificate, ...]:
+    """The certificates of ``paths`` as the TLS layer's trust anchors under ``profile``.
+
+    Under ``rfc5280`` each is turned into a trust anchor of its name and key
+    (:func:`tpmid.est.verify.trust_anchor`): OpenSSL then accepts a CA whose
+    basicConstraints is not critical or that has no keyUsage, as RFC 5280 §6.1.1(d)
+    does, while still checking every certificate the server sends below it. One
+    with an explicit cA=FALSE is a ConfigError naming the file.
+    """
+    out: list[x509.Certificate] = []
+    for path in paths:
+        certs = load_pem_certificates([path], what)
+        try:
+            out += trust_anchors(certs, profile, f" in {path}")
+        except VerificationError as e:
+            raise ConfigError(f"{where}{': ' if where else ''}{e.message}", hint=e.hint) from None
+    return tuple(out)
+
+
 def bootstrap_root(url: str, pin: str, *, timeout: tuple[float, float] | None = None,
-                   allow_http: bool = False,
+                   allow_http: bool = False, trust_profile: TrustProfile = "rfc5280",
                    now: Callable[[], datetime] = utcnow) -> list[x509.Certificate]:
     """Pinned ``/cacerts`` bootstrap (RFC 7030 §4.1.1); return the CA certificates.
 
@@ -83,7 +103,8 @@ def bootstrap_root(url: str, pin: str, *, timeout: tuple[float, float] | None = 
         session = make_session(tls)
         stack.callback(session.close)
         client = EstClient(url, session, tls=tls, server_check="pin", pin=pin,
-                           allow_http=allow_http, timeout=timeout or DEFAULT_TIMEOUT, now=now)
+                           allow_http=allow_http, timeout=timeout or DEFAULT_TIMEOUT, now=now,
+                           trust_profile=trust_profile)
         certs = client.cacerts()
     want = normalize_pin(pin)
     root = [c for c in certs if c.fingerprint(hashes.SHA256()).hex() == want]
@@ -92,9 +113,11 @@ def bootstrap_root(url: str, pin: str, *, timeout: tuple[float, float] | None = 
 
 def _fetch(op: Literal["cacerts", "csrattrs"], url: str, *,
            trusted_certs: Sequence[Path], pin: str | None, use_system_store: bool,
-           allow_http: bool, timeout: tuple[float, float] | None) -> FetchResult:
+           allow_http: bool, timeout: tuple[float, float] | None,
+           trust_profile: TrustProfile = "rfc5280") -> FetchResult:
     base = est_base_url(url)
-    anchors = load_pem_certificates(trusted_certs, "trusted certificate file")
+    anchors: Sequence[x509.Certificate] = load_trust_anchors(
+        trusted_certs, trust_profile, "trusted certificate file")
     how = "explicit trust anchors" if anchors else "system trust store"
     if not anchors and not use_system_store:
         if pin is None:
@@ -103,10 +126,11 @@ def _fetch(op: Literal["cacerts", "csrattrs"], url: str, *,
                 "server's TLS certificate) or --pin SHA256 (fingerprint of the EST root)",
                 hint="RFC 7030 §3.6: tpmid never trusts an EST server it cannot authenticate",
             )
-        roots = bootstrap_root(base, pin, timeout=timeout, allow_http=allow_http)
+        roots = bootstrap_root(base, pin, timeout=timeout, allow_http=allow_http,
+                               trust_profile=trust_profile)
         if op == "cacerts":
             return FetchResult(base, tuple(roots), server_auth=f"pinned root {normalize_pin(pin)}")
-        anchors, how = roots[:1], "pinned root"
+        anchors, how = trust_anchors(roots[:1], trust_profile), "pinned root"
     plain = base.startswith("http://")
     with contextlib.ExitStack() as stack:
         tls = None if plain else stack.enter_context(
@@ -122,7 +146,8 @@ def _fetch(op: Literal["cacerts", "csrattrs"], url: str, *,
 
 def fetch_cacerts(url: str, *, trusted_certs: Sequence[Path] = (), pin: str | None = None,
                   use_system_store: bool = False, allow_http: bool = False,
-                  timeout: tuple[float, float] | None = None) -> FetchResult:
+                  timeout: tuple[float, float] | None = None,
+                  trust_profile: TrustProfile = "rfc5280") -> FetchResult:
     """``tpmid est cacerts URL``: the label's CA certificates, server authenticated.
 
     With ``trusted_certs`` the server's TLS certificate must chain to them (and
@@ -130,15 +155,18 @@ def fetch_cacerts(url: str, *, trusted_certs: Sequence[Path] = (), pin: str | No
     :func:`bootstrap_root` applies.
     """
     return _fetch("cacerts", url, trusted_certs=trusted_certs, pin=pin,
-                  use_system_store=use_system_store, allow_http=allow_http, timeout=timeout)
+                  use_system_store=use_system_store, allow_http=allow_http, timeout=timeout,
+                  trust_profile=trust_profile)
 
 
 def fetch_csrattrs(url: str, *, trusted_certs: Sequence[Path] = (), pin: str | None = None,
                    use_system_store: bool = False, allow_http: bool = False,
-                   timeout: tuple[float, float] | None = None) -> FetchResult:
+                   timeout: tuple[float, float] | None = None,
+                   trust_profile: TrustProfile = "rfc5280") -> FetchResult:
     """``tpmid est csrattrs URL``: the CSR attributes the label asks for (RFC 7030 §4.5)."""
     return _fetch("csrattrs", url, trusted_certs=trusted_certs, pin=pin,
-                  use_system_store=use_system_store, allow_http=allow_http, timeout=timeout)
+                  use_system_store=use_system_store, allow_http=allow_http, timeout=timeout,
+                  trust_profile=trust_profile)
 
 
 class EstClients:
@@ -163,15 +191,19 @@ class EstClients:
         return fetch_cacerts(est.url, trusted_certs=est.trust_anchors or self.config.trust.est_anchors,
                              pin=est.pin, use_system_store=self.config.trust.use_system_store,
                              allow_http=est.allow_http,
-                             timeout=(est.connect_timeout, est.read_timeout))
+                             timeout=(est.connect_timeout, est.read_timeout),
+                             trust_profile=self.config.trust.profile)
 
     def trust(self, est: EstConfig, where: str) -> ServerTrust:
         """How to authenticate ``est``'s server; a pinned bootstrap fetches the root now.
 
         ``where`` names the config section in messages (``identities.NAME.est``).
         """
-        anchors = tuple(load_pem_certificates(est.trust_anchors or self.config.trust.est_anchors,
-                                              "EST trust anchor file"))
+        profile = self.config.trust.profile
+        where = f"{self.config.source}: " + (f"{where}.trust_anchors" if est.trust_anchors
+                                             else "trust.est_anchors")
+        anchors = load_trust_anchors(est.trust_anchors or self.config.trust.est_anchors, profile,
+                                     "EST trust anchor file", where)
         use_system = self.config.trust.use_system_store
         if anchors or use_system:
             return ServerTrust(anchors, use_system, est.pin, est.accept_cmc_ra)
@@ -183,8 +215,9 @@ class EstClients:
                 "/cacerts bootstrap (RFC 7030 §3.6, §4.1.1)",
             )
         roots = bootstrap_root(est.url, est.pin, timeout=(est.connect_timeout, est.read_timeout),
-                               allow_http=est.allow_http, now=self.now)
-        return ServerTrust(tuple(roots[:1]), False, None, source="pinned root")
+                               allow_http=est.allow_http, trust_profile=profile, now=self.now)
+        return ServerTrust(tuple(trust_anchors(roots[:1], profile)), False, None,
+                           source="pinned root")
 
     def credentials(self, est: EstConfig) -> tuple[dict[str, str], tuple[str, str] | None]:
         """The configured header and Basic credentials of ``est``, resolved (never logged)."""
