@@ -137,3 +137,16 @@ def test_libests_example_list_with_its_trailing_nul_asks_for_p384_and_sha384() -
 def test_common_oids_have_names(oid: str, name: str | None) -> None:
     assert oid_name(oid) == name
     assert describe_oid(oid) == (f"{name} ({oid})" if name else oid)
+
+
+def test_a_request_for_attestation_evidence_is_honoured_only_with_attestation_on() -> None:
+    attrs = [CsrAttr.of("1.2.840.113549.1.9.16.2.59")]  # id-aa-attestation
+    on = plan_csr(attrs, DeviceFacts(alg="ecc-p256", alg_fixed=False, attestation=True))
+    assert on.attestation and not on.unhonoured
+    assert on.honoured == ("id-aa-attestation (1.2.840.113549.1.9.16.2.59): TPM2_Certify "
+                           "evidence by the IAK (docs/attestation.md)",)
+    off = plan_csr(attrs, FILE_P256)
+    assert off.attestation
+    assert off.unhonoured == ("id-aa-attestation (1.2.840.113549.1.9.16.2.59): key attestation "
+                              "is off (set est.attestation: required-by-server or include)",)
+    assert not plan_csr([], FILE_P256).attestation
