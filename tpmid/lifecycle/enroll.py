@@ -109,6 +109,7 @@ class EnrollResult:
     chain_path: Path
     key_path: Path | None
     requested_subject: str
+    fullchain_path: Path | None = None
     subject_rewritten: bool = False
     resumed: bool = field(default=False)
 
@@ -130,6 +131,7 @@ class EnrollResult:
             "chain": [render_name(x.subject) for x in self.chain],
             "cert_path": str(self.cert_path),
             "chain_path": str(self.chain_path),
+            "fullchain_path": str(self.fullchain_path) if self.fullchain_path else None,
             "key_path": str(self.key_path) if self.key_path else None,
             "resumed": self.resumed,
         }
@@ -460,7 +462,8 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
         profile="ca" if run.ident.profile == "ca" else "device", now=run.now(),
         accept_rewritten_subject=run.est.accept_rewritten_subject,
     )
-    stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path)
+    stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path,
+                              server_sent=response.extra_certs)
     run.entry = None  # commit cleared the journal
     log.info("%s: enrolled %s (serial %x, until %s) via %s", run.name,
              render_name(verified.certificate.subject), verified.certificate.serial_number,
@@ -468,6 +471,7 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
     return EnrollResult(
         name=run.name, operation=run.operation, certificate=stored.cert, chain=stored.chain,
         version=stored.version, cert_path=stored.cert_path, chain_path=stored.chain_path,
-        key_path=stored.key_file, requested_subject=render_name(requested),
+        fullchain_path=stored.fullchain_path, key_path=stored.key_file,
+        requested_subject=render_name(requested),
         subject_rewritten=verified.subject_rewritten, resumed=resumed,
     )

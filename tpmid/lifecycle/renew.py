@@ -507,6 +507,7 @@ class RenewalEngine:
             "TPMID_IDENTITY": ident.name,
             "TPMID_CERT": str(result.cert_path),
             "TPMID_CHAIN": str(result.chain_path),
+            "TPMID_FULLCHAIN": str(result.fullchain_path or ""),
             "TPMID_KEY": str(result.key_path or ""),
             "TPMID_VERSION": result.version,
         }
