@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "tpmid.render", "tpmid.der", "tpmid.csr")),
     ("disk and environment", ("tpmid.secrets", "tpmid.certfiles", "tpmid.store",
                               "tpmid.manifest")),
-    ("TPM and TLS", ("tpmid.tpm", "tpmid.tls")),
+    ("TPM and TLS", ("tpmid.tpm", "tpmid.tls", "tpmid.pkcs11")),
     ("EST", ("tpmid.est",)),
     ("orchestration and the reference server", ("tpmid.lifecycle", "tpmid.server")),
     ("composition root", ("tpmid.wiring",)),

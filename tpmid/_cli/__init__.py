@@ -12,7 +12,8 @@ import argparse
 import importlib
 
 # Order here is the order in `tpmid --help`.
-MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "est_server")
+MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "est_server", "pkcs11",
+           "aziot")
 
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:

@@ -112,6 +112,9 @@ def _secret_refs(config: Config) -> list[tuple[str, SecretRef]]:
     refs: list[tuple[str, SecretRef | None]] = [
         (f"tpm.auth.{h}", getattr(config.tpm.auth, h)) for h in ("owner", "endorsement", "lockout")
     ]
+    if config.pkcs11 is not None:
+        refs += [("pkcs11.user_pin", config.pkcs11.user_pin),
+                 ("pkcs11.so_pin", config.pkcs11.so_pin)]
     for ident in config.identities.values():
         if ident.est is None:
             continue

@@ -51,7 +51,7 @@ from tpmid.certfiles import load_pem_certificates
 from tpmid.clock import utcnow
 from tpmid.config import Config, EstConfig, IdentityConfig
 from tpmid.csr import build_csr, build_subject
-from tpmid.errors import ConfigError, EstRetryLater, StoreError
+from tpmid.errors import ConfigError, EstRetryLater, StoreError, TpmidError
 from tpmid.est.messages import decode_csr
 from tpmid.est.verify import fingerprint_sha256, spki_der, verify_enrollment
 from tpmid.render import name as render_name
@@ -65,11 +65,14 @@ from tpmid.tpm.lease import LeasedKey, TpmLease
 if TYPE_CHECKING:
     from tpmid.est.client import CsrFactory, EstClient
     from tpmid.tls.keys import TlsSigningKey
+    from tpmid.tpm.connection import TpmConnection
     from tpmid.tpm.loaded import LoadedKey
 
 log = logging.getLogger(__name__)
 
 Operation = Literal["simpleenroll", "simplereenroll"]
+# Journal extra: a new key was linked into the PKCS#11 token under this label.
+PKCS11_STAGED = "pkcs11_staged"
 
 
 class EstClientFactory(Protocol):
@@ -93,6 +96,27 @@ class EstClientFactory(Protocol):
              credentials: tuple[Mapping[str, str], tuple[str, str] | None] | None = None,
              ) -> AbstractContextManager[EstClient]:
         """An EST client authenticated with that TLS identity and those credentials."""
+        ...
+
+
+class KeyMirror(Protocol):
+    """What enrollment needs from :class:`tpmid.lifecycle.pkcs11.TokenMirror` (PKCS#11 token)."""
+
+    def enabled(self, name: str) -> bool:
+        """True when ``name``'s key belongs in the token."""
+        ...
+
+    def staged(self, tpm: Callable[[], TpmConnection], name: str, key_file: Path) -> str:
+        """Link a freshly staged key under its waiting label; return that label."""
+        ...
+
+    def committed(self, tpm: Callable[[], TpmConnection] | None, name: str,
+                  store: Store) -> list[str]:
+        """After the commit: the committed key and certificate under the identity's label."""
+        ...
+
+    def abandoned(self, name: str) -> None:
+        """The renewal was rolled back: remove what waits for it."""
         ...
 
 
@@ -153,7 +177,7 @@ class _Enrollment:
                  lease: TpmLease, store: Store, clients: EstClientFactory,
                  now: Callable[[], datetime], operation: Operation,
                  auth_with_current: bool, hw_module: tuple[str, bytes] | None,
-                 stack: contextlib.ExitStack) -> None:
+                 stack: contextlib.ExitStack, mirror: KeyMirror | None = None) -> None:
         self.config = config
         self.ident = ident
         self.name = ident.name
@@ -168,6 +192,8 @@ class _Enrollment:
         self.hw_module = hw_module
         self.stack = stack
         self.entry: JournalEntry | None = None
+        # The PKCS#11 token the key is linked into, if it is (tpmid.lifecycle.pkcs11).
+        self.mirror = mirror if mirror is not None and mirror.enabled(ident.name) else None
 
     # -- journal ---------------------------------------------------------------------
 
@@ -196,6 +222,12 @@ class _Enrollment:
             if entry.version is not None:
                 self.store.discard_key(self.name, entry.version)
                 log.info("%s: rolled back staged key version %s", self.name, entry.version)
+        if self.mirror is not None and entry.extra.get(PKCS11_STAGED):
+            try:
+                self.mirror.abandoned(self.name)
+            except TpmidError as e:  # the next recovery's token sync removes it
+                log.warning("%s: could not remove the rolled-back key from the PKCS#11 "
+                            "token: %s", self.name, e)
 
     # -- key and CSR -----------------------------------------------------------------
 
@@ -235,6 +267,12 @@ class _Enrollment:
             raise
         log.info("%s: created a new %s key in the TPM (key file version %s)", self.name,
                  self.key.alg, version)
+        if self.mirror is not None:
+            # Consumers of the PKCS#11 URI keep the current key until the commit; the new
+            # one waits under its own label, journalled first so a rollback removes it.
+            self.journal(extra={**(self.entry.extra if self.entry else {}),
+                                PKCS11_STAGED: "yes"})
+            self.mirror.staged(self.lease.tpm, self.name, path)
         return _Key(new.loaded, new.loaded.public_key_der(), path)
 
     def resumed_key(self, entry: JournalEntry, current_key_file: Path | None) -> _Key:
@@ -307,6 +345,7 @@ def enroll_identity(
     reenroll: bool = False,
     auth_with_current: bool = False,
     hw_module: tuple[str, bytes] | None = None,
+    mirror: KeyMirror | None = None,
 ) -> EnrollResult:
     """Enroll (or with ``reenroll``, re-enroll) identity ``name``; see the module docstring.
 
@@ -320,7 +359,9 @@ def enroll_identity(
     ``hw_module`` is the CSR's hardwareModuleName when the caller already read
     the EKs (provisioning); otherwise they are read when the SAN asks for it.
     ``lease`` lends the TPM (see the module docstring); it is released when this
-    returns or raises.
+    returns or raises. ``mirror`` keeps a PKCS#11 token in step: a new key is
+    linked under a waiting label when it is staged and takes the identity's
+    label at the commit (:mod:`tpmid.lifecycle.pkcs11`).
     """
     ident = config.identity(name)
     est = ident.est
@@ -335,7 +376,7 @@ def enroll_identity(
         run = _Enrollment(config, ident, est, lease=lease, store=store, clients=clients,
                           now=now, operation=operation,
                           auth_with_current=auth_with_current or reenroll,
-                          hw_module=hw_module, stack=stack)
+                          hw_module=hw_module, stack=stack, mirror=mirror)
         current = store.current(name)
         if run.auth_with_current and current is None:
             raise StoreError(f"{name} has no current certificate to re-enroll",
@@ -465,6 +506,14 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
     stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path,
                               server_sent=response.extra_certs)
     run.entry = None  # commit cleared the journal
+    if run.mirror is not None:
+        try:
+            run.mirror.committed(run.lease.tpm, run.name, run.store)
+        except TpmidError as e:
+            # The renewal stands; recovery's token sync (tpmid renew, the daemon) or
+            # `tpmid pkcs11 sync` brings the token in step.
+            log.error("%s: committed version %s, but the PKCS#11 token is not in step: %s "
+                      "(`tpmid pkcs11 sync` repairs it)", run.name, stored.version, e)
     log.info("%s: enrolled %s (serial %x, until %s) via %s", run.name,
              render_name(verified.certificate.subject), verified.certificate.serial_number,
              verified.certificate.not_valid_after_utc.isoformat(), run.operation)

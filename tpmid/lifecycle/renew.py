@@ -39,7 +39,7 @@ from tpmid.cancel import Cancelled
 from tpmid.clock import as_utc, utcnow
 from tpmid.config import Config, IdentityConfig
 from tpmid.errors import EstRetryLater, KeyUnavailableError, StoreError, TpmidError
-from tpmid.lifecycle.enroll import EnrollResult, EstClientFactory, enroll_identity
+from tpmid.lifecycle.enroll import EnrollResult, EstClientFactory, KeyMirror, enroll_identity
 from tpmid.policy import (
     AttemptState,
     Decision,
@@ -200,6 +200,8 @@ class RenewalEngine:
     # The daemon sets this: after a renewal, identities with renew.chain that
     # authenticate with it are renewed too (their failures are recorded, not raised).
     follow_chains: bool = False
+    # Keeps the PKCS#11 token in step with each renewal (tpmid.lifecycle.pkcs11).
+    mirror: KeyMirror | None = None
 
     _clients: EstClientFactory | None = field(default=None, init=False, repr=False)
     _unsaved: dict[str, AttemptState] = field(default_factory=dict, init=False, repr=False)
@@ -326,6 +328,7 @@ class RenewalEngine:
             return enroll_identity(
                 self.config, name, store=self.store, lease=lease, clients=self.clients(),
                 now=self.now, reenroll=reenroll, auth_with_current=self_auth,
+                mirror=self.mirror,
             )
 
     def _heal(self, name: str, e: KeyUnavailableError) -> bool:

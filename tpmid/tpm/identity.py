@@ -81,6 +81,9 @@ class IdentityKey(ABC):
     adoptable: ClassVar[bool] = False
     #: What the provisioning manifest records for a key that is already in place.
     reuse_action: ClassVar[str] = "kept"
+    #: The key can be linked into a tpm2-pkcs11 token (``pkcs11``): a key file under
+    #: the storage parent the token's transient primary is re-created from.
+    linkable: ClassVar[bool] = False
 
     def __init__(self, name: str, config: KeyConfig) -> None:
         self.name = name
@@ -127,6 +130,10 @@ class IdentityKey(ABC):
 
     def reset_note(self) -> str:
         """What ``tpmid reset --include-idevid`` does to this key, for its listing."""
+        return ""
+
+    def link_refusal(self) -> str:
+        """Why this key cannot be a PKCS#11 token object ("" when it can)."""
         return ""
 
     # ------------------------------------------------------------ TPM
@@ -229,6 +236,11 @@ class _Idevid(IdentityKey):
                 "TPM2_Clear deletes the owner's NV indices)"]
 
     birth = True
+
+    def link_refusal(self) -> str:
+        return ("an IDevID lives in the endorsement hierarchy (a persistent or re-derived "
+                "primary key), and tpm2-pkcs11 1.9 can link only key files made under a "
+                "storage parent into a token")
 
     @property
     def alg(self) -> str:
@@ -351,6 +363,7 @@ class KeyFile(IdentityKey):
 
     kind = "file"
     renewable = True
+    linkable = True
 
     def __init__(self, name: str, config: KeyConfig) -> None:
         super().__init__(name, config)
