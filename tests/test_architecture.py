@@ -26,7 +26,7 @@ PACKAGE = ROOT / "tpmid"
 # Lowest first. A module may import from its own layer and the layers below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("tpmid", "tpmid.errors", "tpmid.cancel", "tpmid.clock", "tpmid.config", "tpmid.policy",
-               "tpmid.render", "tpmid.der", "tpmid.csr")),
+               "tpmid.render", "tpmid.der", "tpmid.csr", "tpmid.aziot", "tpmid.pkcs11.uri")),
     ("disk and environment", ("tpmid.secrets", "tpmid.certfiles", "tpmid.store",
                               "tpmid.manifest")),
     ("TPM and TLS", ("tpmid.tpm", "tpmid.tls", "tpmid.pkcs11")),
