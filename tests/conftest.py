@@ -1,30 +1,28 @@
-"""Shared fixtures: real simulated TPMs (swtpm), one set per pytest-xdist worker.
+"""tpmid's own suite runs on tpmid's pytest plugin (:mod:`tpmid.testing.plugin`).
 
-* ``tpm_template`` — one TPM manufactured per worker (EK certificates included,
-  ~1 s); everything else copies its state directory.
-* ``swtpm`` — a factory-fresh TPM for one test: a copy of the template started
-  on its own free loopback ports (~10 ms), stopped afterwards.
-* ``worker_swtpm`` — one TPM shared by the tests of a worker that only read.
-
-Further fixtures (reference EST server, ...) live in the conftest of the
-relevant test folder or are added here when several folders need them.
+The plugin, loaded through its ``pytest11`` entry point, provides the simulated
+TPMs (``tpm_template``, ``swtpm``, ``worker_swtpm``), the counting proxy
+(``tpm_proxy``) and the reference EST server (``est_server``,
+``est_server_factory``, ``fresh_est_server``): the same fixtures a downstream
+project gets (docs/testing.md), so every CI run exercises them. Fixtures that only
+tpmid's own tests need live in the conftest of their folder.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tpmid.testing.swtpm import Swtpm, copy_state, manufacture
-
-# The reference EST server fixtures (est_server, est_server_factory, fresh_est_server).
-pytest_plugins = ["tests.server_fixtures"]
-
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.hasplugin("tpmid"):
+        raise pytest.UsageError(
+            "tpmid's pytest plugin is not loaded (entry point pytest11 'tpmid'): "
+            "run scripts/setup, which installs the project into .venv")
     missing = [t for t in ("swtpm", "swtpm_setup", "tpm2_readpublic", "openssl") if not shutil.which(t)]
     if missing:
         raise pytest.UsageError(
@@ -32,27 +30,32 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+ROOT = Path(__file__).resolve().parent.parent
+# What a wheel is built from: a copy, so that concurrent builds (xdist workers, the
+# Debian package test) never share setuptools' build/ directory in the checkout.
+WHEEL_SOURCES = ("tpmid", "pyproject.toml", "README.md")
+
+
+def build_wheel(out: Path, python: str = sys.executable) -> Path:
+    """Build tpmid's wheel from a copy of the checkout's sources into ``out``; return it."""
+    src = out / "src"
+    for name in WHEEL_SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            src.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    subprocess.run(
+        [python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "-q", "-w", str(out), str(src)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = out.glob("tpmid-*.whl")
+    return wheel
+
+
 @pytest.fixture(scope="session")
-def tpm_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A manufactured TPM state (with its EK CA) for this worker; never started itself."""
-    return manufacture(tmp_path_factory.mktemp("tpm-template"))
-
-
-@pytest.fixture
-def swtpm(tpm_template: Path, tmp_path: Path) -> Iterator[Swtpm]:
-    """A factory-fresh simulated TPM for one test."""
-    sim = Swtpm(copy_state(tpm_template, tmp_path / "swtpm")).start()
-    try:
-        yield sim
-    finally:
-        sim.stop()
-
-
-@pytest.fixture(scope="session")
-def worker_swtpm(tpm_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
-    """One simulated TPM shared by this worker's read-only tests."""
-    sim = Swtpm(copy_state(tpm_template, tmp_path_factory.mktemp("worker-swtpm"))).start()
-    try:
-        yield sim
-    finally:
-        sim.stop()
+def tpmid_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tpmid's wheel, built once per worker from this checkout."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))

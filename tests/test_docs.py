@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.server_fixtures import RunningEstServer, start_est_server
+from tpmid.testing.estserver import RunningEstServer, start_est_server
 from tpmid.testing.swtpm import Swtpm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 from tpmid import __version__
-from tpmid._cli import register_all
-from tpmid._cli.context import ENV_CONFIG, ENV_TCTI, Ctx
+from tpmid._cli import (
+    accept_global_options_everywhere,
+    add_global_options,
+    merge_global_options,
+    register_all,
+)
+from tpmid._cli.context import Ctx
 from tpmid.errors import TpmidError
 
 EXIT_OK = 0
@@ -43,17 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
         "5 EST auth, 6 verification, 7 store. See docs/cli.md.",
     )
     p.add_argument("--version", action="version", version=f"tpmid {__version__}")
-    p.add_argument("--config", "-c", metavar="PATH",
-                   help=f"config file (default: ${ENV_CONFIG} or /etc/tpmid/config.yaml)")
-    p.add_argument("--tcti", metavar="TCTI",
-                   help="TPM connection, e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321 "
-                   f"(overrides tpm.tcti and ${ENV_TCTI})")
-    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="more logging on stderr (-v info, -vv debug)")
+    add_global_options(p, after_command=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     register_all(sub)
+    # Global options are accepted after the command too, at every level.
+    accept_global_options_everywhere(p)
     return p
+
+
+def parse_args(argv: list[str] | None = None,
+               parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse ``argv`` as ``tpmid`` does, global options before or after the command merged."""
+    return merge_global_options((parser or build_parser()).parse_args(argv))
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -84,8 +90,7 @@ def _print_error(e: TpmidError, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.verbose < 2:
         # The TSS C library logs every failed command itself (WARNING:esys:...);
         # tpmid turns those into one actionable error. -vv shows them again.

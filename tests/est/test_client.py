@@ -30,7 +30,6 @@ from tests.est.test_client_support import (
     server_identity,
     spki,
 )
-from tests.server_fixtures import RunningEstServer
 from tpmid.config import SanConfig, SubjectConfig
 from tpmid.csr import build_csr
 from tpmid.errors import (
@@ -45,6 +44,7 @@ from tpmid.errors import (
 from tpmid.est import messages
 from tpmid.est.client import EstClient, est_base_url, make_session
 from tpmid.server import EstServer, init_server_dir
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.tls import ClientTls, client_tls
 
 CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"

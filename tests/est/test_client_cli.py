@@ -11,8 +11,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from tests.server_fixtures import RunningEstServer
 from tpmid.cli import main
+from tpmid.testing.estserver import RunningEstServer
 
 
 def _root(path: Path) -> x509.Certificate:

@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.server_fixtures import RunningEstServer
 from tpmid.config import Config, parse_config
+from tpmid.testing.estserver import RunningEstServer
 
 UTC = datetime.UTC
 OID_CMC_RA = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.28")

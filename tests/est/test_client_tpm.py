@@ -19,11 +19,11 @@ from cryptography import x509
 
 from tests.est.test_client import load, software_csr
 from tests.est.test_client_support import spki, tls_versions
-from tests.server_fixtures import RunningEstServer, start_est_server
 from tpmid.config import SanConfig, SubjectConfig
 from tpmid.csr import build_csr
 from tpmid.errors import EstTransportError, TpmError
 from tpmid.est.client import EstClient, make_session
+from tpmid.testing.estserver import RunningEstServer, start_est_server
 from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
 from tpmid.tls import client_tls

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.server_fixtures import RunningEstServer
 from tpmid import cancel
 from tpmid.certfiles import load_pem_certificates
 from tpmid.errors import EstTransportError
 from tpmid.est.client import EstClient, make_session
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.tls import client_tls
 
 

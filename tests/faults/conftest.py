@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from tests.server_fixtures import RunningEstServer
 from tests.support.wiring import enroll
 from tpmid.cli import main
 from tpmid.config import Config, parse_config
 from tpmid.store import Store, StoredIdentity
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import HierarchyPasswords, TpmConnection
 from tpmid.tpm.identity import identity_key

@@ -27,6 +27,7 @@ from tests.lifecycle.test_status_support import (  # noqa: F401  (pytest fixture
 from tests.tpm.helpers import run_tool
 from tpmid.lifecycle.check import CheckResult, all_passed, run_checks
 from tpmid.policy import RELEASE_DATE
+from tpmid.render import serial as render_serial
 from tpmid.store import Store
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.idevid import evict_persistent
@@ -157,7 +158,7 @@ def test_stored_certificate_for_another_key_fails_the_match_check(enrolled: Devi
     results = checks(enrolled)
     assert failed(results) == {"ldevid: certificate matches key"}
     r = results["ldevid: certificate matches key"]
-    assert f"serial {idev.cert.serial_number:x}" in r.detail
+    assert f"serial {render_serial(idev.cert.serial_number)}" in r.detail
     assert "certifies another key" in r.detail
     assert "tpmid reset ldevid --yes && tpmid enroll ldevid" in (r.hint or "")
     assert enrolled.transients() == []

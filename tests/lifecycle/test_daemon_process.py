@@ -19,8 +19,8 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from tests.server_fixtures import RunningEstServer, start_est_server
 from tpmid.store import Store
+from tpmid.testing.estserver import RunningEstServer, start_est_server
 from tpmid.testing.swtpm import Swtpm
 
 SECRET_ENV = "TPMID_TEST_IDEVID_SECRET"

@@ -11,9 +11,10 @@ import yaml
 from cryptography import x509
 
 from tests.est.test_client_support import SECRET_ENV
-from tests.server_fixtures import RunningEstServer
 from tpmid.cli import main
 from tpmid.render import name as render_name
+from tpmid.render import serial as render_serial
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.idevid import create_persistent_idevid
@@ -60,7 +61,7 @@ def test_enroll_prints_subject_issuer_serial_expiry_fingerprint_and_paths(
     data = json.loads(capsys.readouterr().out)
     cert = x509.load_pem_x509_certificate(Path(data["cert_path"]).read_bytes())
     assert data["subject"] == render_name(cert.subject) == "serialNumber=CLI-0001,CN=IDevID"
-    assert data["serial"] == f"{cert.serial_number:x}"
+    assert data["serial"] == render_serial(cert.serial_number)
     assert data["not_after"] == cert.not_valid_after_utc.isoformat()
     assert data["issuer"].startswith("CN=tpmid Manufacturer CA")
 

@@ -29,7 +29,6 @@ from cryptography.x509.oid import NameOID
 from tpm2_pytss.constants import ESYS_TR
 from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 
-from tests.server_fixtures import RunningEstServer
 from tests.support.wiring import clients
 from tests.tpm.helpers import run_tool
 from tpmid.config import parse_config
@@ -37,6 +36,7 @@ from tpmid.lifecycle.provision import provision
 from tpmid.manifest import ProvisionRecord, read_manifest
 from tpmid.server.ca import load_ca
 from tpmid.store import Store
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.testing.swtpm import Swtpm, manufacture
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.idevid import create_persistent_idevid, evict_persistent

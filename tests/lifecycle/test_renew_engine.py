@@ -19,7 +19,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from tests.est.test_client_support import SECRET_ENV, identity_config, transient_handles
-from tests.server_fixtures import RunningEstServer, start_est_server
 from tests.support.wiring import clients, enroll
 from tpmid.config import Config, parse_config
 from tpmid.errors import EstTransportError
@@ -27,6 +26,7 @@ from tpmid.lifecycle.daemon import Daemon
 from tpmid.lifecycle.renew import RenewalEngine, managed_identities
 from tpmid.server import EstServer
 from tpmid.store import Store
+from tpmid.testing.estserver import RunningEstServer, start_est_server
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.idevid import create_persistent_idevid

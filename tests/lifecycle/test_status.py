@@ -27,6 +27,7 @@ from tpmid.errors import EstRetryLater
 from tpmid.lifecycle.status import collect_status
 from tpmid.policy import AttemptState
 from tpmid.render import iso
+from tpmid.render import serial as render_serial
 
 
 def _spki_sha256(dev: Device, name: str) -> str:
@@ -66,7 +67,7 @@ def test_status_of_an_enrolled_device_shows_certificate_key_placement_and_schedu
     cert = enrolled.current("ldevid").cert
     assert ld["subject"] == "serialNumber=STATUS-0001,CN=status-device"
     assert ld["issuer"] == cert.issuer.rfc4514_string()
-    assert ld["serial"] == f"{cert.serial_number:x}"
+    assert ld["serial"] == render_serial(cert.serial_number)
     assert ld["not_before"] == iso(cert.not_valid_before_utc)
     assert ld["not_after"] == iso(cert.not_valid_after_utc)
     assert ld["public_key_sha256"] == _spki_sha256(enrolled, "ldevid")

@@ -26,12 +26,12 @@ import pytest
 import yaml
 
 from tests.est.test_client_support import SECRET_ENV, transient_handles
-from tests.server_fixtures import RunningEstServer
 from tests.support.wiring import enroll
 from tpmid.cli import main
 from tpmid.config import Config, parse_config
 from tpmid.lifecycle.enroll import EnrollResult
 from tpmid.store import Store, StoredIdentity
+from tpmid.testing.estserver import RunningEstServer
 from tpmid.testing.swtpm import Swtpm
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.idevid import create_persistent_idevid

@@ -23,9 +23,9 @@ from tests.server.helpers import (
     write_cert,
     write_key,
 )
-from tests.server_fixtures import RunningEstServer
 from tpmid.est import messages
 from tpmid.server.auth import hash_secret
+from tpmid.testing.estserver import RunningEstServer
 
 
 def post(srv: RunningEstServer, label: str, headers: dict[str, str] | None = None,

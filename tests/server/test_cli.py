@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.server.helpers import csr_body, make_csr, new_key, request
-from tests.server_fixtures import REPO, RunningEstServer
 from tpmid.cli import main
 from tpmid.est import messages
 from tpmid.server.auth import verify_secret
+from tpmid.testing.estserver import RunningEstServer
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tpmid(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

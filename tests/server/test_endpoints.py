@@ -23,9 +23,10 @@ from tests.server.helpers import (
     new_key,
     request,
 )
-from tests.server_fixtures import RunningEstServer
 from tpmid.est import messages
 from tpmid.render import name as render_name
+from tpmid.render import serial as render_serial
+from tpmid.testing.estserver import RunningEstServer
 
 LABEL_CA = {"idevid": "manufacturer", "ldevid": "operator", "edgeca": "operator"}
 
@@ -147,7 +148,7 @@ def test_every_issued_certificate_is_in_the_issue_log(fresh_est_server: RunningE
     serial = f"serialNumber={DEVICE_SERIAL}"  # as tpmid.render.name writes it
     assert [(r["label"], r["subject"]) for r in records] == [
         ("idevid", f"{serial},CN=IDevID"), ("ldevid", f"{serial},CN=my-device-id")]
-    assert records[-1]["serial"] == f"{dev.cert.serial_number:x}"
+    assert records[-1]["serial"] == render_serial(dev.cert.serial_number)
     assert records[-1]["authenticated_as"] == f"cert:{serial},CN=IDevID"
 
 

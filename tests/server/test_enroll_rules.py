@@ -29,9 +29,9 @@ from tests.server.helpers import (
     write_cert,
     write_key,
 )
-from tests.server_fixtures import RunningEstServer
 from tpmid.est import messages
 from tpmid.render import name as render_name
+from tpmid.testing.estserver import RunningEstServer
 
 FIXTURES = Path(__file__).parent.parent / "est" / "fixtures"
 

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.server.helpers import csr_body, make_csr, new_key, request
-from tests.server_fixtures import RunningEstServer
 from tpmid.est import messages
+from tpmid.testing.estserver import RunningEstServer
 
 SERVER = Callable[..., RunningEstServer]
 

@@ -28,12 +28,12 @@ from tests.server.helpers import (
     new_key,
     request,
 )
-from tests.server_fixtures import RunningEstServer
 from tpmid.cli import main
 from tpmid.errors import ConfigError
 from tpmid.est import messages
 from tpmid.server.config import load_server_config, parse_server_config
 from tpmid.server.subject_policy import AnySubject, ClientSerialSubject
+from tpmid.testing.estserver import RunningEstServer
 
 MINE, OTHER = "DEV-A-0001", "DEV-B-9999"
 CN, SERIAL = NameOID.COMMON_NAME, NameOID.SERIAL_NUMBER

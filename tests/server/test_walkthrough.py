@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.server_fixtures import RunningEstServer
+from tpmid.testing.estserver import RunningEstServer
 
 pytestmark = pytest.mark.skipif(not shutil.which("curl"), reason="curl is not installed")
 

@@ -20,7 +20,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support.loopback import LoopbackTlsServer
 from tpmid.errors import TpmError
-from tpmid.testing.swtpm import Swtpm
 from tpmid.testing.tpmproxy import TpmProxy
 from tpmid.tpm.connection import TpmConnection
 from tpmid.tpm.idevid import derive_idevid
@@ -127,10 +126,9 @@ def mtls_server(server_identity: tuple[x509.Certificate, ec.EllipticCurvePrivate
 
 
 @pytest.fixture
-def proxy(swtpm: Swtpm) -> Iterator[TpmProxy]:
-    """A counting proxy in front of this test's swtpm."""
-    with TpmProxy(swtpm.host, swtpm.port, swtpm.ctrl_port).start() as p:
-        yield p
+def proxy(tpm_proxy: TpmProxy) -> TpmProxy:
+    """The plugin's counting proxy in front of this test's swtpm."""
+    return tpm_proxy
 
 
 MakeKey = Callable[[str, str], LoadedKey]

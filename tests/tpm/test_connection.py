@@ -37,8 +37,8 @@ def _closed_port() -> int:
 
 def test_unreachable_tpm_error_names_the_tcti() -> None:
     tcti = f"swtpm:host=127.0.0.1,port={_closed_port()}"
-    with pytest.raises(TpmError) as err:
-        TpmConnection(tcti)
+    with pytest.raises(TpmError) as err:  # at the first command: connecting costs none
+        TpmConnection(tcti).properties(0x100, 1)
     assert "TPM not reachable" in err.value.message
     assert tcti in err.value.message
     assert err.value.hint and "running" in err.value.hint

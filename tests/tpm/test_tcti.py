@@ -79,7 +79,7 @@ def test_a_stopped_tpm_fails_the_command_after_the_timeout_and_the_connection_st
 def test_a_tpm_that_is_not_running_is_reported_with_its_address(swtpm: Swtpm) -> None:
     swtpm.stop()
     with pytest.raises(TpmError, match="TPM not reachable through TCTI 'swtpm:") as e:
-        TpmConnection(swtpm.tcti, timeout=2)
+        TpmConnection(swtpm.tcti, timeout=2).properties(0x100, 1)
     assert f"listening at {swtpm.host}:{swtpm.port}" in (e.value.hint or "")
 
 

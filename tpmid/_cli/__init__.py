@@ -4,22 +4,93 @@ Each module exposes ``register(sub)`` which adds its subparsers to the
 ``argparse`` sub-parser action and sets ``func`` on each. Command functions take
 a :class:`tpmid.cli.Ctx` and return an exit code (or None for 0). Keep imports of
 heavy libraries inside the functions.
+
+The global options (``--config/-c``, ``--tcti``, ``--json``, ``-v``) are added to
+every subcommand's parser here, after the groups registered theirs
+(:func:`accept_global_options_everywhere`), so that a group module never has to
+think about them and ``tpmid provision -c FILE`` means ``tpmid -c FILE provision``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Iterator
 
 # Order here is the order in `tpmid --help`.
 MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "est_server", "pkcs11",
            "aziot")
 
+# Where ``-v`` given after a command is counted (one name per depth), so that
+# ``-v est-server -v run -v`` adds up to -vvv: argparse parses a subcommand into a
+# namespace of its own and copies it over the parent's, so a shared count would be
+# overwritten, not added to.
+VERBOSE_AFTER = "_verbose_after_command_"
+
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:
-    """Accept ``--json`` after the subcommand too (same meaning as the global flag)."""
+    """Accept ``--json`` after the subcommand too (same meaning as the global flag).
+
+    Kept for the command groups that call it; :func:`accept_global_options_everywhere`
+    adds ``--json`` to every parser that does not have it yet.
+    """
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="machine-readable output on stdout")
+
+
+def add_global_options(p: argparse.ArgumentParser, *, after_command: bool, depth: int = 1) -> None:
+    """The options every command accepts: before the command, and (``after_command``) after it.
+
+    After the command they default to ``argparse.SUPPRESS``: an option not given
+    there leaves the value given before the command alone.
+    """
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after_command else value
+
+    group = p.add_argument_group("global options (before or after the command)") \
+        if after_command else p
+    have = set(p._option_string_actions)
+    if not {"--config", "-c"} & have:
+        group.add_argument("--config", "-c", metavar="PATH", default=default(None),
+                           help="config file (default: $TPMID_CONFIG or /etc/tpmid/config.yaml)")
+    if "--tcti" not in have:
+        group.add_argument("--tcti", metavar="TCTI", default=default(None),
+                           help="TPM connection, e.g. device:/dev/tpmrm0 or "
+                           "swtpm:host=127.0.0.1,port=2321 (overrides tpm.tcti and $TPMID_TCTI)")
+    if "--json" not in have:
+        group.add_argument("--json", action="store_true", default=default(False),
+                           help="machine-readable output on stdout")
+    if not {"-v", "--verbose"} & have:
+        group.add_argument("-v", "--verbose", action="count", default=default(0),
+                           dest=f"{VERBOSE_AFTER}{depth}" if after_command else "verbose",
+                           help="more logging on stderr (-v info, -vv debug)")
+
+
+def subparsers_of(p: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """``(name, parser)`` of each direct subcommand of ``p`` (aliases once)."""
+    seen: set[int] = set()
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sp in action.choices.items():
+                if id(sp) not in seen:
+                    seen.add(id(sp))
+                    yield name, sp
+
+
+def accept_global_options_everywhere(p: argparse.ArgumentParser, depth: int = 1) -> None:
+    """Add the global options to every subcommand parser below ``p``, at any depth."""
+    for _, sp in subparsers_of(p):
+        add_global_options(sp, after_command=True, depth=depth)
+        accept_global_options_everywhere(sp, depth + 1)
+
+
+def merge_global_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Fold options given after the command into the global ones (``-v`` counts add up)."""
+    after = [k for k in vars(args) if k.startswith(VERBOSE_AFTER)]
+    args.verbose = getattr(args, "verbose", 0) + sum(getattr(args, k) for k in after)
+    for k in after:
+        delattr(args, k)
+    return args
 
 
 def register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -262,7 +262,7 @@ def check_tpm(tpm: TpmConnection) -> list[CheckResult]:
 def check_transients(tpm: TpmConnection) -> CheckResult:
     """Objects killed tpmid processes left in the TPM's slots are flushed (only those)."""
     try:
-        stale = tpm.flush_stale_transients()
+        stale = tpm.flush_stale_transients(survey=True)
     except TpmidError as e:
         return _from_error("TPM object slots", e)
     return _ok("TPM object slots", stale.describe())

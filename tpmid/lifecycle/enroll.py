@@ -325,8 +325,8 @@ class _Enrollment:
     def _client_as(self, key: IdentityKey, stored: StoredIdentity, trust: Any,
                    credentials: tuple[dict[str, str], tuple[str, str] | None]) -> EstClient:
         # Loaded when the handshake signs, and given back right after (tpmid.tpm.lease).
-        leased = LeasedKey(self.lease, lambda tpm: key.open(tpm, stored.key_file),
-                           spki_der(stored.cert.public_key()),
+        spki = spki_der(stored.cert.public_key())
+        leased = LeasedKey(self.lease, lambda tpm: key.open(tpm, stored.key_file), spki,
                            description=f"{key.name}'s key ({key.describe()})",
                            identity=key.name)
         return self.stack.enter_context(self.clients.open(

@@ -368,7 +368,8 @@ def _provision(run: _Run, config: Config, store: Store,
 
 
 def _read_ek(run: _Run, tpm: TpmConnection) -> str:
-    eks = tpm.eks()
+    # The EKs' certificates say what the device is; no EK needs to be created for it.
+    eks = tpm.eks(from_certificates=True)
     primary = tpm.primary_ek()
     certs = tuple(
         EkCertificate(template=ek.template, alg=ek.alg, nv_index=f"{ek.cert_index:#010x}",

@@ -85,9 +85,10 @@ class Response:
     label: str = "-"
     note: str = ""
     # How the transport sends it (fault knobs): one byte every ``trickle`` seconds;
-    # ``reset``: half the body, then a TCP reset.
+    # ``reset``: half the body, then a TCP reset; ``drop``: nothing, the connection closed.
     trickle: float = 0.0
     reset: bool = False
+    drop: bool = False
 
     @classmethod
     def text(cls, status: int, message: str, **kw: Any) -> Response:
@@ -250,6 +251,8 @@ class EstApp:
         faults = self._faults_for(label, operation)
         if faults.delay:
             self._sleep(faults.delay)
+        if faults.drop:
+            return Response(0, note="[fault: connection closed without an answer]", drop=True)
         if faults.status is not None:
             r = Response.text(faults.status, f"fault injected: status {faults.status}")
             if faults.retry_after_header is not None:

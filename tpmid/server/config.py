@@ -10,11 +10,12 @@ as salted scrypt hashes (:func:`tpmid.server.auth.hash_secret`).
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 
@@ -114,6 +115,7 @@ class Faults:
     wrong_key: bool = False  # issue the certificate for a fresh key, not the CSR's
     trickle: float = 0.0  # send the answer one byte every this many seconds
     reset: bool = False  # send half the answer, then reset the connection
+    drop: bool = False  # close the connection without any answer
     oversize: int = 0  # pad the answer to this many bytes
     foreign_issuer: bool = False  # sign with a throwaway CA nobody trusts
     expired: bool = False  # issue a certificate whose validity has already ended
@@ -126,7 +128,7 @@ class Faults:
         """True if any fault is switched on."""
         return (self.status is not None or self.malformed_body or self.wrong_content_type
                 or self.delay > 0 or self.wrong_key or self.trickle > 0 or self.reset
-                or self.oversize > 0 or self.foreign_issuer or self.expired
+                or self.drop or self.oversize > 0 or self.foreign_issuer or self.expired
                 or self.subject is not None)
 
 
@@ -304,6 +306,7 @@ def _faults(r: MappingReader) -> Faults:
         wrong_key=r.flag("wrong_key", False),
         trickle=r.duration("trickle", 0),
         reset=r.flag("reset", False),
+        drop=r.flag("drop", False),
         oversize=r.whole("oversize", 0),
         foreign_issuer=r.flag("foreign_issuer", False),
         expired=r.flag("expired", False),
@@ -383,8 +386,68 @@ def parse_server_config(data: object, source: str = "<config>") -> ServerConfig:
                         max_body=max_body, source=source)
 
 
-def load_server_config(path: Path) -> ServerConfig:
-    """Read and parse the server config file at ``path``."""
+# --------------------------------------------------------------------------- lab overrides
+
+# What `tpmid est-server label` may change per label, kept in DIR/lab.yaml on top of
+# config.yaml (tpmid.server.lab).
+LAB_KEYS: tuple[str, ...] = ("lifetime", "pending", "retry_after", "faults")
+
+LabOverrides = dict[str, dict[str, Any]]
+
+
+def parse_lab(data: object, source: str) -> LabOverrides:
+    """The lab overrides document ``{labels: {NAME: {lifetime, pending, retry_after, faults}}}``.
+
+    Only its shape is checked here; the values are checked with the config they
+    change (:func:`merge_lab`, then :func:`parse_server_config`).
+    """
+    top = _R(data, "", source)
+    labels = top.sub("labels")
+    out: LabOverrides = {}
+    for name in list(labels.data):
+        r = labels.sub(name) if isinstance(name, str) else None
+        if r is None:
+            raise ConfigError(f"{source}: labels: {shown(name)} is not a label name")
+        unknown = sorted(str(k) for k in r.data if k not in LAB_KEYS)
+        if unknown:
+            raise r.err(unknown[0], f"cannot be changed by lab overrides (only "
+                        f"{', '.join(LAB_KEYS)})")
+        if "faults" in r.data and not isinstance(r.data["faults"] or {}, Mapping):
+            raise r.err("faults", "expected a mapping")
+        if r.data:
+            out[name] = dict(r.data)
+    top.done()
+    return out
+
+
+def merge_lab(data: object, lab: Mapping[str, Mapping[str, Any]], source: str) -> Any:
+    """A copy of the config document ``data`` with ``lab``'s per-label values in place.
+
+    A lab value replaces the config file's (``faults`` as a whole: the lab's faults
+    are the label's complete set, so ``faults: {}`` switches the file's off too).
+    """
+    merged = copy.deepcopy(data)
+    labels = merged.get("labels") if isinstance(merged, dict) else None
+    if not isinstance(labels, dict):
+        return merged  # parse_server_config explains what is wrong with the file
+    for name, overrides in lab.items():
+        if not isinstance(labels.get(name), dict):
+            raise ConfigError(f"{source}: labels: {shown(name)} is not a label of the server "
+                              f"(it has: {', '.join(sorted(map(str, labels)))})",
+                              hint=f"`tpmid est-server label {shown(name)} --reset` removes "
+                              "its overrides")
+        labels[name].update(copy.deepcopy(dict(overrides)))
+    return merged
+
+
+def load_server_config(path: Path, lab: Path | None = None) -> ServerConfig:
+    """Read and parse the server config file at ``path``, with the lab overrides in ``lab``."""
     data = read_yaml_file(path, "server config",
                           "create the server directory with: tpmid est-server init --dir DIR")
-    return parse_server_config(data, str(path))
+    source = str(path)
+    if lab is not None and lab.exists():
+        overrides = parse_lab(read_yaml_file(lab, "lab overrides file", ""), str(lab))
+        if overrides:
+            data = merge_lab(data, overrides, str(lab))
+            source = f"{path} (with {lab.name})"
+    return parse_server_config(data, source)

@@ -185,6 +185,11 @@ class _Handler(BaseHTTPRequestHandler):
             tls_unique=tls_unique,
         )
         resp = app.handle(req)
+        if resp.drop:
+            log.info("%s %s label=%s status=- client=%s %s %s", self.command, _clean(path),
+                     resp.label, _clean(client), version, _clean(resp.note))
+            self.close_connection = True
+            return
         self.send_response(resp.status)
         for k, v in resp.headers:
             self.send_header(k, v)
@@ -329,8 +334,8 @@ class EstServer:
         return est_url(self.host, self.port, label, operation)
 
     def reload(self) -> None:
-        """Re-read ``config.yaml``; on error the old config stays and ConfigError is raised."""
-        config = load_server_config(self.state.paths.config)
+        """Re-read ``config.yaml`` and ``lab.yaml``; on error the old config stays (ConfigError)."""
+        config = load_server_config(self.state.paths.config, self.state.paths.lab)
         context = self._make_context(config)
         self.state.config = config
         self.app.set_config(config)

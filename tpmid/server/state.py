@@ -9,6 +9,13 @@ Layout (``DIR``)::
     tls/server.pem         0644  the server's TLS certificate (127.0.0.1, ::1, localhost)
     private/               0700  manufacturer-ca.key, operator-ca.key, tls-ca.key, server.key (0600)
     issued.jsonl           0644  one JSON line per issued certificate
+    lab.yaml               0600  lab overrides per label (``tpmid est-server label``)
+    run.json, run.lock           the running server (``tpmid est-server run``), see lab.py
+
+``init_server_dir(dir, tls_from=LABEL)`` makes no TLS CA: the server's TLS
+certificate is issued by that label's CA, and ``tls-ca.pem`` is a copy of that
+CA's certificate, so that a client pinning the label's root (a ``/cacerts``
+bootstrap, RFC 7030 §4.1.1) authenticates the server.
 
 Writes go through tpmid's one durable writer (:func:`tpmid.store.fsio.atomic_write`).
 """
@@ -73,6 +80,21 @@ class ServerPaths:
     def issued_log(self) -> Path:
         return self.dir / "issued.jsonl"
 
+    @property
+    def lab(self) -> Path:
+        """Lab overrides on top of config.yaml (:mod:`tpmid.server.lab`)."""
+        return self.dir / "lab.yaml"
+
+    @property
+    def run_file(self) -> Path:
+        """What the running server tells the lab commands: pid, URL, reloads."""
+        return self.dir / "run.json"
+
+    @property
+    def run_lock(self) -> Path:
+        """Held by the running server for as long as it runs."""
+        return self.dir / "run.lock"
+
     def ca_cert(self, name: str) -> Path:
         """``DIR/<name>-ca.pem``."""
         return self.dir / f"{name}-ca.pem"
@@ -95,6 +117,7 @@ class InitResult:
     alg: str
     fingerprints: dict[str, str]
     labels: tuple[str, ...] = ("idevid", "ldevid", "edgeca")
+    tls_from: str | None = None  # the label whose CA issued the TLS certificate
 
     def urls(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> dict[str, str]:
         """The label base URLs the server will serve on ``host:port``."""
@@ -203,15 +226,25 @@ def _default_csrattrs_yaml(alg: str) -> str:
     return "[" + ", ".join(items) + "]"
 
 
-def init_server_dir(dir: Path, alg: str = "ecc-p256") -> InitResult:
-    """Create a server directory: three CAs, the TLS certificate, config and IDevID secret.
+# The labels init creates and the CA of each (see _config_text).
+INIT_LABEL_CAS = {"idevid": "manufacturer", "ldevid": "operator", "edgeca": "operator"}
+
+
+def init_server_dir(dir: Path, alg: str = "ecc-p256", *, tls_from: str | None = None) -> InitResult:
+    """Create a server directory: the CAs, the TLS certificate, config and IDevID secret.
 
     Refuses a directory that already holds a server config. The returned
     ``secret`` is the only copy of the IDevID Secret-Value; the directory keeps
-    its salted hash.
+    its salted hash. By default a TLS CA of its own issues the server's TLS
+    certificate; with ``tls_from`` (a label) that label's CA does, so a client that
+    pins the label's root can bootstrap ``/cacerts`` against this server.
     """
     if alg not in ALGS:
         raise ConfigError(f"unknown algorithm {alg!r}; use one of {', '.join(ALGS)}")
+    if tls_from is not None and tls_from not in INIT_LABEL_CAS:
+        raise ConfigError(f"--tls-from {tls_from!r} is not a label of a new server",
+                          hint=f"use one of {', '.join(INIT_LABEL_CAS)} (its CA issues the "
+                          "TLS certificate)")
     paths = ServerPaths(dir.resolve())
     if paths.config.exists():
         raise ConfigError(f"{paths.dir} already holds an EST server (config.yaml exists)",
@@ -228,14 +261,19 @@ def init_server_dir(dir: Path, alg: str = "ecc-p256") -> InitResult:
         # pathlen unset: the operator CA issues Edge CAs, which issue in turn.
         "operator": create_root_ca("operator", CA_TITLES["operator"], alg, CA_LIFETIME,
                                    path_length=None),
-        "tls": create_root_ca("tls", CA_TITLES["tls"], alg, CA_LIFETIME, path_length=0),
     }
+    if tls_from is None:
+        cas["tls"] = create_root_ca("tls", CA_TITLES["tls"], alg, CA_LIFETIME, path_length=0)
     for name, ca in cas.items():
         atomic_write(paths.ca_key(name), key_pem(ca.key), 0o600)
         atomic_write(paths.ca_cert(name), cert_pem(ca.cert), 0o644)
+    tls_issuer = cas["tls"] if tls_from is None else cas[INIT_LABEL_CAS[tls_from]]
+    if tls_from is not None:
+        # Clients that trust tls-ca.pem keep working: it is the issuing CA's certificate.
+        atomic_write(paths.ca_cert("tls"), cert_pem(tls_issuer.cert), 0o644)
 
     server_key = generate_key(alg)
-    server_cert = cas["tls"].issue(
+    server_cert = tls_issuer.issue(
         public_key=server_key.public_key(),
         subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]),
         profile="tls-server",
@@ -246,7 +284,12 @@ def init_server_dir(dir: Path, alg: str = "ecc-p256") -> InitResult:
     atomic_write(paths.tls_cert, cert_pem(server_cert), 0o644)
 
     secret = generate_secret()
-    atomic_write(paths.config, _config_text(alg, hash_secret(secret)).encode(), 0o600)
+    text = _config_text(alg, hash_secret(secret))
+    if tls_from is not None:
+        first, rest = text.split("\n", 1)
+        text = (f"{first}\n# The server's TLS certificate is issued by the CA of label "
+                f"{tls_from} (init --tls-from {tls_from}).\n{rest}")
+    atomic_write(paths.config, text.encode(), 0o600)
     paths.issued_log.touch(mode=0o644)
     return InitResult(
         dir=paths.dir,
@@ -256,7 +299,9 @@ def init_server_dir(dir: Path, alg: str = "ecc-p256") -> InitResult:
         operator_ca_path=paths.ca_cert("operator"),
         config_path=paths.config,
         alg=alg,
-        fingerprints={name: fingerprint(ca.cert) for name, ca in cas.items()},
+        fingerprints={**{name: fingerprint(ca.cert) for name, ca in cas.items()},
+                      "tls": fingerprint(tls_issuer.cert)},
+        tls_from=tls_from,
     )
 
 
@@ -276,7 +321,7 @@ class ServerState:
         if not paths.dir.is_dir():
             raise ConfigError(f"EST server directory {paths.dir} does not exist",
                               hint=f"create it with: tpmid est-server init --dir {paths.dir}")
-        config = load_server_config(paths.config)
+        config = load_server_config(paths.config, paths.lab)
         cas = {name: load_ca(name, paths.ca_cert(name), paths.ca_key(name))
                for name in ("manufacturer", "operator")}
         try:

@@ -119,6 +119,23 @@ def host_tpm_lock(path: Path, *, wait: bool = True, timeout: float | None = None
         release_lock(fd)
 
 
+def lock_is_held(path: Path) -> bool:
+    """True while some process holds the flock(2) on ``path`` (the file is left as it is)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StoreError(f"cannot open lock file {path}: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the descriptor drops a shared lock just taken
+    return False
+
+
 def lock_holder(path: Path) -> str:
     """The holder recorded in a lock file: "pid N: tpmid renew ldevid", "pid N" or "pid unknown"."""
     try:

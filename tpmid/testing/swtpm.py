@@ -10,8 +10,9 @@ directory (``DIR/localca``), never the host-wide ``/var/lib/swtpm-localca``.
 ``swtpm`` TCTI expects the control channel at port + 1), waits until the
 control channel answers, and can power-cycle the TPM through that channel.
 
-This module is used by ``tests/conftest.py``, ``scripts/demo``, ``scripts/bench``
-and the ``swtpm/`` scripts; it is not part of the device-side library.
+This module is used by the pytest plugin (:mod:`tpmid.testing.plugin`),
+``scripts/demo``, ``scripts/bench`` and the ``swtpm/`` scripts; it is not part of
+the device-side library.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,8 +261,35 @@ class Swtpm:
         self.stop()
 
 
+# What manufacture() makes (swtpm_setup --tpm2 --create-ek-cert defaults).
+MANUFACTURED_EKS = (
+    ("RSA-2048", 0x81010001, 0x01C00002),
+    ("ECC P-384", 0x81010016, 0x01C00016),
+)
+
+
+def describe_manufactured(directory: Path) -> str:
+    """What a manufactured TPM holds, for people: EKs, EK certificates, the local CA."""
+    directory = directory.resolve()
+    ca = directory / "localca"
+    lines = [f"manufactured a simulated TPM in {directory}"]
+    for alg, handle, nv in MANUFACTURED_EKS:
+        lines.append(f"  EK {alg:<9} persistent 0x{handle:08X}, certificate in NV 0x{nv:08X}")
+    lines += [
+        "  platform certificate in NV 0x01C08000",
+        f"  EK CA (local): {ca / 'issuercert.pem'} "
+        f"(root: {ca / 'swtpm-localca-rootca-cert.pem'})",
+        f"  TPM state: {directory / 'tpm'}",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tpmid.testing.swtpm manufacture DIR`` / ``run DIR``."""
+    """``python -m tpmid.testing.swtpm manufacture DIR`` / ``run DIR`` / ``stop DIR``.
+
+    Errors go to stderr and exit 1, so that ``tcti=$(swtpm/run DIR)`` captures a
+    TCTI or nothing. ``manufacture`` reports what it made on stdout.
+    """
     p = argparse.ArgumentParser(prog="swtpm-harness", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("manufacture", help="create a factory-fresh TPM state in DIR")
@@ -270,19 +299,35 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("stop", help="stop the swtpm started with `run DIR`")
     s.add_argument("dir", type=Path)
     args = p.parse_args(argv)
+    directory: Path = args.dir
     try:
         if args.cmd == "manufacture":
-            manufacture(args.dir)
-            print(args.dir.resolve())
+            manufacture(directory)
+            print(describe_manufactured(directory))
         elif args.cmd == "run":
-            t = Swtpm(args.dir.resolve()).start()
-            (args.dir / "tcti").write_text(t.tcti + "\n")
+            if not (directory / "tpm").is_dir():
+                raise SwtpmFailure(f"{directory} holds no manufactured TPM (no {directory / 'tpm'}); "
+                                   f"make one first with: swtpm/manufacture {directory}")
+            t = Swtpm(directory.resolve()).start()
+            (directory / "tcti").write_text(t.tcti + "\n")
             print(t.tcti)
         else:
-            pid = int((args.dir / "swtpm.pid").read_text())
-            Swtpm(args.dir.resolve(), pid=pid).stop()
+            pid_file = directory / "swtpm.pid"
+            try:
+                pid = int(pid_file.read_text())
+            except FileNotFoundError:
+                raise SwtpmFailure(f"no swtpm runs for {directory} (no {pid_file}); "
+                                   f"start one with: swtpm/run {directory}") from None
+            except ValueError:
+                raise SwtpmFailure(f"{pid_file} does not hold a process id") from None
+            if not _alive(pid):
+                pid_file.unlink(missing_ok=True)
+                raise SwtpmFailure(f"the swtpm of {directory} (pid {pid}) is not running")
+            Swtpm(directory.resolve(), pid=pid).stop()
+            pid_file.unlink(missing_ok=True)
+            print(f"stopped the swtpm of {directory.resolve()} (pid {pid})")
     except (SwtpmFailure, OSError) as e:
-        print(f"error: {e}")
+        print(f"swtpm {args.cmd}: error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -128,13 +128,15 @@ class TpmConnection(TpmContext):
 
     # ------------------------------------------------------------ EKs, NV, facts
 
-    def eks(self) -> list[EkInfo]:
+    def eks(self, *, from_certificates: bool = False) -> list[EkInfo]:
         """Every endorsement key tpmid can find, with its certificate if the TPM has one.
 
-        Read once per connection (EKs do not change while one is open).
+        Read once per connection (EKs do not change while one is open), the first
+        time in the way asked: ``from_certificates`` reads only the EKs that have a
+        certificate, without creating or reading an EK (:func:`tpmid.tpm.ek.read_eks`).
         """
         if self._eks is None:
-            self._eks = ek.read_eks(self)
+            self._eks = ek.read_eks(self, from_certificates=from_certificates)
         return self._eks
 
     def primary_ek(self) -> EkInfo:

@@ -25,10 +25,11 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_RC, TPM2_SU, TSS2_RC
+from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPM2B_PUBLIC
 
 from tpmid.errors import TpmError, TpmidError
 from tpmid.store.ledger import LedgerEntry, TransientLedger
@@ -111,6 +112,44 @@ def _unreachable(tcti: str, exc: BaseException) -> TpmError:
     return TpmError(f"TPM not reachable through TCTI {tcti!r}: {text}", rc=rc, hint=hint)
 
 
+# ESAPI calls after which persistent handles may hold something else (TPM 2.0 Part 3
+# §24.6 TPM2_Clear evicts the owner's persistent objects).
+_FORGETTING = frozenset({"clear", "clear_control", "change_eps", "change_pps"})
+
+
+class _StartingEsapi:
+    """ESAPI that sends TPM2_Startup(CLEAR) once if a command finds the TPM uninitialised.
+
+    After a power loss a TPM answers everything with TPM_RC_INITIALIZE until it gets
+    TPM2_Startup (TPM 2.0 Part 3 §9.3); firmware normally sends it. Handling that on
+    the first failing command, instead of probing every new connection, keeps a
+    connection free of TPM commands.
+    """
+
+    def __init__(self, esapi: ESAPI, context: TpmContext) -> None:
+        self._esapi = esapi
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._esapi, name)
+        if not callable(attr) or name.startswith("tr_") or name == "startup":
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name in _FORGETTING:
+                # Persistent objects may vanish: what the connection knew of them goes.
+                self._context._forget_persistent()
+            try:
+                return attr(*args, **kwargs)
+            except TSS2_Exception as e:
+                if self._context._started or not is_code(e, TPM2_RC.INITIALIZE):
+                    raise
+            self._context._startup()
+            return attr(*args, **kwargs)
+
+        return call
+
+
 class TpmContext:
     """One ESAPI context on one TCTI, with a lock and the hierarchy passwords.
 
@@ -156,10 +195,13 @@ class TpmContext:
             esapi.tr_set_auth(ESYS_TR.OWNER, passwords.owner)
             esapi.tr_set_auth(ESYS_TR.ENDORSEMENT, passwords.endorsement)
             esapi.tr_set_auth(ESYS_TR.LOCKOUT, passwords.lockout)
-            self._ensure_started()
         except BaseException:
             self.close()
             raise
+        # No probe command: the first command that finds the TPM uninitialised sends
+        # TPM2_Startup itself (see _StartingEsapi); a connection costs no TPM command.
+        self._started = False
+        self._proxy = _StartingEsapi(self._esapi, self)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -168,7 +210,7 @@ class TpmContext:
         """The ESAPI context; TpmError once the context is closed."""
         if self._esapi is None:
             raise TpmError(f"the TPM connection to {self.tcti} is already closed")
-        return self._esapi
+        return cast(ESAPI, self._proxy)
 
     @property
     def closed(self) -> bool:
@@ -207,11 +249,40 @@ class TpmContext:
             self._trs[handle] = (tr, 1)
             return tr
 
+    def public_of(self, tr: Any) -> Any:
+        """The public area ESAPI read when it opened ``tr`` (TPM2B_PUBLIC or TPM2B_NV_PUBLIC).
+
+        TR_FromTPMPublic already sent TPM2_ReadPublic (NV_ReadPublic for an NV index)
+        and keeps the answer; tpm2-pytss does not expose it, but ESAPI's serialized
+        form of the object (the format tpm2-tools saves contexts in: handle, Name,
+        resource type, public area) holds it. It is used only if its Name is the
+        object's, so a misread never passes. None: ask the TPM instead.
+        """
+        try:
+            data = bytes(self.esapi.tr_serialize(tr))
+            name_len = int.from_bytes(data[4:6], "big")
+            offset = 4 + 2 + name_len + 4  # handle, TPM2B_NAME, resource type
+            name = bytes(self.esapi.tr_get_name(tr))
+            for kind in (TPM2B_PUBLIC, TPM2B_NV_PUBLIC):
+                try:
+                    public, _ = kind.unmarshal(data[offset:])
+                    area = public.publicArea if kind is TPM2B_PUBLIC else public.nvPublic
+                    if bytes(area.get_name()) == name:
+                        return public
+                except Exception:  # noqa: BLE001, S112 - not this kind of public area
+                    continue
+        except Exception as e:  # noqa: BLE001 - any surprise: ask the TPM
+            log.debug("public area of %r not taken from ESAPI: %s", tr, e)
+        return None
+
     def close_handle(self, handle: int, tr: Any, *, forget: bool = False) -> None:
         """Release ``tr`` from :meth:`open_handle`; ``forget`` drops it for every user.
 
-        ``forget`` is for an object that no longer exists (evicted): ESAPI's
-        record of it must go, or the next TR_FromTPMPublic of the handle fails.
+        The ESYS_TR of a persistent object stays known to the connection (a later
+        open costs no TPM2_ReadPublic): while a connection is open the host TPM lock
+        is held, so nobody else can change what is at the handle. ``forget`` is for an object
+        that no longer exists (evicted): ESAPI's record of it must go, or the next
+        TR_FromTPMPublic of the handle fails.
         """
         with self.lock:
             entry = self._trs.get(handle)
@@ -220,9 +291,29 @@ class TpmContext:
             if entry[1] > 1 and not forget:
                 self._trs[handle] = (tr, entry[1] - 1)
                 return
+            if not forget and handle >> 24 == PERSISTENT_FIRST >> 24:
+                # A persistent object stays known; NV indices change when written.
+                self._trs[handle] = (tr, 0)
+                return
             del self._trs[handle]
             if self._esapi is not None:
                 self._esapi.tr_close(tr)
+
+    def _forget_persistent(self) -> None:
+        with self.lock:
+            for handle, (tr, count) in list(self._trs.items()):
+                if handle >> 24 == PERSISTENT_FIRST >> 24 and count == 0:
+                    del self._trs[handle]
+                    if self._esapi is not None:
+                        self._esapi.tr_close(tr)
+
+    def remember_handle(self, handle: int, tr: Any) -> None:
+        """Keep the ESYS_TR a command returned for ``handle`` (EvictControl's new object)."""
+        with self.lock:
+            old = self._trs.get(handle)
+            if old is not None and old[0] != tr and self._esapi is not None:
+                self._esapi.tr_close(old[0])
+            self._trs[handle] = (tr, 0)
 
     def __enter__(self) -> TpmContext:
         return self
@@ -234,25 +325,22 @@ class TpmContext:
         state = "closed" if self._esapi is None else "open"
         return f"{type(self).__name__}({self.tcti!r}, {state})"
 
-    def _ensure_started(self) -> None:
-        with self.lock:
-            try:
-                self._fixed = self.properties(PT_FIXED_FIRST, PT_FIXED_CACHED)
-                return
-            except TpmError as e:
-                if not is_code(e, TPM2_RC.INITIALIZE):
-                    raise
-            # TPM 2.0 Part 3 §9.3: after _TPM_Init only TPM2_Startup is accepted.
-            log.info("TPM on %s needs TPM2_Startup after a reset; sending Startup(CLEAR)", self.tcti)
-            try:
-                self.esapi.startup(TPM2_SU.CLEAR)
-            except TSS2_Exception as e:
-                raise self.error("starting the TPM (TPM2_Startup)", e) from e
-            self._fixed = self.properties(PT_FIXED_FIRST, PT_FIXED_CACHED)
+    def _startup(self) -> None:
+        """TPM2_Startup(CLEAR), once per connection, for a TPM that answered TPM_RC_INITIALIZE."""
+        self._started = True
+        # TPM 2.0 Part 3 §9.3: after _TPM_Init only TPM2_Startup is accepted.
+        log.info("TPM on %s needs TPM2_Startup after a reset; sending Startup(CLEAR)", self.tcti)
+        assert self._esapi is not None
+        try:
+            self._esapi.startup(TPM2_SU.CLEAR)
+        except TSS2_Exception as e:
+            raise self.error("starting the TPM (TPM2_Startup)", e) from e
 
     def fixed_property(self, prop: int) -> int | None:
-        """A TPM_PT_FIXED property (constant for this TPM); cached ones cost no command."""
-        if PT_FIXED_FIRST <= prop < PT_FIXED_FIRST + PT_FIXED_CACHED and self._fixed:
+        """A TPM_PT_FIXED property (constant for this TPM); read once per connection."""
+        if PT_FIXED_FIRST <= prop < PT_FIXED_FIRST + PT_FIXED_CACHED:
+            if not self._fixed:
+                self._fixed = self.properties(PT_FIXED_FIRST, PT_FIXED_CACHED)
             return self._fixed.get(prop)
         return self.properties(prop, 1).get(prop)
 
@@ -334,7 +422,7 @@ class TpmContext:
         if handle is not None and self.ledger is not None:
             self.ledger.remove(handle)
 
-    def flush_stale_transients(self) -> StaleTransients:
+    def flush_stale_transients(self, *, survey: bool = False) -> StaleTransients:
         """Flush the transient objects dead tpmid processes left; leave everything else.
 
         With the host-wide TPM lock held (start-up recovery, ``tpmid check``):
@@ -344,12 +432,18 @@ class TpmContext:
         and whether it is still alive; an object is flushed only if it is the one
         recorded (same Name) and its process is gone. Under a resource manager
         (``/dev/tpmrm0``, tabrmd) there is no ledger and nothing to do.
+
+        An empty ledger means there is nothing of tpmid's to flush: no TPM command is
+        sent then, unless ``survey`` asks to count the other programs' objects too
+        (``tpmid check``).
         """
         result = StaleTransients()
         if self.ledger is None:
             return result
-        present = set(self.transient_handles())
         entries = self.ledger.entries()
+        if not entries and not survey:
+            return result
+        present = set(self.transient_handles())
         recorded = {e.handle for e in entries if not e.pending}
         kept: list[LedgerEntry] = []
         for entry in entries:

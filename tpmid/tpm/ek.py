@@ -220,8 +220,18 @@ def _cert_spki(cert_der: bytes) -> bytes | None:
         return None
 
 
-def read_eks(tpm: TpmContext) -> list[EkInfo]:
-    """All endorsement keys tpmid can find, in EK-template order (L-1, L-2, H-1 ...)."""
+def read_eks(tpm: TpmContext, *, from_certificates: bool = False) -> list[EkInfo]:
+    """All endorsement keys tpmid can find, in EK-template order (L-1, L-2, H-1 ...).
+
+    ``from_certificates`` (provisioning, where every TPM command counts): the EKs
+    that have a certificate, each with the public key its certificate certifies —
+    no persistent EK is read and no EK is created (``cert_matches_key`` stays
+    unknown). A TPM without any EK certificate is read the full way.
+    """
+    if from_certificates:
+        eks = _eks_from_certificates(tpm)
+        if eks:
+            return eks
     with tpm.lock:
         nv = set(tpm.nv_indices())
         persistent: dict[str, tuple[int, TPM2B_PUBLIC]] = {}
@@ -270,6 +280,26 @@ def read_eks(tpm: TpmContext) -> list[EkInfo]:
                 template=t.name, cert_matches_key=matches,
             ))
         return out
+
+
+def _eks_from_certificates(tpm: TpmContext) -> list[EkInfo]:
+    out: list[EkInfo] = []
+    with tpm.lock:
+        nv = set(tpm.nv_indices())
+        for t in EK_TEMPLATES:
+            if t.cert_index not in nv:
+                continue
+            cert = der_prefix(read_nv(tpm, t.cert_index))
+            spki = _cert_spki(cert)
+            if spki is None:
+                continue
+            out.append(EkInfo(
+                alg=t.alg, source=f"certificate {t.cert_index:#010x}", public_key_der=spki,
+                fingerprint=hashlib.sha256(spki).hexdigest(), cert_der=cert,
+                cert_index=t.cert_index, cert_fingerprint=hashlib.sha256(cert).hexdigest(),
+                template=t.name, cert_matches_key=None,
+            ))
+    return out
 
 
 def primary_ek(eks: list[EkInfo]) -> EkInfo:

@@ -79,8 +79,10 @@ def read_persistent_public(tpm: TpmContext, handle: int) -> TPM2B_PUBLIC | None:
     if tr is None:
         return None
     try:
-        with tpm_call(f"reading the key at {handle:#010x}", tpm):
-            public, _, _ = tpm.esapi.read_public(tr)
+        public = tpm.public_of(tr)
+        if public is None:
+            with tpm_call(f"reading the key at {handle:#010x}", tpm):
+                public, _, _ = tpm.esapi.read_public(tr)
     finally:
         tpm.close_handle(handle, tr)
     return public
@@ -152,7 +154,7 @@ def create_persistent_idevid(tpm: TpmContext, template: str,
             with tpm_call(f"persisting the {template} IDevID at {handle:#010x}", tpm,
                           handles=("the owner hierarchy", "the new IDevID")):
                 new = tpm.esapi.evict_control(ESYS_TR.OWNER, key.handle, handle)
-                tpm.esapi.tr_close(new)
+            tpm.remember_handle(handle, new)  # the next open of it costs no ReadPublic
             log.info("IDevID %s persisted at %#010x", template, handle)
             return PersistentResult(handle=handle, created=True, public=key.public)
         finally:
@@ -177,8 +179,10 @@ def open_persistent(tpm: TpmContext, handle: int,
                 "name); the same key comes back, so its certificate verifies again",
             )
         try:
-            with tpm_call(f"reading the key at {handle:#010x}", tpm):
-                public, _, _ = tpm.esapi.read_public(tr)
+            public = tpm.public_of(tr)
+            if public is None:
+                with tpm_call(f"reading the key at {handle:#010x}", tpm):
+                    public, _, _ = tpm.esapi.read_public(tr)
             if expect_template is not None:
                 if template_fields(public) != template_fields(idevid_template(expect_template)):
                     raise KeyMismatchError(

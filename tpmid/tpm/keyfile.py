@@ -176,9 +176,15 @@ def load_key_file(tpm: TpmContext, pem: bytes) -> LoadedKey:
         esapi = tpm.esapi
         parents: list[tuple[str, bool]] = []  # (how, transient)
         if tss.parent == PARENT_OWNER:
-            if _persistent_srk_usable(tpm):
-                parents.append(("persistent", False))
-            parents.append(("primary", True))
+            scope = tpm.parent_scope
+            if scope is not None and scope.get("primary") is not None:
+                # The storage primary is loaded already (this enrollment made a key under
+                # it): it is the key a standard persistent SRK would be. No lookup.
+                parents.append(("primary", True))
+            elif _persistent_srk_usable(tpm):
+                parents += [("persistent", False), ("primary", True)]
+            else:
+                parents.append(("primary", True))
         elif OWNER_PERSISTENT_FIRST <= tss.parent <= 0x81FFFFFF:
             parents.append(("handle", False))
         else:

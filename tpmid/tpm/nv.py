@@ -35,8 +35,10 @@ def read_nv(tpm: TpmContext, index: int) -> bytes:
         what = f"NV index {index:#010x}"
         tr = tpm.open_handle(index, what)
         try:
-            with tpm_call(f"reading the public area of {what}", tpm, handles=(what,)):
-                nv_public, _ = esapi.nv_read_public(tr)
+            nv_public = tpm.public_of(tr)  # read when the index was opened
+            if nv_public is None:
+                with tpm_call(f"reading the public area of {what}", tpm, handles=(what,)):
+                    nv_public, _ = esapi.nv_read_public(tr)
             size = int(nv_public.nvPublic.dataSize)
             attrs = nv_public.nvPublic.attributes
             if attrs & TPMA_NV.AUTHREAD:

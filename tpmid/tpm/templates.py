@@ -215,3 +215,4 @@ def public_key_from_tpm(public: TPM2B_PUBLIC) -> PublicKeyTypes:
         n = int.from_bytes(bytes(area.unique.rsa), "big")
         return rsa.RSAPublicNumbers(e, n).public_key()
     raise TpmError(f"unsupported key type {int(area.type):#x}")
+
