@@ -58,6 +58,7 @@ from tpmid.pkcs11.uri import parse_pkcs11_uri
 Status = Literal["mapped", "not mapped"]
 
 EDGE_CA_DEFAULT_CN = "aziot-edge CA"  # IoT Edge's default common_name for an EST Edge CA
+DEFAULT_SECRETS_DIR = Path("/etc/tpmid")
 DEFAULT_PASSWORD_FILE = Path("/etc/tpmid/est-password")
 DEFAULT_PIN_FILE = Path("/etc/tpmid/pkcs11-user-pin")
 DEFAULT_SO_PIN_FILE = Path("/etc/tpmid/pkcs11-so-pin")
@@ -186,6 +187,18 @@ def parse_amount(value: object) -> str | None:
     return f"{number}min" if unit == "m" else f"{number}d"
 
 
+def is_url(value: object) -> bool:
+    """An http(s) URL that is not a walkthrough's placeholder (``https://<YOUR-ENDPOINT>``)."""
+    return (isinstance(value, str) and value.startswith(("https://", "http://"))
+            and not re.search(r"[<>\s]", value))
+
+
+def _why_not_url(value: object) -> str:
+    if isinstance(value, str) and re.search(r"[<>]", value):
+        return "still a placeholder (<...>): put the EST server's URL there"
+    return "not an http(s) URL"
+
+
 def _file_uri(value: object) -> Path | None:
     if isinstance(value, str) and value.startswith("file://"):
         path = value[len("file://"):]
@@ -197,11 +210,15 @@ class _Importer:
     """One import: walks the document, builds the config, records a finding per key."""
 
     def __init__(self, doc: dict[str, Any], lines: Mapping[str, int], *,
-                 serial: str | None, store_dir: Path) -> None:
+                 serial: str | None, store_dir: Path, secrets_dir: Path, pkcs11: bool) -> None:
         self.doc = doc
         self.lines = lines
         self.serial = serial
         self.store_dir = store_dir
+        self.password_file = secrets_dir / DEFAULT_PASSWORD_FILE.name
+        self.pin_file = secrets_dir / DEFAULT_PIN_FILE.name
+        self.so_pin_file = secrets_dir / DEFAULT_SO_PIN_FILE.name
+        self.want_pkcs11 = pkcs11
         self.findings: dict[str, Finding] = {}
         self.decisions: list[str] = []
         self.actions: list[str] = []
@@ -228,6 +245,8 @@ class _Importer:
     def under(self, prefix: str, status: Status, detail: str, remedy: str | None = None) -> None:
         """Record every leaf under ``prefix`` not recorded yet."""
         node = _get(self.doc, prefix)
+        if node is None:
+            return
         keys = [prefix] if not isinstance(node, Mapping) or not node else \
             [f"{prefix}.{k}" for k in _leaves(node)]
         for key in keys:
@@ -268,10 +287,10 @@ class _Importer:
         certs = est.get("trusted_certs")
         if certs is not None:
             items = certs if isinstance(certs, list) else [certs]
-            for i, uri in enumerate(items):
-                path = _file_uri(uri)
-                if path is not None:
-                    anchors.append(str(path))
+            for uri in items:
+                anchor = _file_uri(uri)
+                if anchor is not None:
+                    anchors.append(str(anchor))
             if anchors and len(anchors) == len(items):
                 self.mapped("cert_issuance.est.trusted_certs", "trust.est_anchors")
             elif anchors:
@@ -287,17 +306,17 @@ class _Importer:
         urls = est.get("urls")
         if isinstance(urls, Mapping):
             for key, url in urls.items():
-                path = f"cert_issuance.est.urls.{key}"
-                if not isinstance(url, str) or not url.startswith(("https://", "http://")):
-                    self.unmapped(path, "not an http(s) URL")
+                where = f"cert_issuance.est.urls.{key}"
+                if not is_url(url):
+                    self.unmapped(where, _why_not_url(url))
                 elif key == "default":
                     d["urls"]["default"] = url
-                    self.mapped(path, "est.url of every identity that names no URL of its own")
+                    self.mapped(where, "est.url of every identity that names no URL of its own")
                 elif key in CERT_IDS:
                     d["urls"][CERT_IDS[key]] = url
-                    self.mapped(path, f"identities.{CERT_IDS[key]}.est.url")
+                    self.mapped(where, f"identities.{CERT_IDS[key]}.est.url")
                 else:
-                    self.unmapped(path, f"{key!r} is not a certificate tpmid enrolls "
+                    self.unmapped(where, f"{key!r} is not a certificate tpmid enrolls "
                                         "(device-id, aziot-edged-ca)")
             if not urls:
                 self.mapped("cert_issuance.est.urls", "nothing to map: each identity names "
@@ -320,9 +339,9 @@ class _Importer:
         if "password" in auth:
             out["password"] = True
             self.mapped(f"{where}.password",
-                        f"est.auth.basic.password: {{file: {DEFAULT_PASSWORD_FILE}}} (the "
+                        f"est.auth.basic.password: {{file: {self.password_file}}} (the "
                         "password itself is not copied: tpmid keeps no secret in its config)")
-            action = (f"write the EST password to {DEFAULT_PASSWORD_FILE} (mode 0600, owned by "
+            action = (f"write the EST password to {self.password_file} (mode 0600, owned by "
                       "the user running tpmid), or point est.auth.basic.password elsewhere")
             if action not in self.actions:
                 self.actions.append(action)
@@ -342,10 +361,10 @@ class _Importer:
     def _identity_key(self, path: str, value: Any) -> None:
         if isinstance(value, str) and value.startswith("pkcs11:"):
             tpm = self._tpm2_pkcs11_library()
-            why = ("a PKCS#11 object in tpm2-pkcs11 (a TPM key, but one tpmid cannot "
-                   "authenticate with: its identities are keys it makes and renews itself)"
-                   if tpm else "a PKCS#11 object of a library that is not tpm2-pkcs11, so not "
-                   "a TPM key")
+            why = ("a TPM object in tpm2-pkcs11: the URI is kept in IoT Edge's config and "
+                   "still names that key there, but tpmid authenticates only with keys it made "
+                   "itself" if tpm else "a PKCS#11 object of a library that is not tpm2-pkcs11, "
+                   "so not a TPM key")
             self.unmapped(path, why, _IDEVID_REMEDY)
         else:
             where = _file_uri(value)
@@ -393,13 +412,15 @@ class _Importer:
     def _identity(self, name: str, where: str, section: dict[str, Any],
                   defaults: dict[str, Any], *, profile: str) -> None:
         self.mapped(f"{where}.method", f"identities.{name} (enrolled over EST)")
-        reg = _get(self.doc, "provisioning.attestation.registration_id") or \
-            _get(self.doc, "provisioning.device_id")
+        reg_key = next((k for k in ("provisioning.attestation.registration_id",
+                                    "provisioning.device_id")
+                        if isinstance(_get(self.doc, k), str)), None)
+        reg = _get(self.doc, reg_key) if reg_key else None
         if profile == "device":
             subject = self._subject(where, section, name, reg if isinstance(reg, str) else None)
             if "common_name" not in section and "subject" not in section:
-                if isinstance(reg, str):
-                    self.mapped("provisioning.attestation.registration_id",
+                if reg_key is not None:
+                    self.mapped(reg_key,
                                 "identities.ldevid.subject.cn (IoT Edge's default common name "
                                 "of the device identity); it stays in IoT Edge's config too")
                 self.decisions.append(
@@ -414,11 +435,11 @@ class _Importer:
                     "IoT Edge's own default for an Edge CA issued over EST (it must differ "
                     "from the device id and host name)")
         url = section.get("url")
-        if isinstance(url, str) and url.startswith(("https://", "http://")):
+        if is_url(url):
             self.mapped(f"{where}.url", f"identities.{name}.est.url")
         else:
             if url is not None:
-                self.unmapped(f"{where}.url", "not an http(s) URL")
+                self.unmapped(f"{where}.url", _why_not_url(url))
             url = defaults["urls"].get(name) or defaults["urls"].get("default")
         auth = dict(defaults["auth"])
         auth.update(self._auth(where, section))
@@ -437,7 +458,7 @@ class _Importer:
         if auth.get("username") is not None:
             basic: dict[str, Any] = {"username": str(auth["username"])}
             if auth.get("password"):
-                basic["password"] = {"file": str(DEFAULT_PASSWORD_FILE)}
+                basic["password"] = {"file": str(self.password_file)}
             est["auth"]["basic"] = basic
         if not est["auth"]:
             del est["auth"]
@@ -477,49 +498,57 @@ class _Importer:
         return isinstance(lib, str) and "tpm2_pkcs11" in Path(lib).name
 
     def _pkcs11(self) -> None:
-        keys = _table(self.doc, "aziot_keys")
-        if keys is None:
-            return
+        """[aziot_keys] and the top-level ``pkcs11`` section (on unless the caller says no)."""
+        keys = _table(self.doc, "aziot_keys") or {}
         lib = keys.get("pkcs11_lib_path")
-        if lib is None:
-            return
-        if not self._tpm2_pkcs11_library():
+        section: dict[str, Any] = {"library": str(DEFAULT_PKCS11_LIBRARY),
+                                   "token": DEFAULT_PKCS11_TOKEN,
+                                   "user_pin": {"file": str(self.pin_file)},
+                                   "so_pin": {"file": str(self.so_pin_file)}}
+        if lib is not None and not self._tpm2_pkcs11_library():
             self.unmapped("aziot_keys.pkcs11_lib_path",
                           f"{lib!r} is not tpm2-pkcs11: keys in it are not TPM keys, and tpmid "
                           "keeps its keys in the TPM")
             self.under("aziot_keys", "not mapped", "belongs to that PKCS#11 library")
-            return
-        section: dict[str, Any] = {"library": str(lib),
-                                   "user_pin": {"file": str(DEFAULT_PIN_FILE)},
-                                   "so_pin": {"file": str(DEFAULT_SO_PIN_FILE)}}
-        self.mapped("aziot_keys.pkcs11_lib_path", "pkcs11.library")
-        slot = keys.get("pkcs11_base_slot")
-        if isinstance(slot, str) and slot.startswith("pkcs11:"):
-            try:
-                attrs = parse_pkcs11_uri(slot)
-            except ValueError:
-                attrs = {}
+        elif lib is not None:
+            section["library"] = str(lib)
+            self.mapped("aziot_keys.pkcs11_lib_path", "pkcs11.library")
+            slot = keys.get("pkcs11_base_slot")
+            attrs: dict[str, str] = {}
+            if isinstance(slot, str):
+                try:
+                    attrs = parse_pkcs11_uri(slot)
+                except ValueError:
+                    attrs = {}
             token = attrs.get("token")
             if token and len(token.encode()) <= PKCS11_TOKEN_LABEL_MAX:
                 section["token"] = token
                 self.mapped("aziot_keys.pkcs11_base_slot",
-                            f"pkcs11.token: {token!r} (kept: IoT Edge's URIs into that token "
-                            "keep naming it; the PIN in pin-value is not copied)")
-            else:
+                            f"pkcs11.token: {token!r} (kept: IoT Edge's URIs name that token "
+                            "by its label; the PIN in pin-value is not copied)")
+            elif slot is not None:
                 self.unmapped("aziot_keys.pkcs11_base_slot",
-                              "names its slot by slot-id, not by token label; tpmid uses token "
-                              f"{DEFAULT_PKCS11_TOKEN!r}")
+                              "names no token label (a slot-id, or not a pkcs11: URI); tpmid "
+                              f"uses token {DEFAULT_PKCS11_TOKEN!r}")
             if "pin-value" in attrs:
-                self.actions.append(
-                    f"write the token's user PIN (pin-value of pkcs11_base_slot) to "
-                    f"{DEFAULT_PIN_FILE} (mode 0600) and its SO PIN to {DEFAULT_SO_PIN_FILE}")
-        section.setdefault("token", DEFAULT_PKCS11_TOKEN)
+                self.decisions.append(
+                    "the user PIN of pkcs11_base_slot (pin-value) was not copied: tpmid keeps "
+                    "no secret in its config")
+        self.under("aziot_keys", "not mapped", "IoT Edge's key service setting; "
+                   "`tpmid aziot export` writes the [aziot_keys] that uses tpmid's token")
+        if not self.want_pkcs11:
+            self.decisions.append("no pkcs11 section (--no-pkcs11): IoT Edge cannot use the "
+                                  "LDevID and Edge CA keys, and `tpmid aziot export` refuses")
+            return
         section["store"] = str(self.store_dir / "pkcs11")
         self.config["pkcs11"] = section
         self.decisions.append(
             f"the LDevID and Edge CA keys are linked into PKCS#11 token {section['token']!r} "
             f"(tpm2-pkcs11 store {section['store']}); `tpmid pkcs11 list` shows their URIs")
-        self.under("aziot_keys", "not mapped", "IoT Edge key service setting")
+        self.actions.append(
+            f"write the token's user PIN to {self.pin_file} and its security officer PIN to "
+            f"{self.so_pin_file} (mode 0600, owned by the user running tpmid); tpmid creates "
+            "the token at the first enrollment")
 
     def _tpm(self) -> None:
         tcti = _get(self.doc, "tpm.tcti")
@@ -605,14 +634,18 @@ def _table(doc: Mapping[str, Any], path: str) -> dict[str, Any] | None:
 
 
 def import_aziot(text: str, source: str, *, serial: str | None = None,
-                 store_dir: Path = DEFAULT_STORE_DIR) -> ImportResult:
+                 store_dir: Path = DEFAULT_STORE_DIR, secrets_dir: Path = DEFAULT_SECRETS_DIR,
+                 pkcs11: bool = True) -> ImportResult:
     """Map IoT Edge's config ``text`` to a tpmid config; see the module docstring.
 
     ConfigError for a malformed file (with the line). ``serial`` becomes the
-    serialNumber of every identity's subject.
+    serialNumber of every identity's subject; ``secrets_dir`` is where the config
+    expects the EST password and the token PINs (files, never in the config);
+    ``pkcs11`` adds the top-level ``pkcs11`` section IoT Edge's key service needs.
     """
     doc = parse_toml(text, source)
-    return _Importer(doc, key_lines(text), serial=serial, store_dir=store_dir).run()
+    return _Importer(doc, key_lines(text), serial=serial, store_dir=store_dir,
+                     secrets_dir=secrets_dir, pkcs11=pkcs11).run()
 
 
 # --------------------------------------------------------------------------- export
