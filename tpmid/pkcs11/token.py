@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 DRIVER = Path(__file__).with_name("ptool_driver.py")
 DB_FILE = "tpm2_pkcs11.sqlite3"
+# tpm2-pkcs11's library creates this at C_Initialize ("Could not open lock file") and removes it.
+LOCK_FILE = DB_FILE + ".lock"
 # A token whose primary object is re-created from this template whenever it is
 # used: the ECC P-256 storage key tpmid's key files are made under.
 TRANSIENT_PARENT = "tss2-engine-key"
@@ -196,9 +198,18 @@ class TokenStore:
         return (self.path / DB_FILE).is_file()
 
     def ensure_directory(self) -> None:
-        """Create the store directory (0770: shared with the PKCS#11 module's users)."""
+        """Create the store directory, mode 0770 whatever the umask.
+
+        The token's consumers (IoT Edge's key service, in tpmid's group) read the
+        database (0640: the tooling runs with umask 007), and tpm2-pkcs11's
+        library creates :data:`LOCK_FILE` beside it when it is loaded and removes
+        it when it is unloaded ("Could not open lock file" otherwise): the group
+        needs to write to the directory.
+        """
         try:
-            self.path.mkdir(mode=0o770, exist_ok=True)
+            if not self.path.is_dir():
+                self.path.mkdir(mode=0o770)
+                os.chmod(self.path, 0o770)
         except FileNotFoundError:
             raise TokenError(f"cannot create the PKCS#11 store {self.path}: its parent "
                              "directory does not exist",
