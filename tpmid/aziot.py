@@ -20,9 +20,11 @@ for every key of the TOML file, whether it was mapped and to what, or why not:
   IoT Edge's own default, ``aziot-edge CA``;
 * ``auto_renew = {threshold, retry, rotate_key}`` in IoT Edge's units (``N%``,
   ``Nm`` minutes, ``Nd`` days) → ``renew``;
-* ``[aziot_keys] pkcs11_lib_path``/``pkcs11_base_slot`` naming tpm2-pkcs11 → the
-  top-level ``pkcs11`` section (token label kept, so URIs into it keep working;
-  the PIN goes to a 0600 file, not into the config);
+* the top-level ``pkcs11`` section IoT Edge's key service needs (unless
+  ``pkcs11=False``), PINs as references to 0600 files; ``[aziot_keys]
+  pkcs11_lib_path``/``pkcs11_base_slot`` naming tpm2-pkcs11 give its library and
+  token label (kept, so URIs naming the token keep naming it; the PIN in
+  ``pin-value`` is not copied);
 * ``[tpm] tcti`` → ``tpm.tcti``.
 
 Everything else (DPS and IoT Hub provisioning, the runtime, modules) is IoT
