@@ -137,3 +137,43 @@ def test_est_server_run_takes_json_after_itself(tmp_path: Path) -> None:
         assert proc.wait(15) == 0
     assert data["listening"] == f"https://127.0.0.1:{data['port']}/"
     assert set(data["urls"]) == {"idevid", "ldevid", "edgeca"}
+
+
+def test_the_command_table_matches_what_the_command_modules_register() -> None:
+    """`tpmid --help` lists commands from COMMANDS without importing their modules."""
+    import importlib
+
+    from tpmid._cli import COMMANDS
+    for name, (module, help_text) in COMMANDS.items():
+        p = argparse.ArgumentParser()
+        sub = p.add_subparsers()
+        importlib.import_module(f"tpmid._cli.{module}").register(sub)
+        assert name in sub.choices, f"{module} does not register {name}"
+        shown = {a.dest: a.help for a in sub._choices_actions}
+        assert shown[name] == help_text
+    assert {name for name, _ in subparsers_of(build_parser())} == set(COMMANDS)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["status", "--help"], ["-c", "x.yaml", "renew",
+                                                                      "--help"]])
+def test_help_is_the_same_whether_one_group_or_all_are_built(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from tpmid._cli import command_in
+
+    outputs = []
+    for parser in (build_parser(), build_parser(command_in(argv))):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert "usage: tpmid" in outputs[0]
+
+
+def test_help_imports_no_command_module() -> None:
+    code = ("import sys; from tpmid.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('tpmid._cli.', 'tpmid.tpm',"
+            " 'tpm2_pytss', 'cryptography', 'requests'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()[-1]
+    assert out == "['tpmid._cli.context']"

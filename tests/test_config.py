@@ -94,6 +94,21 @@ BAD = {
                           r"'soon' is not a duration"),
     "chain without a client identity": (_with("identities.idevid.renew", {"chain": True}),
                                         r"identities.idevid.renew.chain: chaining renews"),
+    "sealed hierarchy password": (_with("tpm.auth.owner", {"sealed": "owner"}),
+                                  r"tpm.auth.owner: a hierarchy password cannot be a sealed"),
+    "sealed name with a slash": (
+        _with("identities.idevid.est.auth.headers", {"Secret-Value": {"sealed": "../x"}}),
+        r"Secret-Value.sealed: '../x' is not a sealed secret name"),
+    "sealed and env at once": (
+        _with("identities.idevid.est.auth.headers",
+              {"Secret-Value": {"sealed": "x", "env": "X"}}),
+        r"give exactly one of env, file, stdin or sealed"),
+    "secrets with a bad PCR": (_with("secrets", {"est": {"pcrs": [24]}}),
+                               r"secrets.est.pcrs: PCR numbers are 0 to 23"),
+    "secrets with a bad bank": (_with("secrets", {"est": {"pcrs": [7], "pcr_bank": "md5"}}),
+                                r"secrets.est.pcr_bank: 'md5' is not one of"),
+    "secrets with an unknown key": (_with("secrets", {"est": {"pcr": [7]}}),
+                                    r"unknown key\(s\) in secrets.est: pcr"),
 }
 
 
@@ -110,6 +125,23 @@ def test_a_refused_secret_never_appears_in_the_message() -> None:
         parse_config(_with("identities.idevid.est.auth.headers", {"Secret-Value": "hunter2"}),
                      "c.yaml")
     assert "hunter2" not in str(info.value)
+
+
+def test_sealed_secrets_are_referenced_by_name_and_bound_to_pcrs_in_the_secrets_section(
+) -> None:
+    data = _with("identities.idevid.est.auth", {
+        "basic": {"username": "factory", "password": {"sealed": "est-password"}},
+        "headers": {"Secret-Value": {"sealed": "est.secret_1"}}})
+    data["secrets"] = {"est-password": {"pcrs": [7, 0, 7]}}
+    cfg = parse_config(data, "c.yaml")
+    basic = cfg.identities["idevid"].est.auth.basic  # type: ignore[union-attr]
+    assert basic is not None and basic.password.sealed == "est-password"
+    assert basic.password.describe() == "sealed secret est-password"
+    assert cfg.sealing("est-password").pcrs == (0, 7)
+    assert cfg.sealing("est-password").pcr_bank == "sha256"
+    assert cfg.sealing("est.secret_1").pcrs == ()  # not in the section: unbound
+    assert ("identities.idevid.est.auth.headers.Secret-Value",) == tuple(
+        w for w, r in cfg.secret_refs() if r.sealed == "est.secret_1")
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

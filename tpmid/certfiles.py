@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from tpmid.errors import ConfigError
 
@@ -27,3 +30,14 @@ def load_pem_certificates(paths: Sequence[Path], what: str) -> list[x509.Certifi
             raise ConfigError(f"{what} {p} holds no readable certificate ({e})") from e
         out.extend(certs)
     return out
+
+
+def spki_der(key: CertificatePublicKeyTypes) -> bytes:
+    """The DER SubjectPublicKeyInfo of ``key`` (the form compared for "same key")."""
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def spki_sha256(key: CertificatePublicKeyTypes) -> str:
+    """SHA-256 (lower-case hex) of the key's SubjectPublicKeyInfo: the public-key fingerprint."""
+    return hashlib.sha256(spki_der(key)).hexdigest()

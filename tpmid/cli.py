@@ -11,8 +11,6 @@ inside the command functions that need them (the composition root's factories,
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -22,8 +20,10 @@ from tpmid import __version__
 from tpmid._cli import (
     accept_global_options_everywhere,
     add_global_options,
+    command_in,
     merge_global_options,
     register_all,
+    register_for,
 )
 from tpmid._cli.context import Ctx
 from tpmid.errors import TpmidError
@@ -32,14 +32,16 @@ EXIT_OK = 0
 EXIT_FAILED_CHECK = 1  # e.g. `tpmid check` found a problem
 EXIT_INTERRUPTED = 130
 
-log = logging.getLogger("tpmid")
-
 
 Command = Callable[[Ctx], int | None]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser; every subparser sets ``func``."""
+def build_parser(command: str | None = "") -> argparse.ArgumentParser:
+    """The argument parser; every subparser of a built group sets ``func``.
+
+    ``command`` "" (the default) builds every group (documentation, tests);
+    otherwise only the group of ``command`` (see :func:`tpmid._cli.register_for`).
+    """
     p = argparse.ArgumentParser(
         prog="tpmid",
         description="TPM 2.0 device identities (IDevID, LDevID, Edge CA) enrolled over EST, "
@@ -50,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"tpmid {__version__}")
     add_global_options(p, after_command=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    register_all(sub)
+    if command == "":
+        register_all(sub)
+    else:
+        register_for(sub, command)
     # Global options are accepted after the command too, at every level.
     accept_global_options_everywhere(p)
     return p
@@ -59,10 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None,
                parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """Parse ``argv`` as ``tpmid`` does, global options before or after the command merged."""
-    return merge_global_options((parser or build_parser()).parse_args(argv))
+    if parser is None:
+        parser = build_parser(command_in(sys.argv[1:] if argv is None else argv))
+    return merge_global_options(parser.parse_args(argv))
 
 
 def _setup_logging(verbosity: int) -> None:
+    import logging
+
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     # Under systemd, journald stamps every line itself (and says so in JOURNAL_STREAM):
     # one timestamp per line, not two.
@@ -75,6 +84,8 @@ def _setup_logging(verbosity: int) -> None:
 
 def _print_error(e: TpmidError, as_json: bool) -> None:
     if as_json:
+        import json
+
         payload: dict[str, Any] = {"error": type(e).__name__, "message": e.message,
                                    "exit_code": e.exit_code}
         if e.hint:

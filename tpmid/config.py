@@ -141,12 +141,14 @@ def parse_amount(value: object, where: str) -> Amount:
 class SecretRef:
     """Where a secret comes from. Never the secret itself.
 
-    Exactly one of ``env`` (variable name), ``file`` (0600 file) or ``stdin``.
+    Exactly one of ``env`` (variable name), ``file`` (0600 file), ``stdin`` or
+    ``sealed`` (the name of a secret sealed to the TPM with ``tpmid secret seal``).
     """
 
     env: str | None = None
     file: Path | None = None
     stdin: bool = False
+    sealed: str | None = None
 
     def describe(self) -> str:
         """A human description that never includes the value."""
@@ -154,7 +156,23 @@ class SecretRef:
             return f"environment variable {self.env}"
         if self.file:
             return f"file {self.file}"
+        if self.sealed:
+            return f"sealed secret {self.sealed}"
         return "standard input"
+
+
+# Names of sealed secrets: also their file names in the store (store/sealed.py).
+SEALED_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+PCR_BANKS = ("sha256", "sha384", "sha1")
+
+
+@dataclass(frozen=True)
+class SealedSecretConfig:
+    """How ``tpmid secret seal NAME`` seals one secret: the PCRs it is bound to, if any."""
+
+    name: str
+    pcrs: tuple[int, ...] = ()
+    pcr_bank: str = "sha256"
 
 
 # --------------------------------------------------------------------------- sections
@@ -339,6 +357,30 @@ class Config:
     identities: Mapping[str, IdentityConfig] = field(default_factory=dict)
     source: str = "<defaults>"
     pkcs11: Pkcs11Config | None = None
+    # The secrets section: PCR bindings of sealed secrets (names without one are unbound).
+    sealed: Mapping[str, SealedSecretConfig] = field(default_factory=dict)
+
+    def sealing(self, name: str) -> SealedSecretConfig:
+        """How secret ``name`` is sealed: its ``secrets.NAME`` section, else unbound."""
+        return self.sealed.get(name) or SealedSecretConfig(name)
+
+    def secret_refs(self) -> list[tuple[str, SecretRef]]:
+        """Every secret reference of the config, with where it is (``identities.x.est...``)."""
+        refs: list[tuple[str, SecretRef]] = [
+            (f"tpm.auth.{k}", ref) for k in ("owner", "endorsement", "lockout")
+            if (ref := getattr(self.tpm.auth, k)) is not None]
+        if self.pkcs11 is not None:
+            refs.append(("pkcs11.user_pin", self.pkcs11.user_pin))
+            if self.pkcs11.so_pin is not None:
+                refs.append(("pkcs11.so_pin", self.pkcs11.so_pin))
+        for ident in self.identities.values():
+            if ident.est is None:
+                continue
+            where = f"identities.{ident.name}.est.auth"
+            if ident.est.auth.basic is not None:
+                refs.append((f"{where}.basic.password", ident.est.auth.basic.password))
+            refs += [(f"{where}.headers.{h}", ref) for h, ref in ident.est.auth.headers]
+        return refs
 
     def identity(self, name: str) -> IdentityConfig:
         """Return the identity called ``name`` or raise a ConfigError listing the known ones."""
@@ -467,20 +509,52 @@ class MappingReader:
             raise ConfigError(f"{self.source}: unknown key(s){where}: {names}", hint=self.hint)
 
 
-def _secret(value: object, where: str, source: str) -> SecretRef:
+def _secret(value: object, where: str, source: str, *, sealable: bool = True) -> SecretRef:
     if isinstance(value, str):
         raise ConfigError(
             f"{source}: {where}: secrets are never written in the config file; "
-            "use {env: VARIABLE}, {file: /path/to/0600-file} or {stdin: true}"
+            "use {env: VARIABLE}, {file: /path/to/0600-file}, {stdin: true} or "
+            "{sealed: NAME} (sealed with `tpmid secret seal`)"
         )
     r = MappingReader(value, where, source)
     env = r.string("env")
     file = r.string("file")
     stdin = r.flag("stdin", False)
+    sealed = r.string("sealed")
     r.done()
-    if sum(x is not None and x is not False for x in (env, file, stdin)) != 1:
-        raise ConfigError(f"{source}: {where}: give exactly one of env, file or stdin")
-    return SecretRef(env=env, file=Path(file) if file else None, stdin=stdin)
+    if sum(x is not None and x is not False for x in (env, file, stdin, sealed)) != 1:
+        raise ConfigError(f"{source}: {where}: give exactly one of env, file, stdin or sealed")
+    if sealed is not None:
+        if not sealable:
+            raise ConfigError(
+                f"{source}: {where}: a hierarchy password cannot be a sealed secret: "
+                "unsealing needs the TPM opened with it",
+                hint="give it as {env: VARIABLE} or {file: /path/to/0600-file}")
+        if not SEALED_NAME_RE.fullmatch(sealed):
+            raise ConfigError(f"{source}: {where}.sealed: {shown(sealed)} is not a sealed "
+                              "secret name (letters, digits, '_', '.', '-'; at most 64)")
+    return SecretRef(env=env, file=Path(file) if file else None, stdin=stdin, sealed=sealed)
+
+
+def _sealed_section(r: MappingReader) -> dict[str, SealedSecretConfig]:
+    """The ``secrets`` section: ``NAME: {pcrs: [0, 7], pcr_bank: sha256}``."""
+    out: dict[str, SealedSecretConfig] = {}
+    for name in list(r.data):
+        if not isinstance(name, str) or not SEALED_NAME_RE.fullmatch(name):
+            raise ConfigError(f"{r.source}: secrets: {shown(name)} is not a sealed secret "
+                              "name (letters, digits, '_', '.', '-'; at most 64)")
+        s = r.sub(name)
+        raw = s.pop("pcrs", [])
+        if not isinstance(raw, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in raw):
+            raise s.err("pcrs", "expected a list of PCR numbers such as [0, 7]")
+        if any(not 0 <= i <= 23 for i in raw):
+            raise s.err("pcrs", "PCR numbers are 0 to 23")
+        bank = _choice(s, "pcr_bank", PCR_BANKS, "sha256")
+        s.done()
+        out[name] = SealedSecretConfig(name, tuple(sorted(set(raw))), bank)
+    r.data.clear()
+    return out
 
 
 def _number(value: object, where: str, source: str, example: str) -> int:
@@ -717,7 +791,7 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     t = top.sub("tpm")
     ta = t.sub("auth")
     auth = HierarchyAuth(**{
-        k: _secret(ta.pop(k), ta.path(k), source) if k in ta.data else None
+        k: _secret(ta.pop(k), ta.path(k), source, sealable=False) if k in ta.data else None
         for k in ("owner", "endorsement", "lockout")
     })
     ta.done()
@@ -746,6 +820,7 @@ def parse_config(data: object, source: str = "<config>") -> Config:
                               "name (letters, digits, '_', '.', '-'; at most 64)")
         identities[name] = _identity(name, ids.sub(name))
     ids.done()
+    sealed = _sealed_section(top.sub("secrets"))
     top.done()
     for ident in identities.values():
         if ident.est and ident.est.auth.client:
@@ -767,7 +842,7 @@ def parse_config(data: object, source: str = "<config>") -> Config:
             )
     _check_pkcs11_labels(identities, pkcs11, source)
     return Config(tpm=tpm, store=store, trust=trust, identities=identities, source=source,
-                  pkcs11=pkcs11)
+                  pkcs11=pkcs11, sealed=sealed)
 
 
 def _check_pkcs11_labels(identities: Mapping[str, IdentityConfig],

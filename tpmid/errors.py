@@ -68,6 +68,11 @@ class KeyUnavailableError(TpmError):
         self.identity = identity
 
 
+class SealedSecretError(TpmError):
+    """A sealed secret cannot be opened by this TPM: its PCRs changed, or it was sealed
+    on another TPM (or before the endorsement seed changed). Sealing it again fixes it."""
+
+
 class TlsShimError(TpmidError):
     """The TPM-backed TLS signing shim cannot work in this process."""
 

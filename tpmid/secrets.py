@@ -36,8 +36,26 @@ def resolve_secret(
     ref: SecretRef,
     environ: Mapping[str, str],
     read_stdin: Callable[[], str] | None = None,
+    unseal: Callable[[str], bytearray] | None = None,
 ) -> str:
-    """Return the secret ``ref`` points at; raise ConfigError naming the source if absent."""
+    """Return the secret ``ref`` points at; raise ConfigError naming the source if absent.
+
+    ``unseal(name)`` opens a sealed secret (``{sealed: NAME}``) with the TPM and
+    returns its value in a bytearray, which is wiped here once decoded.
+    """
+    if ref.sealed:
+        if unseal is None:
+            raise ConfigError(f"sealed secret {ref.sealed} needs the TPM, which this command "
+                              "does not use")
+        sealed = unseal(ref.sealed)
+        try:
+            return sealed.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"sealed secret {ref.sealed} is not UTF-8 text",
+                              hint=f"seal it again: `tpmid secret seal {ref.sealed} "
+                              "--force`") from None
+        finally:
+            sealed[:] = bytes(len(sealed))
     if ref.env:
         value = environ.get(ref.env)
         if not value:

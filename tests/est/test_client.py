@@ -492,6 +492,33 @@ def test_a_slow_server_hits_the_read_timeout(
         client.cacerts()
 
 
+def test_a_slow_answer_is_announced_once_and_counted_at_verbose(
+    fresh_est_server: RunningEstServer, client_for: Callable[..., EstClient],
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tpmid.est import client as client_module
+
+    monkeypatch.setattr(client_module, "SLOW_COUNTDOWN_S", 0.5)
+    fresh_est_server.configure("idevid", faults={"delay": 2, "operations": ["cacerts"]})
+    lines: list[str] = []
+    client = client_for(fresh_est_server, "idevid", progress=lines.append, deadline=30.0)
+    with caplog.at_level("INFO", logger="tpmid.est.client"):
+        assert client.cacerts()
+    assert lines == [f"{fresh_est_server.url('idevid')}/cacerts: waiting for the server's answer; "
+                     "gives up after 30 s (est.timeout.total)"]
+    counts = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+    assert counts and all("so far; gives up after 30 s" in c for c in counts)
+
+
+def test_a_prompt_answer_prints_no_waiting_line(
+    fresh_est_server: RunningEstServer, client_for: Callable[..., EstClient],
+) -> None:
+    lines: list[str] = []
+    client = client_for(fresh_est_server, "idevid", progress=lines.append)
+    assert client.cacerts()
+    assert lines == []
+
+
 def test_plain_http_is_refused_unless_allowed(
     canned: Callable[..., CannedServer], tls_ca: TestCa,
 ) -> None:

@@ -35,7 +35,7 @@ from tpm2_pytss.constants import ESYS_TR
 
 from tests.faults.conftest import Field, assert_key_signs
 from tpmid.clock import utcnow
-from tpmid.lifecycle.renew import plan_renewal
+from tpmid.lifecycle.plan import plan_renewal
 from tpmid.store import fsio
 from tpmid.tpm.connection import TpmConnection
 

@@ -23,7 +23,8 @@ from tests.support.wiring import clients, enroll
 from tpmid.config import Config, parse_config
 from tpmid.errors import EstTransportError
 from tpmid.lifecycle.daemon import Daemon
-from tpmid.lifecycle.renew import RenewalEngine, managed_identities
+from tpmid.lifecycle.plan import managed_identities
+from tpmid.lifecycle.renew import RenewalEngine
 from tpmid.server import EstServer
 from tpmid.store import Store
 from tpmid.testing.estserver import RunningEstServer, start_est_server

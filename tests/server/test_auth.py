@@ -181,3 +181,36 @@ def test_anonymous_policy_needs_no_credentials(fresh_est_server: RunningEstServe
     # Nobody is authenticated, so there is no client to bind the subject to.
     fresh_est_server.configure("edgeca", auth={"anonymous": True}, subject_policy="any")
     assert post(fresh_est_server, "edgeca", serial=None).status == 200
+
+
+def test_a_verified_secret_is_recognised_without_scrypt_and_a_wrong_one_still_pays_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A spy on hashlib.scrypt (it runs for real): the only way to see that the second
+    # check of the same secret skipped the expensive hash.
+    import hashlib
+
+    from tpmid.server import auth
+
+    calls: list[int] = []
+    real = hashlib.scrypt
+
+    def counting(*a: object, **kw: object) -> bytes:
+        calls.append(1)
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    stored = auth.hash_secret("fleet secret")
+    monkeypatch.setattr(auth.hashlib, "scrypt", counting)
+    assert auth.verify_secret("fleet secret", stored)
+    assert auth.verify_secret("fleet secret", stored)
+    assert len(calls) == 1
+    assert not auth.verify_secret("fleet secret!", stored)
+    assert not auth.verify_secret("fleet secre", stored)
+    assert len(calls) == 3
+    # Another context (a Basic user name) is checked afresh: a right password with a
+    # wrong user costs what a wrong password costs.
+    assert auth.verify_secret("fleet secret", stored, context="someone-else")
+    assert len(calls) == 4
+    # What is remembered holds no secret: only keyed MACs.
+    remembered = b"".join(auth._verified._tags.values())
+    assert b"fleet secret" not in remembered
+    assert all(len(t) == 32 for t in auth._verified._tags.values())

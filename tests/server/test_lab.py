@@ -115,7 +115,9 @@ def test_a_directory_without_a_server_is_a_clear_error_and_stays_untouched(
     assert main([*args, str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "holds no EST server" in err
-    assert "hint: create one with: tpmid est-server init --dir DIR" in err
+    # The hint names the directory asked for, so it can be pasted as it is.
+    assert f"hint: create one with: tpmid est-server init --dir {tmp_path / 'missing'}\n" in err
+    assert f"hint: create one with: tpmid est-server init --dir {tmp_path}\n" in err
     assert os.listdir(tmp_path) == []
 
 

@@ -97,3 +97,48 @@ def test_tpm_key_context_is_refused_not_degraded_when_the_self_test_failed(
         with pytest.raises(TlsShimError, match="self-test"):
             client_tls(key=key, cert_chain=[], trust_anchors=[])
     assert key.calls == 0
+
+
+def test_a_passed_self_test_is_remembered_for_this_runtime_only(
+        fresh_shim: None, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A spy on the in-memory handshake (which runs for real when called): the only way
+    # to see that a later process skipped it.
+    handshakes: list[str] = []
+    real = context._selftest_one
+
+    def counting(lib: object, alg: str, version: ssl.TLSVersion) -> None:
+        handshakes.append(alg)
+        real(lib, alg, version)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(context, "_selftest_one", counting)
+    record = tmp_path / context.SELFTEST_RECORD
+    self_test(record=record)
+    assert handshakes == ["ecc-p256"] and record.stat().st_mode & 0o777 == 0o600
+    # A new process (the in-memory verdict forgotten) on the same runtime trusts the record.
+    context._reset_self_test_for_tests()
+    self_test(record=record)
+    assert handshakes == ["ecc-p256"]
+    # Another key family has its own verdict.
+    self_test("rsa-2048", record=record)
+    assert handshakes == ["ecc-p256", "rsa-2048"]
+    # A record made by another runtime (another Python, OpenSSL or tpmid) proves nothing.
+    record.write_text('{"passed": ["' + "0" * 64 + '"]}')
+    context._reset_self_test_for_tests()
+    self_test(record=record)
+    assert handshakes == ["ecc-p256", "rsa-2048", "ecc-p256"]
+
+
+@pytest.mark.parametrize("content", [b"", b"not json", b"[]", b'{"passed": 5}', b"\xff\xfe"])
+def test_a_damaged_self_test_record_means_the_handshake_runs_again(
+        fresh_shim: None, tmp_path, content: bytes) -> None:
+    record = tmp_path / context.SELFTEST_RECORD
+    record.write_bytes(content)
+    self_test(record=record)
+    context._reset_self_test_for_tests()
+    assert context._recorded(record, context._runtime_id(_openssl.load(), "ecc"))
+
+
+def test_an_unwritable_record_only_costs_the_next_command_its_handshake(
+        fresh_shim: None, tmp_path) -> None:
+    self_test(record=tmp_path / "missing-dir" / context.SELFTEST_RECORD)
+    assert not (tmp_path / "missing-dir").exists()

@@ -18,8 +18,44 @@ import importlib
 from collections.abc import Iterator
 
 # Order here is the order in `tpmid --help`.
-MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "est_server", "pkcs11",
-           "aziot")
+MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "secret", "est_server",
+           "pkcs11", "aziot")
+
+# Every top-level command: the module that registers it and its one-line help.
+# `tpmid --help` lists them from here without importing a command module; running
+# a command imports only its module (tests/test_cli_options.py checks this table
+# against what the modules register).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tpm": ("tpm", "inspect the TPM"),
+    "key": ("key", "create, show or delete an identity's TPM key"),
+    "csr": ("key", "write a PKCS#10 CSR signed by the identity's TPM key"),
+    "est": ("est", "query an EST server (RFC 7030) directly"),
+    "enroll": ("est", "enroll one identity from the config over EST"),
+    "renew": ("lifecycle", "renew the identities that are due (or NAME; --force: now)"),
+    "daemon": ("lifecycle", "keep every file-key identity renewed (foreground; for systemd)"),
+    "status": ("status", "per-identity certificate, renewal and key status (no TPM needed)"),
+    "check": ("status", "check TPM, keys, certificates, EST servers, clock and permissions"),
+    "reset": ("status", "remove issued identities from the store, to enroll from scratch"),
+    "provision": ("provision", "provision this device's IDevID on the manufacturing line"),
+    "secret": ("secret", "seal EST passwords and other secrets to the TPM ({sealed: NAME})"),
+    "est-server": ("est_server", "reference CA and EST server for tests and demos"),
+    "pkcs11": ("pkcs11", "the identities' TPM keys as PKCS#11 objects (tpm2-pkcs11)"),
+    "aziot": ("aziot", "Azure IoT Edge: import its EST config, export its config for tpmid's keys"),
+}
+
+# Global options that take a value (skipped when looking for the command's name).
+_VALUED = frozenset({"--config", "-c", "--tcti"})
+
+
+def command_in(argv: list[str]) -> str | None:
+    """The top-level command named in ``argv`` (after any global options), if any."""
+    args = iter(argv)
+    for arg in args:
+        if arg in _VALUED:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 # Where ``-v`` given after a command is counted (one name per depth), so that
 # ``-v est-server -v run -v`` adds up to -vvv: argparse parses a subcommand into a
@@ -93,8 +129,23 @@ def merge_global_options(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def register_for(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                 command: str | None) -> None:
+    """The full parser of ``command``'s module; the other commands by name and help only.
+
+    ``tpmid --help`` (``command`` None) imports no command module at all; running a
+    command builds only its group's parsers (STYLE: do only the work the command needs).
+    """
+    module = COMMANDS[command][0] if command in COMMANDS else None
+    if module is not None:
+        importlib.import_module(f"tpmid._cli.{module}").register(sub)
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=help_text, add_help=False)
+
+
 def register_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add every command group that exists to ``sub``."""
+    """Add every command group that exists to ``sub`` (the whole parser: docs, tests)."""
     for name in MODULES:
         try:
             mod = importlib.import_module(f"tpmid._cli.{name}")

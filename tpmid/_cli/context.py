@@ -9,18 +9,16 @@ the top (docs/architecture.md).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpmid.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tpmid.config import Config
     from tpmid.wiring import Runtime
 
@@ -28,14 +26,18 @@ ENV_CONFIG = "TPMID_CONFIG"
 ENV_TCTI = "TPMID_TCTI"
 
 
-@dataclass
 class Ctx:
-    """What a command function gets: parsed arguments, config, environment, output."""
+    """What a command function gets: parsed arguments, config, environment, output.
 
-    args: argparse.Namespace
-    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
-    _config: Config | None = None
-    _runtime: Runtime | None = None
+    A plain class (not a dataclass): ``tpmid --help`` pays for no import it does not use.
+    """
+
+    def __init__(self, args: argparse.Namespace, environ: Mapping[str, str] | None = None,
+                 ) -> None:
+        self.args = args
+        self.environ: Mapping[str, str] = dict(os.environ) if environ is None else environ
+        self._config: Config | None = None
+        self._runtime: Runtime | None = None
 
     @property
     def json(self) -> bool:
@@ -45,6 +47,8 @@ class Ctx:
     @property
     def config_path(self) -> Path:
         """``--config``, else ``$TPMID_CONFIG``, else /etc/tpmid/config.yaml."""
+        from pathlib import Path
+
         from tpmid.config import DEFAULT_CONFIG_PATH
 
         p = self.args.config or self.environ.get(ENV_CONFIG)
@@ -67,6 +71,8 @@ class Ctx:
         A config file that group or others can write is refused, except with
         ``refuse_insecure=False`` (``tpmid check`` reports it instead).
         """
+        import dataclasses
+
         from tpmid.config import Config, load_config
         from tpmid.store import check_private_path
 
@@ -98,6 +104,8 @@ class Ctx:
 
     def emit(self, data: Any, human: Callable[[Any], str] | str | None = None) -> None:
         """Print ``data`` as JSON with ``--json``, else its human rendering."""
+        import json
+
         if self.json:
             print(json.dumps(data, indent=2, sort_keys=True, default=str))
         elif human is None:

@@ -117,7 +117,7 @@ def _renewed_text(rows: list[dict[str, Any]]) -> str:
 
 def cmd_renew(ctx: Ctx) -> int:
     """``tpmid renew [NAME] [--force] [--chain] [--dry-run]``."""
-    from tpmid.lifecycle.renew import managed_identities
+    from tpmid.lifecycle.plan import managed_identities
     from tpmid.wiring.tpm import tpm_opener
 
     name = ctx.args.name
@@ -176,7 +176,8 @@ def _renew_all(ctx: Ctx, engine: RenewalEngine, now: datetime) -> int:
 
 def _dry_run(ctx: Ctx, names: list[str]) -> int:
     """What ``tpmid renew`` would do, from the config and the store only (nothing changes)."""
-    from tpmid.lifecycle.renew import RenewalEngine, plan_renewal
+    from tpmid.lifecycle.plan import plan_renewal
+    from tpmid.lifecycle.renew import RenewalEngine
     from tpmid.policy import AttemptState
 
     rt = ctx.runtime()
@@ -227,7 +228,7 @@ def cmd_daemon(ctx: Ctx) -> int:
     """``tpmid daemon``: the renewal loop with signal handling."""
     from tpmid import cancel
     from tpmid.lifecycle.daemon import Daemon
-    from tpmid.lifecycle.renew import managed_identities
+    from tpmid.lifecycle.plan import managed_identities
     from tpmid.wiring.tpm import tpm_opener
 
     if ctx.args.verbose == 0:

@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "reset", help="remove issued identities from the store, to enroll from scratch",
         description="Remove the stored certificates, key files, journal and attempt state "
-        "of NAME (default: every identity). IDevIDs (persistent or ek-derived keys) are kept "
+        "of NAME (default: every identity). Sealed secrets (tpmid secret) are never removed. "
+        "IDevIDs (persistent or ek-derived keys) are kept "
         "unless --include-idevid, which also evicts a persistent IDevID key. Without --yes "
         "only lists what would be removed and exits 1. Stop the daemon first.")
     p.add_argument("names", nargs="*", metavar="NAME", help="identities to reset (default: all)")
@@ -203,7 +204,7 @@ def _reset_line(item: ResetItem) -> str:
     return text
 
 
-def _reset_text(items: Sequence[ResetItem], applied: bool) -> str:
+def _reset_text(sealed: list[str], items: Sequence[ResetItem], applied: bool) -> str:
     remove = [i for i in items if i.action == "remove"]
     keep = [i for i in items if i.action == "keep"]
     lines: list[str] = []
@@ -218,6 +219,9 @@ def _reset_text(items: Sequence[ResetItem], applied: bool) -> str:
     if keep:
         lines.append("kept:")
         lines += [f"  {i.name}: {i.note}" for i in keep]
+    if sealed:
+        lines.append(f"sealed secrets are never reset: {', '.join(sealed)} kept "
+                     "(`tpmid secret remove` deletes one)")
     if remove and not applied:
         lines.append("re-run with --yes to remove them (stop the daemon first: "
                      "systemctl stop tpmid)")
@@ -233,12 +237,16 @@ def cmd_reset(ctx: Ctx) -> int:
     cfg = rt.config
     store = rt.existing_store()
     items = plan_reset(cfg, store, ctx.args.names, include_idevid=ctx.args.include_idevid)
+    # Sealed secrets (<store>/sealed) are the device's bootstrap credentials, not identities.
+    sealed = rt.sealed_secrets().names()
     to_remove = any(i.action == "remove" for i in items)
     if not ctx.args.yes or not to_remove:
-        ctx.emit({"applied": False, "identities": [i.to_json() for i in items]},
-                 lambda _: _reset_text(items, applied=False))
+        ctx.emit({"applied": False, "identities": [i.to_json() for i in items],
+                  "sealed_secrets_kept": sealed},
+                 lambda _: _reset_text(sealed, items, applied=False))
         return EXIT_FAILED_CHECK if to_remove else 0
     done = apply_reset(cfg, store, items, open_tpm=tpm_opener(rt))
-    ctx.emit({"applied": True, "identities": [i.to_json() for i in done]},
-             lambda _: _reset_text(done, applied=True))
+    ctx.emit({"applied": True, "identities": [i.to_json() for i in done],
+              "sealed_secrets_kept": sealed},
+             lambda _: _reset_text(sealed, done, applied=True))
     return 0

@@ -28,12 +28,15 @@ from any server text quoted in an error.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -43,6 +46,7 @@ import requests
 from cryptography import x509
 
 from tpmid import cancel
+from tpmid.certfiles import spki_der
 from tpmid.clock import utcnow
 from tpmid.errors import (
     ConfigError,
@@ -53,7 +57,7 @@ from tpmid.errors import (
     EstTransportError,
 )
 from tpmid.est import messages
-from tpmid.est.verify import check_pinned_root, spki_der, verify_server_certificate
+from tpmid.est.verify import check_pinned_root, verify_server_certificate
 from tpmid.policy import MAX_RETRY_AFTER_S, clamp_retry_after
 from tpmid.render import format_duration, quoted_name
 from tpmid.render import name as render_name
@@ -72,6 +76,8 @@ DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: a certs-only bag of a long chain is a few K
 DEFAULT_TIMEOUT = (10.0, 60.0)
 # One exchange (connect, TLS, request, whole answer) must finish within this (est.timeout.total).
 DEFAULT_EXCHANGE_DEADLINE = 120.0
+SLOW_NOTICE_S = 1.0  # a server slower than this to answer gets a progress line
+SLOW_COUNTDOWN_S = 5.0  # then the time waited, in the log (-v), this often
 # A 202's Retry-After is honoured between this and policy.MAX_RETRY_AFTER_S: "0" or a
 # date in the past must not turn into a storm of mTLS handshakes (each one a TPM
 # signature), and an absurd value must not reach a timer.
@@ -456,7 +462,7 @@ class EstClient:
                       self._redacted(headers))
             # One deadline for the whole exchange: a server trickling its answer
             # cannot keep the device (or a stopping daemon) waiting.
-            with exchange_deadline(self.deadline):
+            with exchange_deadline(self.deadline), self._waiting(op):
                 if callable(body) or self.server_check != "hostname":
                     resp, leaf = self._raw(method, op, body, headers)
                 else:
@@ -576,6 +582,37 @@ class EstClient:
         log.info("%s", line)
         if self._progress_out is not None:
             self._progress_out(line)
+
+    @contextlib.contextmanager
+    def _waiting(self, op: str) -> Iterator[None]:
+        """Say so when the server takes longer than :data:`SLOW_NOTICE_S` to answer.
+
+        One progress line (stderr at the default verbosity), then the time waited
+        every :data:`SLOW_COUNTDOWN_S` in the log (``-v``), until the answer or the
+        exchange deadline. A watcher thread that only waits on an event: the
+        request itself is untouched.
+        """
+        done = threading.Event()
+        started = time.monotonic()
+        where = self._where(op)
+        limit = (f"; gives up after {format_duration(self.deadline)} (est.timeout.total)"
+                 if self.deadline else "")
+
+        def watch() -> None:
+            if done.wait(SLOW_NOTICE_S):
+                return
+            self._progress(f"{where}: waiting for the server's answer{limit}")
+            while not done.wait(SLOW_COUNTDOWN_S):
+                log.info("%s: still waiting, %s so far%s", where,
+                         format_duration(time.monotonic() - started), limit)
+
+        watcher = threading.Thread(target=watch, name="est-wait-notice", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join(1.0)
 
     # --------------------------------------------------------------- transports
 

@@ -20,7 +20,6 @@ import base64
 import binascii
 import email.message
 import email.parser
-import email.policy
 import email.utils
 import math
 import re
@@ -423,7 +422,9 @@ def parse_serverkeygen(body: bytes, content_type: str) -> tuple[bytes, list[x509
         raise EstProtocolError(f"{what}: expected {MULTIPART_MIXED}, got {content_type!r}")
     if not _media_param(content_type, "boundary"):
         raise EstProtocolError(f"{what}: the multipart Content-Type has no boundary parameter")
-    parser = email.parser.BytesParser(policy=email.policy.compat32)
+    # The default policy is compat32 (email._policybase): email.policy would import
+    # email.headerregistry, the costliest module of the email package.
+    parser = email.parser.BytesParser()
     msg = parser.parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
     parts = msg.get_payload() if msg.is_multipart() else []
     if not isinstance(parts, list) or not parts:

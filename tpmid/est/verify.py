@@ -41,8 +41,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.verification import (
     Criticality,
     DNSName,
@@ -55,6 +54,7 @@ from cryptography.x509.verification import (
 )
 from cryptography.x509.verification import VerificationError as _X509VerificationError
 
+from tpmid.certfiles import spki_der
 from tpmid.errors import VerificationError
 from tpmid.render import name as render_name
 from tpmid.render import quoted_name
@@ -83,17 +83,6 @@ class VerifiedEnrollment:
     chain: tuple[x509.Certificate, ...]
     requested_subject: x509.Name
     subject_rewritten: bool
-
-
-def spki_der(key: CertificatePublicKeyTypes) -> bytes:
-    """The DER SubjectPublicKeyInfo of ``key`` (the form compared for "same key")."""
-    return key.public_bytes(serialization.Encoding.DER,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def spki_sha256(key: CertificatePublicKeyTypes) -> str:
-    """SHA-256 (lower-case hex) of the key's SubjectPublicKeyInfo: the public-key fingerprint."""
-    return hashlib.sha256(spki_der(key)).hexdigest()
 
 
 def _short_fp(data: bytes) -> str:

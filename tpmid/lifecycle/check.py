@@ -22,7 +22,10 @@
    **certificate matches key** — the TPM key's public key is the certificate's;
    **EST server** — ``GET /cacerts`` (RFC 7030 §4.1) succeeds with the configured
    trust (no client authentication), so the server is reachable and its TLS
-   certificate trusted.
+   certificate trusted;
+6. per ``{sealed: NAME}`` secret of the config: **sealed secret** — stored, and
+   openable by this TPM now (same sealing key, PCRs unchanged), checked without
+   unsealing it.
 
 Checks that depend on a failed one (the key checks when the TPM is unreachable)
 are reported as skipped, which counts as not passed. Every TPM object loaded is
@@ -43,9 +46,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tpmid.certfiles import load_pem_certificates
+from tpmid.certfiles import load_pem_certificates, spki_der, spki_sha256
 from tpmid.clock import as_utc
-from tpmid.config import Config, IdentityConfig, SecretRef
+from tpmid.config import Config, IdentityConfig
 from tpmid.errors import (
     ConfigError,
     EstTransportError,
@@ -55,13 +58,14 @@ from tpmid.errors import (
     VerificationError,
 )
 from tpmid.est.verify import check_validity as verify_validity
-from tpmid.est.verify import spki_der, spki_sha256, verify_chain
+from tpmid.est.verify import verify_chain
 from tpmid.policy import CLOCK_SKEW, RELEASE_DATE
 from tpmid.render import iso
 from tpmid.render import name as render_name
 from tpmid.render import serial as render_serial
 from tpmid.secrets import check_private_file
 from tpmid.store import Store, StoredIdentity, check_private_path
+from tpmid.store.sealed import SealedSecrets
 from tpmid.tpm.identity import identity_key
 
 if TYPE_CHECKING:
@@ -108,23 +112,6 @@ def _skip(name: str, why: str) -> CheckResult:
 # --------------------------------------------------------------------------- files
 
 
-def _secret_refs(config: Config) -> list[tuple[str, SecretRef]]:
-    refs: list[tuple[str, SecretRef | None]] = [
-        (f"tpm.auth.{h}", getattr(config.tpm.auth, h)) for h in ("owner", "endorsement", "lockout")
-    ]
-    if config.pkcs11 is not None:
-        refs += [("pkcs11.user_pin", config.pkcs11.user_pin),
-                 ("pkcs11.so_pin", config.pkcs11.so_pin)]
-    for ident in config.identities.values():
-        if ident.est is None:
-            continue
-        where = f"identities.{ident.name}.est.auth"
-        if ident.est.auth.basic is not None:
-            refs.append((f"{where}.basic.password", ident.est.auth.basic.password))
-        refs += [(f"{where}.headers.{h}", ref) for h, ref in ident.est.auth.headers]
-    return [(w, r) for w, r in refs if r is not None]
-
-
 def check_config_file(config: Config, config_path: Path | None) -> CheckResult:
     """The config file (and secret files) cannot be changed or read by other users."""
     name = "config file permissions"
@@ -133,7 +120,7 @@ def check_config_file(config: Config, config_path: Path | None) -> CheckResult:
         if config_path is not None:
             check_private_path(config_path, "config file", error=ConfigError)
             checked.append(f"{config_path} is not writable by group or others")
-        for where, ref in _secret_refs(config):
+        for where, ref in config.secret_refs():
             if ref.file is not None:
                 check_private_file(ref.file, f"secret file ({where})")
                 checked.append(f"secret file {ref.file} is private")
@@ -483,6 +470,7 @@ def _tpm_checks(config: Config, open_tpm: TpmOpener, stored: _Stored,
     All TPM work happens in one connection, one object at a time.
     """
     key_results: dict[str, tuple[CheckResult, CheckResult]] = {}
+    sealed_results: list[CheckResult] = []
     tpm_ok = False
     try:
         with open_tpm() as tpm:
@@ -500,12 +488,30 @@ def _tpm_checks(config: Config, open_tpm: TpmOpener, stored: _Stored,
                                           _skip(f"{n}: certificate matches key", why))
                     else:
                         key_results[n] = _key_checks(tpm, ident, stored.current[n])
+                sealed_results = check_sealed_secrets(config, tpm)
     except TpmidError as e:
         if not tpm_ok:
             results.append(_from_error("TPM reachable", e))
         else:  # the TPM went away during the checks (or on close)
             results.append(_from_error("TPM still reachable", e))
+    results += sealed_results
     return key_results
+
+
+def check_sealed_secrets(config: Config, tpm: TpmConnection) -> list[CheckResult]:
+    """One check per sealed secret the config uses: stored, and this TPM would open it now."""
+    secrets = SealedSecrets(Path(config.store.dir))
+    results = []
+    for name in sorted({ref.sealed for _, ref in config.secret_refs() if ref.sealed}):
+        check = f"sealed secret {name}"
+        try:
+            blob = secrets.load(name)
+            tpm.check_sealed_secret(blob)
+        except TpmidError as e:
+            results.append(_from_error(check, e))
+            continue
+        results.append(_ok(check, f"stored and openable by this TPM (bound to {blob.bound()})"))
+    return results
 
 
 def _identity_checks(config: Config, ident: IdentityConfig, stored: _Stored,

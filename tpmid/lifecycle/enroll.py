@@ -47,13 +47,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tpmid.cancel import Cancelled
-from tpmid.certfiles import load_pem_certificates
+from tpmid.certfiles import load_pem_certificates, spki_der
 from tpmid.clock import utcnow
 from tpmid.config import Config, EstConfig, IdentityConfig
 from tpmid.csr import build_csr, build_subject
 from tpmid.errors import ConfigError, EstRetryLater, StoreError, TpmidError
 from tpmid.est.messages import decode_csr
-from tpmid.est.verify import fingerprint_sha256, spki_der, verify_enrollment
+from tpmid.est.verify import fingerprint_sha256, verify_enrollment
 from tpmid.render import name as render_name
 from tpmid.render import quoted_name
 from tpmid.render import serial as render_serial

@@ -311,8 +311,8 @@ class TokenMirror:
         self.tokens.ensure_directory()
         wrapping = new_wrapping_key()
         user_salt, so_salt = new_salt(), new_salt()
-        user = (*tpm.seal_secret(wrapping, seal_auth(user_pin, user_salt)), user_salt)
-        so = (*tpm.seal_secret(wrapping, seal_auth(so_pin, so_salt)), so_salt)
+        user = (*tpm.seal_token_secret(wrapping, seal_auth(user_pin, user_salt)), user_salt)
+        so = (*tpm.seal_token_secret(wrapping, seal_auth(so_pin, so_salt)), so_salt)
         del wrapping, user_pin, so_pin
         steps = self.tokens.create_steps(user=user, so=so,
                                          pss_good=tpm.pss_salt_is_digest_length())
@@ -337,7 +337,7 @@ class TokenMirror:
                     or view.token.user_salt is None:
                 raise TokenError(f"token {self.settings.token!r} has no user PIN seal object")
             pin = self.secret(self.settings.user_pin)
-            wrapping = conn.unseal_secret(
+            wrapping = conn.unseal_token_secret(
                 view.token.user_public, view.token.user_private,
                 seal_auth(pin, view.token.user_salt),
                 what=f"PKCS#11 token {self.settings.token!r}'s user PIN object")

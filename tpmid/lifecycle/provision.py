@@ -70,7 +70,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 
 from tpmid import __version__
-from tpmid.certfiles import load_pem_certificates
+from tpmid.certfiles import load_pem_certificates, spki_der
 from tpmid.clock import utcnow
 from tpmid.config import Config, IdentityConfig
 from tpmid.errors import (
@@ -81,7 +81,7 @@ from tpmid.errors import (
     TpmidError,
     VerificationError,
 )
-from tpmid.est.verify import spki_der, verify_chain
+from tpmid.est.verify import verify_chain
 from tpmid.lifecycle.enroll import EstClientFactory, enroll_identity
 from tpmid.manifest import EkCertificate, ProvisionRecord, append_record, open_manifest
 from tpmid.render import name as render_name

@@ -2,7 +2,7 @@
 
 :func:`collect_status` builds one :class:`IdentityStatus` per configured identity
 from the config, the store (current certificate, attempt state, journal) and the
-renewal policy (:func:`~tpmid.lifecycle.renew.plan_renewal`). It never opens the
+renewal policy (:func:`~tpmid.lifecycle.plan.plan_renewal`). It never opens the
 TPM and never writes: status must work while the daemon holds the TPM (no
 resource manager) and on a read-only root file system.
 
@@ -31,10 +31,10 @@ from typing import Any, Literal
 
 from cryptography.hazmat.primitives import hashes
 
+from tpmid.certfiles import spki_sha256
 from tpmid.config import Config
 from tpmid.errors import StoreError, TpmidError
-from tpmid.est.verify import spki_sha256
-from tpmid.lifecycle.renew import managed_identities, plan_renewal
+from tpmid.lifecycle.plan import managed_identities, plan_renewal
 from tpmid.policy import AttemptState, Decision
 from tpmid.render import format_duration, iso
 from tpmid.render import name as render_name

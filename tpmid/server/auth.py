@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import hmac
 import secrets
+import threading
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -39,8 +40,52 @@ def hash_secret(secret: str, *, salt: bytes | None = None) -> str:
     return f"scrypt${_N}${_R}${_P}${b64(salt).decode()}${b64(digest).decode()}"
 
 
-def verify_secret(secret: str, stored: str) -> bool:
-    """True if ``secret`` matches the ``stored`` hash; constant-time comparison."""
+class _VerifiedSecrets:
+    """Secrets that passed scrypt once, remembered as keyed MACs for this process.
+
+    scrypt (tens of milliseconds) is what makes an offline guess expensive; paying
+    it again for every request of the same device fleet only makes the server slow
+    (it dominated a request's server time). After one successful check, the pair
+    (stored hash, context, secret) is remembered as HMAC-SHA256 under a random key
+    that exists only in this process: no secret is kept, and a wrong secret (or a
+    right one with another context, e.g. another user name) still pays scrypt.
+    """
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+        self._tags: dict[tuple[str, str], bytes] = {}
+        self._lock = threading.Lock()
+
+    def _tag(self, stored: str, context: str, secret: str) -> bytes:
+        msg = b"\0".join(v.encode("utf-8") for v in (stored, context, secret))
+        return hmac.new(self._key, msg, hashlib.sha256).digest()
+
+    def known(self, stored: str, context: str, secret: str) -> bool:
+        with self._lock:
+            tag = self._tags.get((stored, context))
+        return tag is not None and hmac.compare_digest(tag, self._tag(stored, context, secret))
+
+    def remember(self, stored: str, context: str, secret: str) -> None:
+        tag = self._tag(stored, context, secret)
+        with self._lock:
+            if len(self._tags) >= self.LIMIT:
+                self._tags.clear()
+            self._tags[(stored, context)] = tag
+
+
+_verified = _VerifiedSecrets()
+
+
+def verify_secret(secret: str, stored: str, *, context: str = "") -> bool:
+    """True if ``secret`` matches the ``stored`` hash; constant-time comparison.
+
+    A secret that matched before (with the same ``context``) is recognised without
+    scrypt (:class:`_VerifiedSecrets`).
+    """
+    if _verified.known(stored, context, secret):
+        return True
     try:
         scheme, n, r, p, salt_b64, digest_b64 = stored.split("$")
         if scheme != "scrypt":
@@ -51,7 +96,10 @@ def verify_secret(secret: str, stored: str) -> bool:
                              dklen=len(want), maxmem=128 * 1024 * 1024)
     except (ValueError, binascii.Error):
         return False
-    return hmac.compare_digest(got, want)
+    if not hmac.compare_digest(got, want):
+        return False
+    _verified.remember(stored, context, secret)
+    return True
 
 
 def generate_secret() -> str:
@@ -133,7 +181,7 @@ def check(
             return AuthOutcome(401, "missing HTTP Basic credentials", challenge)
         user, password = creds
         # Always run the hash so a wrong user costs the same as a wrong password.
-        password_ok = verify_secret(password, policy.hash)
+        password_ok = verify_secret(password, policy.hash, context=user)
         user_ok = hmac.compare_digest(user.encode("utf-8"), policy.username.encode("utf-8"))
         if not (user_ok and password_ok):
             return AuthOutcome(401, "wrong HTTP Basic username or password", challenge)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,10 +136,11 @@ class _Recovery:
         for d in (cdir, kdir):
             with contextlib.suppress(FileNotFoundError):
                 tmps += [d / n for n in os.listdir(d) if n.startswith(TMP_PREFIX)]
-        own_tmp = re.compile(re.escape(f"{TMP_PREFIX}{name}.json.") + r"[0-9a-f]{8}")
+        own_tmp = f"{TMP_PREFIX}{name}.json."  # + 8 hex digits (fsio.temp_name)
         for d in (self.store.root / "journal", self.store.root / "state"):
             with contextlib.suppress(FileNotFoundError):
-                tmps += [d / n for n in os.listdir(d) if own_tmp.fullmatch(n)]
+                tmps += [d / n for n in os.listdir(d) if n.startswith(own_tmp)
+                         and _is_hex8(n[len(own_tmp):])]
         for t in tmps:
             remove_tree(t)
             fsync_dir(t.parent)
@@ -300,3 +300,7 @@ class _Recovery:
                 remove_tree(self.store._key_dir(name) / f"{v}{KEY_SUFFIX}")
                 fsync_dir(self.store._key_dir(name))
                 act("removed", f"removed orphaned key file of version {v}")
+
+
+def _is_hex8(text: str) -> bool:
+    return len(text) == 8 and all(c in "0123456789abcdef" for c in text)

@@ -133,8 +133,12 @@ class TpmProxy:
     """Forward a swtpm's command and control channels, counting TPM commands."""
 
     def __init__(self, upstream_host: str, upstream_port: int, upstream_ctrl_port: int,
-                 delay: float = 0.0, *, host: str = "127.0.0.1") -> None:
-        """Prepare a proxy to ``upstream_host:upstream_port`` (+ its control port)."""
+                 delay: float = 0.0, *, host: str = "127.0.0.1", record: bool = False) -> None:
+        """Prepare a proxy to ``upstream_host:upstream_port`` (+ its control port).
+
+        ``record`` keeps every byte of the command channel, both ways (:attr:`wire`):
+        a test can then show what crossed the "bus" in clear and what did not.
+        """
         if not _is_loopback(upstream_host) or not _is_loopback(host):
             raise ValueError("the TPM proxy only works on loopback addresses")
         if delay < 0:
@@ -148,6 +152,8 @@ class TpmProxy:
         self._lock = threading.Lock()
         self._commands: list[str] = []
         self._unparsed = 0
+        self._record = record
+        self._wire = bytearray()
         self._listeners: list[socket.socket] = []
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
@@ -184,6 +190,12 @@ class TpmProxy:
         """Bytes forwarded after a connection lost frame sync (should stay 0)."""
         with self._lock:
             return self._unparsed
+
+    @property
+    def wire(self) -> bytes:
+        """Every byte of the command channel, commands and responses (with ``record``)."""
+        with self._lock:
+            return bytes(self._wire)
 
     def by_name(self) -> Counter[str]:
         """Command counts by name."""
@@ -257,16 +269,21 @@ class TpmProxy:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns.update((client, up))
-            self._spawn(self._pump, client, up, counted)
-            self._spawn(self._pump, up, client, False)
+            self._spawn(self._pump, client, up, counted, counted)
+            self._spawn(self._pump, up, client, False, counted)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool,
+              command_channel: bool) -> None:
         parser = FrameCounter() if counted else None
+        record = self._record and command_channel
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if record:
+                    with self._lock:
+                        self._wire += data
                 if parser is None:
                     dst.sendall(data)
                     continue

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import json
 import logging
 import os
 import ssl
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -37,7 +40,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from tpmid.errors import ConfigError, TlsShimError
+from tpmid import __version__
+from tpmid.errors import ConfigError, StoreError, TlsShimError
+from tpmid.store.fsio import atomic_write
 from tpmid.tls import _openssl, _shim, deadline
 from tpmid.tls.keys import SoftwareSigningKey, TlsSigningKey, profile_for
 
@@ -221,7 +226,7 @@ def client_tls(*, key: TlsSigningKey | None = None, key_file: Path | None = None
                trust_anchors: Sequence[x509.Certificate] = (), use_system_store: bool = False,
                check_hostname: bool = True, max_version: ssl.TLSVersion | None = None,
                min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
-               verify_server: bool = True) -> ClientTls:
+               verify_server: bool = True, selftest_record: Path | None = None) -> ClientTls:
     """Build a client TLS context for talking to an EST server.
 
     ``key`` is a TPM key (anything satisfying :class:`TlsSigningKey`) and
@@ -230,13 +235,14 @@ def client_tls(*, key: TlsSigningKey | None = None, key_file: Path | None = None
     RSA TPM keys are capped at TLS 1.2 (logged at INFO); ``min_version``
     TLS 1.3 with an RSA key raises :class:`TlsShimError`.
     ``verify_server=False`` is for RFC 7030 §4.1.1 bootstrap only.
+    ``selftest_record`` is where a passed shim self-test is remembered (:func:`self_test`).
 
     Raises :class:`TlsShimError` when the shim cannot work in this process,
     :class:`~tpmid.errors.KeyMismatchError` when the certificate is not the
     key's, :class:`ConfigError` for inconsistent arguments or unusable files.
     """
     if key is not None:
-        self_test(str(getattr(key, "alg", "ecc-p256")))
+        self_test(str(getattr(key, "alg", "ecc-p256")), record=selftest_record)
     return _build(key=key, key_file=key_file, cert_chain=cert_chain,
                   trust_anchors=trust_anchors, use_system_store=use_system_store,
                   check_hostname=check_hostname, max_version=max_version,
@@ -333,14 +339,55 @@ _SELFTEST_CASES = {"ecc": ("ecc-p256", ssl.TLSVersion.TLSv1_3),
                    "rsa": ("rsa-2048", ssl.TLSVersion.TLSv1_2)}
 
 
-def self_test(alg: str = "ecc-p256") -> None:
-    """Prove once per process that the signing shim works here; raise :class:`TlsShimError` if not.
+SELFTEST_RECORD = "tls-selftest.json"  # in the store directory (wiring passes the path)
+
+
+def _runtime_id(lib: _openssl.OpenSsl, family: str) -> str:
+    """What the self-test's verdict depends on: this Python, this OpenSSL (by file), tpmid."""
+    files = []
+    for path in (lib.ssl_path, lib.crypto_path):
+        st = os.stat(path)
+        files.append([path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns])
+    facts = [family, __version__, sys.version, sys.executable, ssl.OPENSSL_VERSION, files]
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()
+
+
+def _passed(record: Path) -> list[str]:
+    """The runtimes a record says passed; nothing for a missing or damaged record."""
+    try:
+        data = json.loads(record.read_bytes())
+    except (OSError, ValueError):
+        return []
+    passed = data.get("passed") if isinstance(data, dict) else None
+    return [p for p in passed if isinstance(p, str)] if isinstance(passed, list) else []
+
+
+def _recorded(record: Path, runtime: str) -> bool:
+    return runtime in _passed(record)
+
+
+def _remember(record: Path, runtime: str) -> None:
+    """Record a passed self-test; a record that cannot be written only costs the next run time."""
+    body = json.dumps({"passed": [*_passed(record)[-7:], runtime]}).encode()
+    try:
+        atomic_write(record, body, 0o600, durable=False)
+    except (OSError, StoreError) as e:
+        log.debug("TLS self-test result not recorded in %s: %s", record, e)
+
+
+def self_test(alg: str = "ecc-p256", *, record: Path | None = None) -> None:
+    """Prove that the signing shim works here; raise :class:`TlsShimError` if not.
 
     Binds to the OpenSSL of Python's ``_ssl`` (see :mod:`tpmid.tls._openssl`)
     and runs an in-memory mTLS handshake against a throwaway server with a
     software signer behind the very same callbacks as the key ``alg`` will use:
     ECC over TLS 1.3 for ``ecc-*`` keys, RSA-2048 over TLS 1.2 for ``rsa-*``
-    keys. The result, success or failure, is cached per key family.
+    keys. The result, success or failure, is cached per key family for the
+    process; a success is also kept in ``record`` (a file in the store), keyed by
+    everything the verdict depends on (Python build, the libssl and libcrypto
+    files by inode, size and mtime, tpmid's version), so that later commands on
+    the same system skip the handshake. Binding to OpenSSL and the checks made
+    on every SSL_CTX before the shim writes through it run every time.
     """
     family = "rsa" if alg.startswith("rsa") else "ecc"
     with _selftest_lock:
@@ -349,8 +396,13 @@ def self_test(alg: str = "ecc-p256") -> None:
             return
         if isinstance(cached, TlsShimError):
             raise cached
+        runtime = ""
         try:
             lib = _openssl.load()
+            runtime = _runtime_id(lib, family)
+            if record is not None and _recorded(record, runtime):
+                _selftest_results[family] = True
+                return
             _selftest_one(lib, *_SELFTEST_CASES[family])
         except TlsShimError as e:
             cached = TlsShimError(
@@ -368,6 +420,8 @@ def self_test(alg: str = "ecc-p256") -> None:
             _selftest_results[family] = True
             log.debug("TLS signing shim self-test passed for %s keys (%s)", family,
                       ssl.OPENSSL_VERSION)
+            if record is not None:
+                _remember(record, runtime)
             return
         _selftest_results[family] = cached
         raise cached

@@ -19,7 +19,8 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 
 from tpmid.csr import hardware_module_name
 from tpmid.store.ledger import TransientLedger
-from tpmid.tpm import ek, idevid, info, keyfile, nv, token
+from tpmid.store.sealed import SealedBlob
+from tpmid.tpm import ek, idevid, info, keyfile, nv, sealed, token
 from tpmid.tpm.context import (
     DEFAULT_COMMAND_TIMEOUT_S,
     DEFAULT_TCTI,
@@ -99,11 +100,12 @@ class TpmConnection(TpmContext):
 
     # ------------------------------------------------------------ PKCS#11 tokens (tpm2-pkcs11)
 
-    def seal_secret(self, data: bytes, auth: bytes) -> tuple[bytes, bytes]:
+    def seal_token_secret(self, data: bytes, auth: bytes) -> tuple[bytes, bytes]:
         """Seal ``data`` under the storage parent (a token's wrapping key); (public, private)."""
         return token.seal_secret(self, data, auth)
 
-    def unseal_secret(self, public: bytes, private: bytes, auth: bytes, *, what: str) -> bytes:
+    def unseal_token_secret(self, public: bytes, private: bytes, auth: bytes, *,
+                            what: str) -> bytes:
         """Unseal a token's sealed object with its PIN-derived ``auth``."""
         return token.unseal_secret(self, public, private, auth, what=what)
 
@@ -125,6 +127,22 @@ class TpmConnection(TpmContext):
     def storage_parent_public(self) -> bytes:
         """The re-created storage parent's public area (marshalled TPM2B_PUBLIC)."""
         return token.storage_parent_public(self)
+
+    # ------------------------------------------------------------ sealed secrets
+
+    def seal_secret(self, name: str, value: bytes | bytearray, *, pcr_bank: str = "sha256",
+                    pcrs: tuple[int, ...] = (), sealed_at: str) -> SealedBlob:
+        """Seal ``value`` to this TPM, optionally to PCRs (:func:`tpmid.tpm.sealed.seal_secret`)."""
+        return sealed.seal_secret(self, name, value, pcr_bank=pcr_bank, pcrs=pcrs,
+                                  sealed_at=sealed_at)
+
+    def check_sealed_secret(self, blob: SealedBlob) -> None:
+        """SealedSecretError if ``blob`` would not open now (PCRs, another TPM); unseals nothing."""
+        sealed.check_sealed_secret(self, blob)
+
+    def unseal_secret(self, blob: SealedBlob) -> bytearray:
+        """The value of a sealed secret; the caller wipes the bytearray after use."""
+        return sealed.unseal_secret(self, blob)
 
     # ------------------------------------------------------------ EKs, NV, facts
 

@@ -21,11 +21,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tpmid.config import Config, IdentityConfig, SecretRef
+from tpmid.errors import ConfigError
 from tpmid.secrets import resolve_secret
 from tpmid.store import TPM_LOCK_NAME, Store
+from tpmid.store.sealed import SealedSecrets
 from tpmid.tpm.identity import IdentityKey, identity_key
+
+if TYPE_CHECKING:
+    from tpmid.tpm.connection import TpmOpener
 
 SecretResolver = Callable[[SecretRef], str]
 
@@ -41,12 +47,15 @@ class Runtime:
     """tpmid's objects for one config and one process environment.
 
     ``environ`` is the process environment (injected: library code never reads
-    ``os.environ``); ``read_stdin`` reads one line for ``{stdin: true}`` secrets.
+    ``os.environ``); ``read_stdin`` reads one line for ``{stdin: true}`` secrets;
+    ``open_tpm`` opens the TPM for ``{sealed: NAME}`` secrets (set by
+    :func:`tpmid.wiring.tpm.tpm_opener`, the first time a command builds one).
     """
 
     config: Config
     environ: Mapping[str, str] = field(default_factory=dict)
     read_stdin: Callable[[], str] | None = None
+    open_tpm: TpmOpener | None = field(default=None, repr=False)
     _store: Store | None = field(default=None, repr=False)
     _stdin_line: str | None = field(default=None, repr=False)
 
@@ -55,8 +64,22 @@ class Runtime:
 
         Standard input is read once per process: every ``{stdin: true}`` reference
         gets that line (a pre-flight check and the request itself both resolve it).
+        A sealed secret is unsealed each time it is asked for, never kept here.
         """
-        return resolve_secret(ref, self.environ, self._stdin_once if self.read_stdin else None)
+        return resolve_secret(ref, self.environ, self._stdin_once if self.read_stdin else None,
+                              self._unseal)
+
+    def sealed_secrets(self) -> SealedSecrets:
+        """The sealed secrets of ``store.dir`` (``<store>/sealed``); creates nothing."""
+        return SealedSecrets(Path(self.config.store.dir))
+
+    def _unseal(self, name: str) -> bytearray:
+        blob = self.sealed_secrets().load(name)
+        if self.open_tpm is None:
+            raise ConfigError(f"sealed secret {name} needs the TPM, which this command does "
+                              "not use")
+        with self.open_tpm() as tpm:
+            return tpm.unseal_secret(blob)
 
     def _stdin_once(self) -> str:
         if self._stdin_line is None:

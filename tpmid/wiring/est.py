@@ -34,6 +34,7 @@ from tpmid.errors import ConfigError
 from tpmid.est.client import DEFAULT_TIMEOUT, EstClient, ServerCheck, est_base_url, make_session
 from tpmid.est.verify import normalize_pin
 from tpmid.tls import ClientTls, TlsSigningKey, client_tls
+from tpmid.tls.context import SELFTEST_RECORD
 
 SecretResolver = Callable[[SecretRef], str]
 
@@ -229,4 +230,10 @@ class EstClients:
         # id-kp-cmcRA EKU is then checked by EstClient before anything is sent.
         return client_tls(key=key, key_file=key_file, cert_chain=cert_chain,
                           trust_anchors=trust.anchors, use_system_store=trust.use_system_store,
-                          max_version=max_version, check_hostname=not trust.cmc_ra)
+                          max_version=max_version, check_hostname=not trust.cmc_ra,
+                          selftest_record=self._selftest_record())
+
+    def _selftest_record(self) -> Path | None:
+        """Where a passed TLS shim self-test is remembered: the store, if it exists."""
+        store = self.config.store.dir
+        return store / SELFTEST_RECORD if store.is_dir() else None
