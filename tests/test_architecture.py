@@ -26,10 +26,11 @@ PACKAGE = ROOT / "tpmid"
 # Lowest first. A module may import from its own layer and the layers below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("tpmid", "tpmid.errors", "tpmid.cancel", "tpmid.clock", "tpmid.config", "tpmid.policy",
-               "tpmid.render", "tpmid.der", "tpmid.csr", "tpmid.evidence")),
+               "tpmid.render", "tpmid.der", "tpmid.csr", "tpmid.evidence", "tpmid.aziot",
+               "tpmid.pkcs11.uri")),
     ("disk and environment", ("tpmid.secrets", "tpmid.certfiles", "tpmid.store",
                               "tpmid.manifest")),
-    ("TPM and TLS", ("tpmid.tpm", "tpmid.tls")),
+    ("TPM and TLS", ("tpmid.tpm", "tpmid.tls", "tpmid.pkcs11")),
     ("EST", ("tpmid.est",)),
     ("orchestration and the reference server", ("tpmid.lifecycle", "tpmid.server")),
     ("composition root", ("tpmid.wiring",)),

@@ -139,6 +139,10 @@ def test_depends_come_from_shlibdeps_and_swtpm_is_only_suggested(control: dict[s
     assert any(re.fullmatch(r"python3\.\d+", d) for d in depends)
     assert not [d for d in depends if "swtpm" in d or "pytest" in d]
     assert "swtpm" in control["Suggests"]
+    # PKCS#11 access (IoT Edge) is optional: recommended, never a dependency.
+    assert [r.strip() for r in control["Recommends"].split(",")] == [
+        "libtpm2-pkcs11-1", "libtpm2-pkcs11-tools"]
+    assert not [d for d in depends if "pkcs11" in d]
     assert control["Package"] == "tpmid" and control["Architecture"] != "all"
 
 

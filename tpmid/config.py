@@ -32,6 +32,13 @@ DEFAULT_IAK_HANDLE = 0x81020001  # tpmid's default for a persistent IAK
 DEFAULT_TPM_TIMEOUT_S = 120.0
 DEFAULT_LOCK_TIMEOUT_S = 300.0
 DEFAULT_EXCHANGE_DEADLINE_S = 120.0
+# Debian's libtpm2-pkcs11-1 (what IoT Edge's key service loads: aziot_keys.pkcs11_lib_path).
+DEFAULT_PKCS11_LIBRARY = Path("/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so")
+DEFAULT_PKCS11_TOKEN = "tpmid"
+# The label a new key is linked under while its certificate is being enrolled.
+PKCS11_STAGING_SUFFIX = ".next"
+# PKCS#11 token labels are 32 bytes (CK_TOKEN_INFO.label, space padded).
+PKCS11_TOKEN_LABEL_MAX = 32
 
 KeyKind = Literal["persistent", "ek-derived", "file"]
 Template = Literal["H-1", "H-2", "H-3"]
@@ -317,6 +324,38 @@ class HooksConfig:
 
 
 @dataclass(frozen=True)
+class Pkcs11Config:
+    """The tpm2-pkcs11 token tpmid keeps its identities' keys in (top-level ``pkcs11``).
+
+    ``store`` is the tpm2-pkcs11 store directory (its ``TPM2_PKCS11_STORE``),
+    ``token`` the token label, ``user_pin`` the PIN consumers log in with (and
+    tpmid needs to link a key), ``so_pin`` the security officer PIN (needed only
+    when tpmid creates the token), ``library`` the PKCS#11 module path written
+    into IoT Edge's configuration.
+    """
+
+    store: Path
+    user_pin: SecretRef
+    token: str = DEFAULT_PKCS11_TOKEN
+    so_pin: SecretRef | None = None
+    library: Path = DEFAULT_PKCS11_LIBRARY
+
+
+@dataclass(frozen=True)
+class IdentityPkcs11:
+    """``identities.NAME.pkcs11``: whether and under which label the key is in the token.
+
+    Absent from the file means "on, labelled with the identity's name" for
+    identities whose key can be linked (key files) when the top-level ``pkcs11``
+    section exists.
+    """
+
+    enabled: bool = True
+    label: str | None = None
+    explicit: bool = False  # written in the file (an IDevID must not ask for it)
+
+
+@dataclass(frozen=True)
 class IdentityConfig:
     name: str
     key: KeyConfig
@@ -326,6 +365,12 @@ class IdentityConfig:
     est: EstConfig | None = None
     renew: RenewConfig = field(default_factory=RenewConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    pkcs11: IdentityPkcs11 = field(default_factory=IdentityPkcs11)
+
+    @property
+    def pkcs11_label(self) -> str:
+        """The CKA_LABEL of this identity's key (and certificate) in the token."""
+        return self.pkcs11.label or self.name
 
 
 @dataclass(frozen=True)
@@ -335,6 +380,7 @@ class Config:
     trust: TrustConfig = field(default_factory=TrustConfig)
     identities: Mapping[str, IdentityConfig] = field(default_factory=dict)
     source: str = "<defaults>"
+    pkcs11: Pkcs11Config | None = None
     # The secrets section: PCR bindings of sealed secrets (names without one are unbound).
     sealed: Mapping[str, SealedSecretConfig] = field(default_factory=dict)
 
@@ -347,6 +393,10 @@ class Config:
         refs: list[tuple[str, SecretRef]] = [
             (f"tpm.auth.{k}", ref) for k in ("owner", "endorsement", "lockout")
             if (ref := getattr(self.tpm.auth, k)) is not None]
+        if self.pkcs11 is not None:
+            refs.append(("pkcs11.user_pin", self.pkcs11.user_pin))
+            if self.pkcs11.so_pin is not None:
+                refs.append(("pkcs11.so_pin", self.pkcs11.so_pin))
         for ident in self.identities.values():
             if ident.est is None:
                 continue
@@ -718,9 +768,57 @@ def _identity(name: str, r: MappingReader) -> IdentityConfig:
     if hooks.after_renew and not hooks.after_renew[0]:
         raise hr.err("after_renew", "the program (first item) is empty")
     hr.done()
+    pkcs11 = _identity_pkcs11(r)
     r.done()
     return IdentityConfig(name=name, key=key, subject=subject, san=san, profile=profile,
-                          est=est, renew=renew, hooks=hooks)
+                          est=est, renew=renew, hooks=hooks, pkcs11=pkcs11)
+
+
+def _pkcs11_label(r: MappingReader, key: str, value: str) -> str:
+    """An object or token label: printable, no staging suffix, at most 64 characters."""
+    if len(value) > 64:
+        raise r.err(key, f"{len(value)} characters; at most 64")
+    if value.endswith(PKCS11_STAGING_SUFFIX):
+        raise r.err(key, f"{shown(value)} ends in {PKCS11_STAGING_SUFFIX!r}, which tpmid "
+                         "uses for keys still being enrolled")
+    return value
+
+
+def _identity_pkcs11(r: MappingReader) -> IdentityPkcs11:
+    if "pkcs11" not in r.data:
+        return IdentityPkcs11()
+    raw = r.data["pkcs11"]
+    if isinstance(raw, bool):
+        r.pop("pkcs11")
+        return IdentityPkcs11(enabled=raw, explicit=raw)
+    p = r.sub("pkcs11")
+    enabled = p.flag("enabled", True)
+    label = p.string("label")
+    if label is not None:
+        label = _pkcs11_label(p, "label", label)
+    p.done()
+    return IdentityPkcs11(enabled=enabled, label=label, explicit=enabled)
+
+
+def _pkcs11(r: MappingReader, store_dir: Path) -> Pkcs11Config | None:
+    if "pkcs11" not in r.data:
+        return None
+    p = r.sub("pkcs11")
+    if "user_pin" not in p.data:
+        raise p.err("user_pin", "is required: the PIN the token's users log in with "
+                                "({env: ...}, {file: ...} or {stdin: true})")
+    user_pin = _secret(p.pop("user_pin"), p.path("user_pin"), r.source)
+    so_pin = _secret(p.pop("so_pin"), p.path("so_pin"), r.source) if "so_pin" in p.data \
+        else None
+    token = p.string("token", DEFAULT_PKCS11_TOKEN)
+    if len(token.encode()) > PKCS11_TOKEN_LABEL_MAX:
+        raise p.err("token", f"{shown(token)} is longer than a PKCS#11 token label can be "
+                             f"({PKCS11_TOKEN_LABEL_MAX} bytes)")
+    store = Path(p.string("store", str(store_dir / "pkcs11")))
+    library = Path(p.string("library", str(DEFAULT_PKCS11_LIBRARY)))
+    p.done()
+    return Pkcs11Config(store=store, user_pin=user_pin, token=token, so_pin=so_pin,
+                        library=library)
 
 
 def parse_config(data: object, source: str = "<config>") -> Config:
@@ -744,6 +842,7 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     s = top.sub("store")
     store = StoreConfig(dir=Path(s.string("dir", str(DEFAULT_STORE_DIR))))
     s.done()
+    pkcs11 = _pkcs11(top, store.dir)
     tr = top.sub("trust")
     trust = TrustConfig(est_anchors=tr.paths("est_anchors"),
                         use_system_store=tr.flag("use_system_store", False),
@@ -788,8 +887,28 @@ def parse_config(data: object, source: str = "<config>") -> Config:
                 f"{source}: identities.{ident.name}.est.attestation: evidence is signed by "
                 "the IAK, and no identity has one",
                 hint="set key.iak: true on the IDevID identity and provision it")
+    _check_pkcs11_labels(identities, pkcs11, source)
     return Config(tpm=tpm, store=store, trust=trust, identities=identities, source=source,
-                  sealed=sealed)
+                  pkcs11=pkcs11, sealed=sealed)
+
+
+def _check_pkcs11_labels(identities: Mapping[str, IdentityConfig],
+                         pkcs11: Pkcs11Config | None, source: str) -> None:
+    """Per-identity ``pkcs11`` needs the top-level section; no two identities share a label."""
+    seen: dict[str, str] = {}
+    for ident in identities.values():
+        if ident.pkcs11.explicit and pkcs11 is None:
+            raise ConfigError(
+                f"{source}: identities.{ident.name}.pkcs11: there is no top-level pkcs11 "
+                "section naming the token (store, token, user_pin)",
+                hint="add a top-level pkcs11 section with the token's store directory, label "
+                     "and user_pin (see docs/config.md)")
+        label = ident.pkcs11_label
+        if ident.pkcs11.enabled and label in seen:
+            raise ConfigError(
+                f"{source}: identities.{ident.name}.pkcs11.label: {shown(label)} is already "
+                f"the label of {seen[label]}; every key needs its own label")
+        seen[label] = ident.name
 
 
 def read_yaml_file(path: Path, what: str, missing_hint: str) -> Any:

@@ -147,3 +147,7 @@ class StoreError(TpmidError):
     """The on-disk store is unusable (permissions, corruption, lock held)."""
 
     exit_code = 7
+
+
+class TokenError(StoreError):
+    """The tpm2-pkcs11 token store is unusable or out of step (the PKCS#11 view of the keys)."""

@@ -18,7 +18,8 @@ import importlib
 from collections.abc import Iterator
 
 # Order here is the order in `tpmid --help`.
-MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "secret", "est_server")
+MODULES = ("tpm", "key", "est", "lifecycle", "status", "provision", "secret", "est_server",
+           "pkcs11", "aziot")
 
 # Every top-level command: the module that registers it and its one-line help.
 # `tpmid --help` lists them from here without importing a command module; running
@@ -38,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "provision": ("provision", "provision this device's IDevID on the manufacturing line"),
     "secret": ("secret", "seal EST passwords and other secrets to the TPM ({sealed: NAME})"),
     "est-server": ("est_server", "reference CA and EST server for tests and demos"),
+    "pkcs11": ("pkcs11", "the identities' TPM keys as PKCS#11 objects (tpm2-pkcs11)"),
+    "aziot": ("aziot", "Azure IoT Edge: import its EST config, export its config for tpmid's keys"),
 }
 
 # Global options that take a value (skipped when looking for the command's name).

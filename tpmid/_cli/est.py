@@ -161,6 +161,7 @@ def cmd_enroll(ctx: Ctx) -> int:
     from tpmid.lifecycle.enroll import enroll_identity
     from tpmid.tpm.lease import TpmLease
     from tpmid.wiring.est import EstClients
+    from tpmid.wiring.pkcs11 import token_mirror
     from tpmid.wiring.tpm import tpm_opener
 
     rt = ctx.runtime()
@@ -173,7 +174,7 @@ def cmd_enroll(ctx: Ctx) -> int:
                              lease=TpmLease(tpm_opener(rt)),
                              clients=EstClients(rt.config, rt.secret, progress=ctx.progress),
                              reenroll=bool(ctx.args.reenroll),
-                             serverkeygen=bool(ctx.args.serverkeygen))
+                             serverkeygen=bool(ctx.args.serverkeygen), mirror=token_mirror(rt))
 
     def human(d: dict[str, Any]) -> str:
         lines = [
@@ -185,6 +186,7 @@ def cmd_enroll(ctx: Ctx) -> int:
             f"  sha256:      {d['sha256_fingerprint']}",
             f"  certificate: {d['cert_path']}",
             f"  chain:       {d['chain_path']}",
+            f"  full chain:  {d['fullchain_path']}",
         ]
         if d["key_path"]:
             lines.append(f"  key file:    {d['key_path']}"

@@ -62,6 +62,7 @@ def _engine(ctx: Ctx, open_tpm: TpmOpener,
     ``progress`` receives a line whenever a renewal has to wait (a 202 Accepted).
     """
     from tpmid.lifecycle.renew import RenewalEngine
+    from tpmid.wiring.pkcs11 import token_mirror
 
     rt = ctx.runtime()
 
@@ -71,7 +72,8 @@ def _engine(ctx: Ctx, open_tpm: TpmOpener,
         return EstClients(rt.config, rt.secret, progress=progress)
 
     return RenewalEngine(config=rt.config, store=rt.store(), open_tpm=open_tpm,
-                         make_clients=make_clients, hook_environment=rt.hook_environment)
+                         make_clients=make_clients, hook_environment=rt.hook_environment,
+                         mirror=token_mirror(rt))
 
 
 def _recover(engine: RenewalEngine) -> None:
@@ -83,6 +85,24 @@ def _recover(engine: RenewalEngine) -> None:
         stale = tpm.flush_stale_transients()
         if stale.flushed:
             log.warning("recovery: %s", stale.describe())
+    _sync_token(engine)
+
+
+def _sync_token(engine: RenewalEngine) -> None:
+    """The PKCS#11 token made what the recovered store says (tpmid.lifecycle.pkcs11)."""
+    from tpmid.lifecycle.pkcs11 import TokenMirror
+    from tpmid.tpm.lease import TpmLease
+
+    mirror = engine.mirror
+    if not isinstance(mirror, TokenMirror):
+        return
+    try:
+        with TpmLease(engine.open_tpm) as lease:
+            for line in mirror.sync(lease.tpm, engine.store):
+                log.warning("recovery: PKCS#11 token: %s", line)
+    except TpmidError as e:
+        log.error("recovery: the PKCS#11 token is not in step (%s); `tpmid pkcs11 sync` "
+                  "repairs it", e)
 
 
 def _summary(results: list[Any]) -> list[dict[str, Any]]:

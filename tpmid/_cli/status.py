@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tpmid._cli import add_json_flag
 from tpmid._cli.context import Ctx
 from tpmid.clock import utcnow
+from tpmid.errors import TpmidError
 from tpmid.render import describe_age, iso
 
 if TYPE_CHECKING:
@@ -169,6 +170,17 @@ def cmd_check(ctx: Ctx) -> int:
     results = run_checks(cfg, open_store=rt.existing_store, open_tpm=tpm_opener(rt),
                          now=utcnow(), config_path=ctx.config_path,
                          fetch_cacerts=None if ctx.args.no_est else fetch_cacerts)
+    if cfg.pkcs11 is not None:
+        from tpmid.lifecycle.pkcs11 import token_checks
+        from tpmid.wiring.pkcs11 import token_mirror
+
+        mirror = token_mirror(rt)
+        assert mirror is not None
+        try:
+            store = rt.existing_store()
+        except TpmidError:
+            store = None
+        results += token_checks(mirror, store)
     ctx.emit([r.to_json() for r in results], lambda _: render_checks(results))
     return 0 if all_passed(results) else EXIT_FAILED_CHECK
 

@@ -66,6 +66,7 @@ from tpmid.errors import (
     EstServerError,
     EstTransportError,
     StoreError,
+    TpmidError,
     VerificationError,
 )
 from tpmid.est.csrattrs import CsrPlan, DeviceFacts, plan_csr
@@ -105,6 +106,8 @@ log = logging.getLogger(__name__)
 Operation = Literal["simpleenroll", "simplereenroll", "serverkeygen"]
 # What a version whose key came from the EST server records (Store.commit key_origin).
 SERVER_GENERATED = "server-generated"
+# Journal extra: a new key was linked into the PKCS#11 token under this label.
+PKCS11_STAGED = "pkcs11_staged"
 
 
 class EstClientFactory(Protocol):
@@ -131,6 +134,27 @@ class EstClientFactory(Protocol):
         ...
 
 
+class KeyMirror(Protocol):
+    """What enrollment needs from :class:`tpmid.lifecycle.pkcs11.TokenMirror` (PKCS#11 token)."""
+
+    def enabled(self, name: str) -> bool:
+        """True when ``name``'s key belongs in the token."""
+        ...
+
+    def staged(self, tpm: Callable[[], TpmConnection], name: str, key_file: Path) -> str:
+        """Link a freshly staged key under its waiting label; return that label."""
+        ...
+
+    def committed(self, tpm: Callable[[], TpmConnection] | None, name: str,
+                  store: Store) -> list[str]:
+        """After the commit: the committed key and certificate under the identity's label."""
+        ...
+
+    def abandoned(self, name: str) -> None:
+        """The renewal was rolled back: remove what waits for it."""
+        ...
+
+
 @dataclass(frozen=True)
 class EnrollResult:
     """What one enrollment produced and where it is stored."""
@@ -144,6 +168,7 @@ class EnrollResult:
     chain_path: Path
     key_path: Path | None
     requested_subject: str
+    fullchain_path: Path | None = None
     subject_rewritten: bool = False
     resumed: bool = field(default=False)
     key_origin: str | None = None  # "server-generated" (RFC 7030 §4.4)
@@ -166,6 +191,7 @@ class EnrollResult:
             "chain": [render_name(x.subject) for x in self.chain],
             "cert_path": str(self.cert_path),
             "chain_path": str(self.chain_path),
+            "fullchain_path": str(self.fullchain_path) if self.fullchain_path else None,
             "key_path": str(self.key_path) if self.key_path else None,
             "key_origin": self.key_origin,
             "resumed": self.resumed,
@@ -188,7 +214,7 @@ class _Enrollment:
                  lease: TpmLease, store: Store, clients: EstClientFactory,
                  now: Callable[[], datetime], operation: Operation,
                  auth_with_current: bool, hw_module: tuple[str, bytes] | None,
-                 stack: contextlib.ExitStack) -> None:
+                 stack: contextlib.ExitStack, mirror: KeyMirror | None = None) -> None:
         self.config = config
         self.ident = ident
         self.name = ident.name
@@ -207,6 +233,8 @@ class _Enrollment:
         self.plan: CsrPlan | None = None
         # est.attestation: include → always; required-by-server → when /csrattrs asks.
         self.attest = est.attestation == "include"
+        # The PKCS#11 token the key is linked into, if it is (tpmid.lifecycle.pkcs11).
+        self.mirror = mirror if mirror is not None and mirror.enabled(ident.name) else None
 
     # -- journal ---------------------------------------------------------------------
 
@@ -236,6 +264,12 @@ class _Enrollment:
             if entry.version is not None:
                 self.store.discard_key(self.name, entry.version)
                 log.info("%s: rolled back staged key version %s", self.name, entry.version)
+        if self.mirror is not None and entry.extra.get(PKCS11_STAGED):
+            try:
+                self.mirror.abandoned(self.name)
+            except TpmidError as e:  # the next recovery's token sync removes it
+                log.warning("%s: could not remove the rolled-back key from the PKCS#11 "
+                            "token: %s", self.name, e)
 
     # -- key and CSR -----------------------------------------------------------------
 
@@ -295,7 +329,19 @@ class _Enrollment:
             raise
         log.info("%s: created a new %s key in the TPM (key file version %s)", self.name,
                  new.loaded.alg, version)
+        self.stage_in_token(path)
         return _Key(new.loaded, new.loaded.public_key_der(), path)
+
+    def stage_in_token(self, path: Path) -> None:
+        """Link a staged key file into the PKCS#11 token under its waiting label.
+
+        Consumers of the PKCS#11 URI keep the current key until the commit; the new
+        one waits under its own label, journalled first so a rollback removes it.
+        """
+        if self.mirror is None:
+            return
+        self.journal(extra={**(self.entry.extra if self.entry else {}), PKCS11_STAGED: "yes"})
+        self.mirror.staged(self.lease.tpm, self.name, path)
 
     def resumed_key(self, entry: JournalEntry, current_key_file: Path | None) -> _Key:
         """The key of the request being resent (its staged file, or the current key)."""
@@ -408,6 +454,7 @@ def enroll_identity(
     auth_with_current: bool = False,
     hw_module: tuple[str, bytes] | None = None,
     serverkeygen: bool = False,
+    mirror: KeyMirror | None = None,
 ) -> EnrollResult:
     """Enroll (or with ``reenroll``, re-enroll) identity ``name``; see the module docstring.
 
@@ -428,6 +475,10 @@ def enroll_identity(
     current certificate when re-enrolling): the private key that comes back is
     imported into the TPM (TPM2_Import under the storage root key) and becomes the
     version's TSS2 key file; its bytes are never written or logged.
+
+    returns or raises. ``mirror`` keeps a PKCS#11 token in step: a new key is
+    linked under a waiting label when it is staged and takes the identity's
+    label at the commit (:mod:`tpmid.lifecycle.pkcs11`).
     """
     ident = config.identity(name)
     est = ident.est
@@ -456,7 +507,7 @@ def enroll_identity(
         run = _Enrollment(config, ident, est, lease=lease, store=store, clients=clients,
                           now=now, operation=operation,
                           auth_with_current=auth_with_current or reenroll,
-                          hw_module=hw_module, stack=stack)
+                          hw_module=hw_module, stack=stack, mirror=mirror)
         current = store.current(name)
         if run.auth_with_current and current is None:
             raise StoreError(f"{name} has no current certificate to re-enroll",
@@ -731,6 +782,7 @@ def _import_server_key(run: _Enrollment, response: ServerKeygenResponse) -> _Key
         with contextlib.suppress(OSError):
             Path(path).unlink()
         raise
+    run.stage_in_token(path)
     spki = new.loaded.public_key_der()
     new.loaded.close()
     log.info("%s: imported the server-generated %s key into the TPM (key file version %s)",
@@ -834,15 +886,24 @@ def _verify_and_commit(run: _Enrollment, key: _Key, response: Any, requested: x5
                     "stored with the new certificate", run.name,
                     describe_cert(verified.chain[-1]), describe_cert(trust.anchors[0]))
     stored = run.store.commit(run.name, verified.certificate, verified.chain, key.key_path,
-                              key_origin=origin)
+                              key_origin=origin, server_sent=response.extra_certs)
     run.entry = None  # commit cleared the journal
+    if run.mirror is not None:
+        try:
+            run.mirror.committed(run.lease.tpm, run.name, run.store)
+        except TpmidError as e:
+            # The renewal stands; recovery's token sync (tpmid renew, the daemon) or
+            # `tpmid pkcs11 sync` brings the token in step.
+            log.error("%s: committed version %s, but the PKCS#11 token is not in step: %s "
+                      "(`tpmid pkcs11 sync` repairs it)", run.name, stored.version, e)
     log.info("%s: enrolled %s (serial %x, until %s) via %s", run.name,
              render_name(verified.certificate.subject), verified.certificate.serial_number,
              verified.certificate.not_valid_after_utc.isoformat(), run.operation)
     return EnrollResult(
         name=run.name, operation=run.operation, certificate=stored.cert, chain=stored.chain,
         version=stored.version, cert_path=stored.cert_path, chain_path=stored.chain_path,
-        key_path=stored.key_file, requested_subject=render_name(requested),
+        fullchain_path=stored.fullchain_path, key_path=stored.key_file,
+        requested_subject=render_name(requested),
         subject_rewritten=verified.subject_rewritten, resumed=resumed,
         key_origin=stored.key_origin,
     )

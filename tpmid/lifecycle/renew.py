@@ -48,7 +48,7 @@ from tpmid.errors import (
     StoreError,
     TpmidError,
 )
-from tpmid.lifecycle.enroll import EnrollResult, EstClientFactory, enroll_identity
+from tpmid.lifecycle.enroll import EnrollResult, EstClientFactory, KeyMirror, enroll_identity
 from tpmid.lifecycle.plan import managed_identities, plan_renewal
 from tpmid.policy import (
     AttemptState,
@@ -115,6 +115,8 @@ class RenewalEngine:
     # The daemon sets this: after a renewal, identities with renew.chain that
     # authenticate with it are renewed too (their failures are recorded, not raised).
     follow_chains: bool = False
+    # Keeps the PKCS#11 token in step with each renewal (tpmid.lifecycle.pkcs11).
+    mirror: KeyMirror | None = None
 
     _clients: EstClientFactory | None = field(default=None, init=False, repr=False)
     _unsaved: dict[str, AttemptState] = field(default_factory=dict, init=False, repr=False)
@@ -259,7 +261,7 @@ class RenewalEngine:
         with TpmLease(self.open_tpm) as lease:
             return enroll_identity(
                 self.config, name, store=self.store, lease=lease, clients=self.clients(),
-                now=self.now, reenroll=False, auth_with_current=False,
+                now=self.now, reenroll=False, auth_with_current=False, mirror=self.mirror,
             )
 
     def _heal(self, name: str, e: KeyUnavailableError) -> bool:
@@ -443,6 +445,7 @@ class RenewalEngine:
             "TPMID_IDENTITY": ident.name,
             "TPMID_CERT": str(result.cert_path),
             "TPMID_CHAIN": str(result.chain_path),
+            "TPMID_FULLCHAIN": str(result.fullchain_path or ""),
             "TPMID_KEY": str(result.key_path or ""),
             "TPMID_VERSION": result.version,
         }

@@ -88,8 +88,10 @@ class _Recovery:
           the next start-up), the staged key file is deleted, the journal cleared;
         * ``submitted``/``pending``/``issued`` entries are kept for resumption
           (resend the same CSR, RFC 7030 §4.2.3);
+        * a version whose ``fullchain.pem`` is missing or damaged while its
+          certificate and chain are intact gets it written again from them;
         * a ``current`` link that is lost, or names a damaged version (a
-          certificate or key file truncated or missing), is pointed at the newest
+          certificate, chain, full chain or key file truncated or missing), is pointed at the newest
           intact version and a damage note is left for ``tpmid status``; with no
           intact version the link is removed, so the next renewal enrolls again
           through the bootstrap identity. Nothing is deleted for that;
@@ -145,11 +147,19 @@ class _Recovery:
         if tmps:
             act("removed", f"removed {len(tmps)} temporary file(s) of an interrupted write")
 
-        # 2. The current pointer must name an intact version: a lost or damaged one is
+        # 2. fullchain.pem is derived from cert.pem and chain.pem: a version that lacks it
+        #    (committed before tpmid wrote one) or whose copy is damaged gets it again,
+        #    instead of counting as damaged below.
+        for v in self.store.versions(name):
+            if self.store.repair_fullchain(name, v):
+                act("completed", f"rewrote fullchain.pem of version {v} from its certificate "
+                                 "and chain (it was missing or damaged)")
+
+        # 3. The current pointer must name an intact version: a lost or damaged one is
         #    re-pointed at the newest intact version. Nothing is deleted for that.
         current = self._settle_current(name, act)
 
-        # 3. The journal, then 4. leftovers nothing refers to.
+        # 4. The journal, then 5. leftovers nothing refers to.
         keep: set[str] = set()
         try:
             entry = self.store.journal_get(name)

@@ -2,7 +2,8 @@
 
 Layout under ``store.dir`` (documented in ``docs/store-and-renewal.md``)::
 
-    certs/      0755  <name>/<version>/cert.pem, chain.pem (0644), key-origin (server-generated keys)
+    certs/      0755  <name>/<version>/cert.pem, chain.pem, fullchain.pem (0644), key-origin
+                      (server-generated keys)
                       <name>/<version>/key.tss2.pem -> ../../../keys/<name>/<version>.tss2.pem
                       <name>/current -> <version>       (symlink, swapped by rename)
     keys/       0700  <name>/<version>.tss2.pem (0600)  (file keys only)
@@ -31,6 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tpmid.errors import StoreError
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 DEFAULT_RETENTION = 2
 KEY_SUFFIX = ".tss2.pem"
 KEY_ORIGIN = "key-origin"  # in a version directory: where its key came from (if not the TPM)
+FULLCHAIN = "fullchain.pem"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # same rule as tpmid.config
 
 # (directory, mode): certs are public, everything else is private to the tpmid user.
@@ -77,6 +80,8 @@ class StoredIdentity:
     # Where the key came from when not from the TPM itself: "server-generated" (RFC 7030
     # §4.4, imported into the TPM); None for a key the TPM made.
     key_origin: str | None = None
+    # Leaf + issuing chain, the file most TLS consumers want (see :func:`full_chain`).
+    fullchain_path: Path | None = None
 
     @property
     def not_before(self) -> datetime:
@@ -88,6 +93,34 @@ class StoredIdentity:
         """End of validity (aware UTC)."""
         return self.cert.not_valid_after_utc
 
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    """``cert`` names itself as issuer and its signature verifies with its own key (a root)."""
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def full_chain(cert: x509.Certificate, chain: Sequence[x509.Certificate],
+               server_sent: Sequence[x509.Certificate] = ()) -> list[x509.Certificate]:
+    """``fullchain.pem``: the leaf, then its issuing chain, leaf first.
+
+    A self-signed root is left out unless the server sent it with the issued
+    certificate (``server_sent``): a TLS peer must already trust the root, and
+    sending it only costs bytes (RFC 8446 §4.4.2 allows omitting it).
+    """
+    sent = {c.public_bytes(Encoding.DER) for c in server_sent}
+    return [cert, *(c for c in chain
+                    if not _self_signed(c) or c.public_bytes(Encoding.DER) in sent)]
+
+
+def _pem(certs: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
 
 
 def _key_file_present(path: Path) -> bool:
@@ -284,6 +317,10 @@ class Store:
         except ValueError as e:
             raise StoreError(f"{name} version {version} is damaged: {chain_path} is not a PEM "
                              "certificate chain", hint=hint) from e
+        fullchain_path = vdir / FULLCHAIN
+        problem = self._fullchain_problem(fullchain_path, cert, chain)
+        if problem is not None:
+            raise StoreError(f"{name} version {version} is damaged: {problem}", hint=hint)
         key_file: Path | None = None
         expected = self._key_dir(name) / f"{version}{KEY_SUFFIX}"
         if os.path.lexists(vdir / "key.tss2.pem"):
@@ -296,7 +333,47 @@ class Store:
             origin = (vdir / KEY_ORIGIN).read_text(encoding="ascii").strip()[:40] or None
         return StoredIdentity(name=name, version=version, cert=cert, chain=chain,
                               key_file=key_file, cert_path=cert_path, chain_path=chain_path,
-                              key_origin=origin)
+                              key_origin=origin, fullchain_path=fullchain_path)
+
+    @staticmethod
+    def _fullchain_problem(path: Path, cert: x509.Certificate,
+                           chain: Sequence[x509.Certificate]) -> str | None:
+        """Why ``fullchain.pem`` is not the leaf and (part of) its chain, or None."""
+        try:
+            certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except OSError as e:
+            return f"cannot read {path}: {e.strerror}"
+        except ValueError:
+            return f"{path} is not a PEM certificate chain (truncated?)"
+        if not certs or certs[0] != cert or any(c not in chain for c in certs[1:]):
+            return f"{path} does not hold the version's certificate and chain"
+        return None
+
+    def repair_fullchain(self, name: str, version: str) -> bool:
+        """Write ``fullchain.pem`` of ``version`` again from its cert.pem and chain.pem.
+
+        For a version whose certificate and chain are intact but whose full
+        chain is missing (committed before tpmid wrote one) or damaged: the file
+        is derived data, so recovery rebuilds it rather than falling back to an
+        older version. True if it was rewritten; False if nothing was wrong or
+        the certificate or chain is damaged too.
+        """
+        self._check_name(name)
+        vdir = self._cert_dir(name) / version
+        try:
+            cert = x509.load_pem_x509_certificate((vdir / "cert.pem").read_bytes())
+            chain_pem = (vdir / "chain.pem").read_bytes()
+            chain = tuple(x509.load_pem_x509_certificates(chain_pem)) if chain_pem.strip() else ()
+        except (OSError, ValueError):
+            return False
+        if self._fullchain_problem(vdir / FULLCHAIN, cert, chain) is None:
+            return False
+        atomic_write(vdir / FULLCHAIN, _pem(full_chain(cert, chain)), 0o644)
+        log.info("%s: rewrote %s of version %s from its certificate and chain", name,
+                 FULLCHAIN, version)
+        return True
 
     def version_problem(self, name: str, version: str) -> str | None:
         """Why ``version`` of ``name`` cannot be used (damaged, incomplete), or None if intact."""
@@ -350,12 +427,15 @@ class Store:
         return path
 
     def commit(self, name: str, cert: x509.Certificate, chain: Sequence[x509.Certificate],
-               key_file: Path | None, *, key_origin: str | None = None) -> StoredIdentity:
+               key_file: Path | None, *, key_origin: str | None = None,
+               server_sent: Sequence[x509.Certificate] = ()) -> StoredIdentity:
         """Make ``cert`` (verified by the caller) with ``chain`` and ``key_file`` current.
 
         A key file from :meth:`stage_key` becomes that version's key; any other key
         file (the current one when ``rotate_key`` is off) is copied into the new
         version. ``None`` means the key is not a file (persistent, ek-derived).
+        ``server_sent`` are the certificates the server sent with ``cert``: a
+        root among them stays in ``fullchain.pem`` (:func:`full_chain`).
         Writes the version directory, swaps ``current``, clears the journal, then
         prunes versions beyond the retention. The previous version stays usable
         until the swap. ``key_origin`` ("server-generated") is recorded with the
@@ -405,8 +485,8 @@ class Store:
             raise StoreError(f"cannot create {tmp}: {e.strerror}") from e
         try:
             write_new(tmp / "cert.pem", cert.public_bytes(Encoding.PEM), 0o644)
-            write_new(tmp / "chain.pem", b"".join(c.public_bytes(Encoding.PEM) for c in chain),
-                       0o644)
+            write_new(tmp / "chain.pem", _pem(chain), 0o644)
+            write_new(tmp / FULLCHAIN, _pem(full_chain(cert, chain, server_sent)), 0o644)
             if key_file is not None:
                 os.symlink(os.path.join("..", "..", "..", "keys", name, f"{version}{KEY_SUFFIX}"),
                            tmp / "key.tss2.pem")

@@ -20,7 +20,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 from tpmid.csr import hardware_module_name
 from tpmid.store.ledger import TransientLedger
 from tpmid.store.sealed import SealedBlob
-from tpmid.tpm import attest, ek, idevid, info, keyfile, nv, sealed
+from tpmid.tpm import attest, ek, idevid, info, keyfile, nv, sealed, token
 from tpmid.tpm.attest import AttestationKey
 from tpmid.tpm.context import (
     DEFAULT_COMMAND_TIMEOUT_S,
@@ -34,6 +34,7 @@ from tpmid.tpm.ek import EkInfo
 from tpmid.tpm.idevid import PersistentResult
 from tpmid.tpm.loaded import LoadedKey
 from tpmid.tpm.specs import DEFAULT_IDEVID_HANDLE
+from tpmid.tpm.token import KeyMaterial
 
 __all__ = ["DEFAULT_TCTI", "HierarchyPasswords", "TpmConnection", "TpmOpener"]
 
@@ -120,6 +121,36 @@ class TpmConnection(TpmContext):
         """Keep the storage parent loaded for the key-file work inside the block."""
         with keyfile.storage_parent_scope(self):
             yield
+
+    # ------------------------------------------------------------ PKCS#11 tokens (tpm2-pkcs11)
+
+    def seal_token_secret(self, data: bytes, auth: bytes) -> tuple[bytes, bytes]:
+        """Seal ``data`` under the storage parent (a token's wrapping key); (public, private)."""
+        return token.seal_secret(self, data, auth)
+
+    def unseal_token_secret(self, public: bytes, private: bytes, auth: bytes, *,
+                            what: str) -> bytes:
+        """Unseal a token's sealed object with its PIN-derived ``auth``."""
+        return token.unseal_secret(self, public, private, auth, what=what)
+
+    def key_file_material(self, pem: bytes, *, check_loads: bool = True) -> KeyMaterial:
+        """A key file as a tpm2-pkcs11 token links it; with ``check_loads``, proven to load here."""
+        material = token.key_file_material(pem)
+        if check_loads:
+            keyfile.load_key_file(self, pem).close()
+        return material
+
+    def pss_salt_is_digest_length(self) -> bool:
+        """Whether this TPM's RSA-PSS salt is as long as the digest (a token's pss-sigs-good)."""
+        return token.pss_salt_is_digest_length(self)
+
+    def algorithm_names(self) -> list[str]:
+        """The TPM's algorithms, by tpm2-tools' names."""
+        return token.algorithm_names(self)
+
+    def storage_parent_public(self) -> bytes:
+        """The re-created storage parent's public area (marshalled TPM2B_PUBLIC)."""
+        return token.storage_parent_public(self)
 
     # ------------------------------------------------------------ sealed secrets
 

@@ -87,6 +87,9 @@ class IdentityKey(ABC):
     chooses_alg: ClassVar[bool] = False
     #: The key may come from the EST server (RFC 7030 §4.4) and be imported into the TPM.
     server_keygen: ClassVar[bool] = False
+    #: The key can be linked into a tpm2-pkcs11 token (``pkcs11``): a key file under
+    #: the storage parent the token's transient primary is re-created from.
+    linkable: ClassVar[bool] = False
 
     def __init__(self, name: str, config: KeyConfig) -> None:
         self.name = name
@@ -149,6 +152,9 @@ class IdentityKey(ABC):
     def ensure_iak(self, tpm: TpmConnection) -> str:
         """Create (or find) the IAK with this IDevID; one line for the operator."""
         raise ConfigError(f"{self.name} has no IAK (key.iak is not set)")
+    def link_refusal(self) -> str:
+        """Why this key cannot be a PKCS#11 token object ("" when it can)."""
+        return ""
 
     # ------------------------------------------------------------ TPM
 
@@ -272,6 +278,11 @@ class _Idevid(IdentityKey):
                 "TPM2_Clear deletes the owner's NV indices)"]
 
     birth = True
+
+    def link_refusal(self) -> str:
+        return ("an IDevID lives in the endorsement hierarchy (a persistent or re-derived "
+                "primary key), and tpm2-pkcs11 1.9 can link only key files made under a "
+                "storage parent into a token")
 
     @property
     def alg(self) -> str:
@@ -418,6 +429,7 @@ class KeyFile(IdentityKey):
     renewable = True
     chooses_alg = True
     server_keygen = True
+    linkable = True
 
     def __init__(self, name: str, config: KeyConfig) -> None:
         super().__init__(name, config)
