@@ -245,6 +245,7 @@ class RenewalEngine:
                 return enroll_identity(
                     self.config, name, store=self.store, lease=lease, clients=self.clients(),
                     now=self.now, reenroll=reenroll, auth_with_current=self_auth,
+                    mirror=self.mirror,
                 )
         except (EstTransportError, EstAuthError) as e:
             refused = refused_certificate(e) if self_auth else None
