@@ -53,6 +53,9 @@ class StartupResult:
     help_min_ms: float
     python_median_ms: float
     help_cpu_median_ms: float | None = None
+    # The dependencies a command cannot do without, imported and nothing else: the
+    # floor under its CPU and wall time (name -> {"modules", "cpu_median_ms", "wall_median_ms"}).
+    import_floors: dict[str, dict[str, object]] = field(default_factory=dict)
     heaviest_imports: list[ImportCost] = field(default_factory=list)
     all_top_level: list[ImportCost] = field(default_factory=list)  # depth 0, for the total
 
@@ -109,6 +112,28 @@ def heaviest(costs: list[ImportCost], limit: int = 12, max_depth: int = 2) -> li
     return sorted(shallow, key=lambda c: c.cumulative_us, reverse=True)[:limit]
 
 
+# What each kind of command must import whatever tpmid does (the user's dependencies):
+# status reads the YAML config and X.509 certificates; enroll, renew and provision also
+# speak HTTPS through requests and drive the TPM through tpm2-pytss.
+IMPORT_FLOORS = {
+    "status": ("yaml", "cryptography.x509"),
+    "enroll/renew/provision": ("yaml", "cryptography.x509", "requests", "tpm2_pytss"),
+}
+
+
+def measure_import_floors(env: Mapping[str, str], runs: int) -> dict[str, dict[str, object]]:
+    """CPU and wall medians of a bare interpreter importing each of :data:`IMPORT_FLOORS`."""
+    floors: dict[str, dict[str, object]] = {}
+    for name, modules in IMPORT_FLOORS.items():
+        argv = [sys.executable, "-c", "import " + ", ".join(modules)]
+        _time_runs(argv, 1, env)
+        cpu: list[float] = []
+        wall = _time_runs(argv, runs, env, cpu)
+        floors[name] = {"modules": list(modules), "cpu_median_ms": statistics.median(cpu),
+                        "wall_median_ms": statistics.median(wall)}
+    return floors
+
+
 def measure_startup(tpmid: list[str], env: Mapping[str, str], *, runs: int = 10,
                     explain_over_ms: float | None = 150.0) -> StartupResult:
     """Median wall time of ``tpmid --help`` over ``runs`` runs (after one warm-up).
@@ -124,7 +149,8 @@ def measure_startup(tpmid: list[str], env: Mapping[str, str], *, runs: int = 10,
                            runs=runs, help_median_ms=statistics.median(help_times),
                            help_min_ms=min(help_times),
                            python_median_ms=statistics.median(py_times),
-                           help_cpu_median_ms=statistics.median(help_cpu))
+                           help_cpu_median_ms=statistics.median(help_cpu),
+                           import_floors=measure_import_floors(env, runs))
     if explain_over_ms is not None and result.help_median_ms > explain_over_ms:
         script = tpmid if tpmid[0] == sys.executable else [sys.executable, *tpmid]
         proc = subprocess.run([script[0], "-X", "importtime", *script[1:], "--help"],

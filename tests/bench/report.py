@@ -44,7 +44,8 @@ ROW_IDS = (
     "provision_tpm_commands", "enroll_tpm_commands", "renew_tpm_commands", "flow_tpm_commands",
     "handshake_tpm_commands", "leftover_handles", "processes", "ldevid_auth",
     "handshake_tpm_key", "handshake_software_key", "handshake_ratio",
-    "cli_startup", "python_startup", "daemon_rss", "daemon_cpu", "daemon_tpm_commands",
+    "cli_startup", "python_startup", "floor_status", "floor_enroll",
+    "daemon_rss", "daemon_cpu", "daemon_tpm_commands",
     "load_rate", "load_latency", "load_errors", "load_rss", "load_cpu",
 )
 
@@ -330,7 +331,20 @@ def _startup_rows(result: BenchResult) -> list[Row]:
         cli.met = s.help_median_ms <= TARGET_STARTUP_MS
         py.tpmid_plain = fmt_ms(s.python_median_ms)
         py.values = {"median_ms": s.python_median_ms}
-    return [cli, py]
+    floors = []
+    for rid, name in (("floor_status", "status"), ("floor_enroll", "enroll/renew/provision")):
+        f = s.import_floors.get(name) if s is not None else None
+        row = Row(id=rid, label=f"Import floor, {name}: CPU / wall, median",
+                  tpmid_delayed="same", tpmid_discrete="same")
+        if f is None:
+            row.tpmid_plain = "not measured"
+        else:
+            row.tpmid_plain = (f"CPU {fmt_ms(float(f['cpu_median_ms']))} / wall "  # type: ignore[arg-type]
+                               f"{fmt_ms(float(f['wall_median_ms']))} "  # type: ignore[arg-type]
+                               f"(python -c 'import {', '.join(f['modules'])}')")  # type: ignore[arg-type]
+            row.values = dict(f)
+        floors.append(row)
+    return [cli, py, *floors]
 
 
 def _daemon_rows(result: BenchResult) -> list[Row]:
