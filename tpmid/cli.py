@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from tpmid import __version__
 from tpmid._cli import (
@@ -27,6 +26,11 @@ from tpmid._cli import (
 )
 from tpmid._cli.context import Ctx
 from tpmid.errors import TpmidError
+
+# `typing` costs `tpmid --help` milliseconds; annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILED_CHECK = 1  # e.g. `tpmid check` found a problem

@@ -12,12 +12,14 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
 
 from tpmid.errors import ConfigError
 
+# `typing` costs `tpmid --help` milliseconds; annotations are strings here anyway.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
+    from typing import Any
 
     from tpmid.config import Config
     from tpmid.wiring import Runtime
