@@ -332,9 +332,11 @@ def _startup_rows(result: BenchResult) -> list[Row]:
         py.tpmid_plain = fmt_ms(s.python_median_ms)
         py.values = {"median_ms": s.python_median_ms}
     floors = []
-    for rid, name in (("floor_status", "status"), ("floor_enroll", "enroll/renew/provision")):
+    for rid, name, short in (("floor_status", "status", "status"),
+                             ("floor_enroll", "enroll/renew/provision", "enroll etc.")):
         f = s.import_floors.get(name) if s is not None else None
-        row = Row(id=rid, label=f"Import floor, {name}: CPU / wall, median",
+        # Labels fit the terminal table's first column (52 characters).
+        row = Row(id=rid, label=f"Import floor ({short}): CPU / wall, median",
                   tpmid_delayed="same", tpmid_discrete="same")
         if f is None:
             row.tpmid_plain = "not measured"
