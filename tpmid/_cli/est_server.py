@@ -190,8 +190,10 @@ def cmd_run(ctx: Ctx) -> int | None:
                            allow_remote=args.allow_remote)
         try:
             server.start()
-            _announce(ctx, server)
+            # run.json first: whoever reads "listening on" may drive the server at once
+            # (lab commands, the test fixture), and they find it through run.json.
             run.listening(server.base_url)
+            _announce(ctx, server)
             # The handlers only set flags (no locks inside a signal handler); a short
             # sleep is interrupted by each signal and bounds how long a reload waits.
             while not seen.stop:
