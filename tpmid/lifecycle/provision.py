@@ -70,7 +70,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 
 from tpmid import __version__
-from tpmid.certfiles import load_pem_certificates, spki_der
+from tpmid.certfiles import load_pem_certificates
 from tpmid.clock import utcnow
 from tpmid.config import Config, IdentityConfig
 from tpmid.errors import (
@@ -86,9 +86,10 @@ from tpmid.lifecycle.enroll import EstClientFactory, enroll_identity
 from tpmid.manifest import EkCertificate, ProvisionRecord, append_record, open_manifest
 from tpmid.render import name as render_name
 from tpmid.render import serial as render_serial
+from tpmid.render import sha256_hex
 from tpmid.store import Store, StoredIdentity
 from tpmid.tpm.connection import already_open
-from tpmid.tpm.identity import IdentityKey, identity_key
+from tpmid.tpm.identity import IdentityKey, identity_key, spki_of
 from tpmid.tpm.lease import TpmLease
 from tpmid.tpm.specs import check_nv_index
 
@@ -117,14 +118,6 @@ _SERIAL_RE = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]{1,64}")
 
 
 # RFC 4514 has no short name for serialNumber; spell it out rather than "2.5.4.5=".
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _spki(cert: x509.Certificate) -> bytes:
-    return spki_der(cert.public_key())
 
 
 def _short(fp: str) -> str:
@@ -174,7 +167,7 @@ class _Run:
 
     def set_certificate(self, cert: x509.Certificate) -> None:
         self.fields.update(
-            idevid_cert_sha256=_sha256(cert.public_bytes(serialization.Encoding.DER)),
+            idevid_cert_sha256=sha256_hex(cert.public_bytes(serialization.Encoding.DER)),
             idevid_cert_serial=f"{render_serial(cert.serial_number)}",
             idevid_cert_issuer=render_name(cert.issuer),
             idevid_cert_subject=render_name(cert.subject),
@@ -386,7 +379,7 @@ def _key_spki(run: _Run, tpm: TpmConnection, key: IdentityKey,
               known: bytes | None = None) -> bytes:
     """SPKI DER of the IDevID (``known`` when creating it already gave it), into the record."""
     spki = known if known is not None else key.public_key_der(tpm)
-    run.fields["idevid_key_sha256"] = _sha256(spki)
+    run.fields["idevid_key_sha256"] = sha256_hex(spki)
     return spki
 
 
@@ -422,7 +415,7 @@ def _enroll(run: _Run, config: Config, ident: IdentityConfig, key: IdentityKey,
             raise
         run.fields["idevid_key_action"] = ensured.action
         spki = _key_spki(run, tpm, key, ensured.public_der)
-        st.text = f"{ensured.status}, public key {_short(_sha256(spki))}"
+        st.text = f"{ensured.status}, public key {_short(sha256_hex(spki))}"
         if key.has_iak:
             # TCG DevID §6: the IAK is created with the IDevID (docs/attestation.md).
             st.text += f"; {key.ensure_iak(tpm)}"
@@ -479,7 +472,7 @@ def _check_existing(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: Tpm
             )
         run.fields["idevid_key_action"] = key.reuse_action
         spki = _key_spki(run, tpm, key)
-        st.text = f"found {key.describe()}, public key {_short(_sha256(spki))}"
+        st.text = f"found {key.describe()}, public key {_short(sha256_hex(spki))}"
     with run.step("stored certificate") as st:
         run.set_certificate(current.cert)
         st.text = (f"found version {current.version} (serial {render_serial(current.cert.serial_number)}); "
@@ -499,8 +492,8 @@ def _adopt(run: _Run, ident: IdentityConfig, key: IdentityKey, tpm: TpmConnectio
         # The vendor's key must be the configured template, or every later use of
         # this identity would refuse it: opening it checks that.
         spki = key.public_key_der(tpm)
-        run.fields.update(idevid_key_action="adopted", idevid_key_sha256=_sha256(spki))
-        st.text = f"found {key.describe()}, public key {_short(_sha256(spki))}"
+        run.fields.update(idevid_key_action="adopted", idevid_key_sha256=sha256_hex(spki))
+        st.text = f"found {key.describe()}, public key {_short(sha256_hex(spki))}"
     with run.step("certificate from NV") as st:
         cert = tpm.read_certificate_nv(nv_index)
         run.set_certificate(cert)
@@ -604,11 +597,11 @@ def _prove(tpm: TpmConnection, ident: IdentityConfig, ikey: IdentityKey, cert: x
     """
     with ikey.open(tpm) as key:
         spki = key.public_key_der()
-        if spki != _spki(cert):
+        if spki != spki_of(cert):
             raise IdentityMismatchError(
                 f"the IDevID certificate (serial {render_serial(cert.serial_number)}, public key "
-                f"{_short(_sha256(_spki(cert)))}) does not certify the TPM's {ikey.describe()} "
-                f"(public key {_short(_sha256(spki))})",
+                f"{_short(sha256_hex(spki_of(cert)))}) does not certify the TPM's {ikey.describe()} "
+                f"(public key {_short(sha256_hex(spki))})",
                 hint="nothing was changed; find out why (another device's disk? a replaced key?) "
                 "before `tpmid provision --force` enrolls a new certificate for the TPM key",
             )

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import AttributeOID
 
-from tpmid.certfiles import spki_der
+from tpmid.certfiles import spki_der, spki_sha256
 from tpmid.csr import ChannelBinding
 from tpmid.errors import EstProtocolError
 from tpmid.est import messages
@@ -116,14 +116,6 @@ class _Reject(Exception):
 
 def _reject(status: int, message: str) -> _Reject:
     return _Reject(Response.text(status, message))
-
-
-def _spki_sha256(public_key: Any) -> str:
-    der = public_key.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(der)
-    return digest.finalize().hex()
 
 
 def _san_of(ext_holder: x509.Certificate | x509.CertificateSigningRequest
@@ -543,7 +535,7 @@ class EstApp:
                           csr: x509.CertificateSigningRequest) -> Response | None:
         if label.pending <= 0:
             return None
-        key = (label.name, _spki_sha256(csr.public_key()))
+        key = (label.name, spki_sha256(csr.public_key()))
         with self._lock:
             seen = self._pending.get(key, 0)
             if seen >= label.pending:

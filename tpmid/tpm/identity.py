@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from tpmid.certfiles import spki_der
 from tpmid.config import IdentityConfig, KeyConfig
 from tpmid.errors import (
     ConfigError,
@@ -67,7 +68,7 @@ class NewKey:
 
 def spki_of(cert: x509.Certificate) -> bytes:
     """The certificate's SubjectPublicKeyInfo, DER."""
-    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return spki_der(cert.public_key())
 
 
 class IdentityKey(ABC):
