@@ -25,12 +25,13 @@ that inherited the pid is signalled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -317,6 +318,21 @@ def _parse(config_doc: Any, lab: LabOverrides, paths: ServerPaths) -> ServerConf
 T = TypeVar("T")
 
 
+@contextlib.contextmanager
+def _lab_turn(paths: ServerPaths, timeout: float) -> Iterator[None]:
+    """Hold ``DIR/lab.lock``: lab commands for one directory take turns."""
+    try:
+        fd = acquire_lock(paths.dir / LAB_LOCK, wait=True, timeout=timeout,
+                          busy=lambda holder: f"another lab command is changing {paths.dir} "
+                          f"({holder})", hint="try again when it is done")
+    except StoreError as e:
+        raise ConfigError(e.message, hint=e.hint) from e
+    try:
+        yield
+    finally:
+        release_lock(fd)
+
+
 def change_and_reload(dir: Path, change: Callable[[ServerPaths], T], *,
                       timeout: float = RELOAD_TIMEOUT) -> tuple[T, RunInfo | None]:
     """Run ``change`` on the server directory in turn with lab commands, then apply it.
@@ -327,17 +343,9 @@ def change_and_reload(dir: Path, change: Callable[[ServerPaths], T], *,
     """
     paths = ServerPaths(dir.resolve())
     _require_server_dir(paths)
-    try:
-        fd = acquire_lock(paths.dir / LAB_LOCK, wait=True, timeout=timeout,
-                          busy=lambda holder: f"another lab command is changing {paths.dir} "
-                          f"({holder})", hint="try again when it is done")
-    except StoreError as e:
-        raise ConfigError(e.message, hint=e.hint) from e
-    try:
+    with _lab_turn(paths, timeout):
         result = change(paths)
         return result, reload_running(paths, timeout)
-    finally:
-        release_lock(fd)
 
 
 def update_label(dir: Path, label: str, change: LabChange, *,
@@ -349,13 +357,7 @@ def update_label(dir: Path, label: str, change: LabChange, *,
     """
     paths = ServerPaths(dir.resolve())
     _require_server_dir(paths)
-    try:
-        fd = acquire_lock(paths.dir / LAB_LOCK, wait=True, timeout=timeout,
-                          busy=lambda holder: f"another lab command is changing {paths.dir} "
-                          f"({holder})", hint="try again when it is done")
-    except StoreError as e:
-        raise ConfigError(e.message, hint=e.hint) from e
-    try:
+    with _lab_turn(paths, timeout):
         config_doc = read_yaml_file(paths.config, "server config", "")
         lab = _read_lab(paths)
         new_lab = apply_change(config_doc, lab, label, change, str(paths.lab))
@@ -373,8 +375,6 @@ def update_label(dir: Path, label: str, change: LabChange, *,
             server = reload_running(paths, timeout)
         else:
             server = running_server(paths)
-    finally:
-        release_lock(fd)
     found = config.label(label)
     assert found is not None  # apply_change checked the name
     return LabResult(label=found, overrides=new_lab.get(label, {}), lab_file=paths.lab,
