@@ -13,6 +13,7 @@ one thing each, sent over a real mTLS connection authenticated by the IDevID.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -228,20 +229,26 @@ def test_required_by_server_includes_evidence_because_the_label_asks_in_csrattrs
 # --------------------------------------------------------------------------- dishonest device
 
 
-def _refusal(device: Device, make: Callable[[ChannelBinding], x509.CertificateSigningRequest]
-             ) -> str:
-    """Send the CSR ``make`` builds over an IDevID-authenticated connection; the refusal text."""
+@contextlib.contextmanager
+def _idevid_client(device: Device) -> Iterator[EstClient]:
+    """An EST client of the ldevid label, authenticated over TLS with the IDevID in the TPM."""
     idevid = device.store.current("idevid")
     assert idevid is not None
     key = device.tpm.open_persistent(0x81020000)
     try:
         with client_tls(key=key, cert_chain=[idevid.cert],
                         trust_anchors=load(device.server.tls_ca)) as tls:
-            client = EstClient(device.server.url("ldevid"), make_session(tls), tls=tls)
-            with pytest.raises((EstAuthError, EstServerError)) as e:
-                client.simpleenroll(ChannelBoundCsr(make))
+            yield EstClient(device.server.url("ldevid"), make_session(tls), tls=tls)
     finally:
         key.close()
+
+
+def _refusal(device: Device, make: Callable[[ChannelBinding], x509.CertificateSigningRequest]
+             ) -> str:
+    """Send the CSR ``make`` builds over an IDevID-authenticated connection; the refusal text."""
+    with _idevid_client(device) as client, \
+            pytest.raises((EstAuthError, EstServerError)) as e:
+        client.simpleenroll(ChannelBoundCsr(make))
     assert all(r["label"] != "ldevid" for r in device.server.issued())
     return str(e.value)
 
@@ -371,16 +378,8 @@ def test_require_refuses_evidence_replayed_from_an_earlier_enrollment(device: De
             earlier.append(_evidence_csr(device, mine, mine, binding.value))
         return earlier[0]
 
-    idevid = device.store.current("idevid")
-    assert idevid is not None
-    key = device.tpm.open_persistent(0x81020000)
-    try:
-        with client_tls(key=key, cert_chain=[idevid.cert],
-                        trust_anchors=load(device.server.tls_ca)) as tls:
-            client = EstClient(device.server.url("ldevid"), make_session(tls), tls=tls)
-            client.simpleenroll(ChannelBoundCsr(first))  # accepted on its own connection
-    finally:
-        key.close()
+    with _idevid_client(device) as client:
+        client.simpleenroll(ChannelBoundCsr(first))  # accepted on its own connection
     assert device.server.issued()[-1]["attestation"]["result"] == "proven"
 
     message = _replay(device, earlier[0])
@@ -390,17 +389,9 @@ def test_require_refuses_evidence_replayed_from_an_earlier_enrollment(device: De
 
 def _replay(device: Device, csr: x509.CertificateSigningRequest) -> str:
     before = len(device.server.issued())
-    idevid = device.store.current("idevid")
-    assert idevid is not None
-    key = device.tpm.open_persistent(0x81020000)
-    try:
-        with client_tls(key=key, cert_chain=[idevid.cert],
-                        trust_anchors=load(device.server.tls_ca)) as tls:
-            client = EstClient(device.server.url("ldevid"), make_session(tls), tls=tls)
-            with pytest.raises((EstAuthError, EstServerError)) as e:
-                client.simpleenroll(ChannelBoundCsr(lambda binding: csr))
-    finally:
-        key.close()
+    with _idevid_client(device) as client, \
+            pytest.raises((EstAuthError, EstServerError)) as e:
+        client.simpleenroll(ChannelBoundCsr(lambda binding: csr))
     assert len(device.server.issued()) == before
     return str(e.value)
 
@@ -443,16 +434,8 @@ def test_evidence_parses_with_pyasn1_modules_tpm2_pytss_and_tpm2_print(
             sent.append(_evidence_csr(device, mine, mine, binding.value))
         return sent[0]
 
-    idevid = device.store.current("idevid")
-    assert idevid is not None
-    key = device.tpm.open_persistent(0x81020000)
-    try:
-        with client_tls(key=key, cert_chain=[idevid.cert],
-                        trust_anchors=load(device.server.tls_ca)) as tls:
-            EstClient(device.server.url("ldevid"), make_session(tls),
-                      tls=tls).simpleenroll(ChannelBoundCsr(make))
-    finally:
-        key.close()
+    with _idevid_client(device) as client:
+        client.simpleenroll(ChannelBoundCsr(make))
     assert device.server.issued()[-1]["attestation"]["result"] == "proven"
 
     der = sent[0].public_bytes(serialization.Encoding.DER)
