@@ -241,12 +241,7 @@ class RenewalEngine:
             log.info("%s: checking that %s answers before retrying", name, ident.est.url)
             self.clients().fetch_cacerts(ident.est)
         try:
-            with TpmLease(self.open_tpm) as lease:
-                return enroll_identity(
-                    self.config, name, store=self.store, lease=lease, clients=self.clients(),
-                    now=self.now, reenroll=reenroll, auth_with_current=self_auth,
-                    mirror=self.mirror,
-                )
+            return self._enroll_once(name, reenroll=reenroll, auth_with_current=self_auth)
         except (EstTransportError, EstAuthError) as e:
             refused = refused_certificate(e) if self_auth else None
             if refused is None:
@@ -259,10 +254,16 @@ class RenewalEngine:
                     "through the bootstrap identity (%s) instead, as for an expired "
                     "certificate", name, name, refused, via)
         self._drop_unresumable_journal(name, False)
+        return self._enroll_once(name, reenroll=False, auth_with_current=False)
+
+    def _enroll_once(self, name: str, *, reenroll: bool, auth_with_current: bool
+                     ) -> EnrollResult:
+        """One enrollment of ``name`` with this engine's TPM, clients, clock and token."""
         with TpmLease(self.open_tpm) as lease:
             return enroll_identity(
                 self.config, name, store=self.store, lease=lease, clients=self.clients(),
-                now=self.now, reenroll=False, auth_with_current=False, mirror=self.mirror,
+                now=self.now, reenroll=reenroll, auth_with_current=auth_with_current,
+                mirror=self.mirror,
             )
 
     def _heal(self, name: str, e: KeyUnavailableError) -> bool:
